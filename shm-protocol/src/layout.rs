@@ -1,0 +1,669 @@
+//! The byte layout of a segment: header, control block, counters and slots.
+//!
+//! The diagram, invariants and orderings are in the crate documentation; this
+//! module holds the types and the constants, and the tests at the bottom freeze
+//! every size and offset.
+
+use crate::sync::{AtomicU32, AtomicU64};
+use bytemuck::{Pod, Zeroable};
+
+/// `b"RINGSIDE"` read as a little-endian `u64`.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"RINGSIDE");
+/// Incompatible layout changes bump the major version; readers refuse other majors.
+pub const ABI_MAJOR: u16 = 1;
+/// Additive changes (new fields carved out of reserved bytes) bump the minor version.
+pub const ABI_MINOR: u16 = 0;
+
+/// Size of the header region at offset 0.
+pub const HEADER_SIZE: usize = 1024;
+/// Offset of the [`ControlBlock`].
+pub const CONTROL_OFFSET: usize = 1024;
+/// Size reserved for the control block.
+pub const CONTROL_SIZE: usize = 512;
+/// Offset of the [`Counters`].
+pub const COUNTERS_OFFSET: usize = 1536;
+/// Size reserved for the counters.
+pub const COUNTERS_SIZE: usize = 512;
+/// Offset of the first slot; page-aligned.
+pub const RING_OFFSET: usize = 4096;
+/// Size of one slot: the commit word followed by one [`Record`].
+pub const SLOT_SIZE: usize = 256;
+/// Size of a [`Record`], the payload of a slot.
+pub const RECORD_SIZE: usize = SLOT_SIZE - 8;
+/// Number of 64-bit words a slot's payload is copied as.
+#[cfg(not(loom))]
+pub(crate) const PAYLOAD_WORDS: usize = RECORD_SIZE / 8;
+/// Under loom every atomic access is a scheduling point: two words keep the
+/// model small while still letting a reader observe a half-written payload.
+#[cfg(loom)]
+pub(crate) const PAYLOAD_WORDS: usize = 2;
+/// Smallest ring a segment may hold.
+pub const MIN_CAPACITY: u32 = 2;
+/// Largest ring a segment may hold (2^24 slots = 4 GiB); bounds what a forged
+/// header can make a reader map or walk.
+pub const MAX_CAPACITY: u32 = 1 << 24;
+/// Length of the instance name field, NUL padded.
+pub const NAME_LEN: usize = 64;
+/// Number of entries in the served-model table.
+pub const MAX_MODELS: usize = 8;
+
+/// Total segment size for a ring of `capacity` slots.
+pub const fn segment_size(capacity: u32) -> usize {
+    RING_OFFSET + capacity as usize * SLOT_SIZE
+}
+
+/// `abi_version` word value for a major/minor pair.
+pub const fn pack_version(major: u16, minor: u16) -> u32 {
+    ((major as u32) << 16) | minor as u32
+}
+
+/// The segment header, written once by the engine before it publishes
+/// `abi_version`; never written afterwards. Readers copy it out once and
+/// validate the copy, never trusting a field twice.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug)]
+pub struct Header {
+    /// [`MAGIC`]; written first.
+    pub magic: u64,
+    /// `(major << 16) | minor`; zero while the segment is being initialised,
+    /// stored last with `Release` (readers load it with `Acquire`).
+    pub abi_version: u32,
+    /// [`HEADER_SIZE`].
+    pub header_size: u32,
+    /// Size of the whole segment in bytes, as the engine sized the file.
+    pub segment_size: u64,
+    /// Offset of the control block.
+    pub control_offset: u32,
+    /// Offset of the counters.
+    pub counters_offset: u32,
+    /// Offset of slot 0.
+    pub ring_offset: u64,
+    /// Bytes per slot ([`SLOT_SIZE`]).
+    pub slot_size: u32,
+    /// Number of slots, a power of two.
+    pub ring_capacity: u32,
+    /// Process id of the engine that created the segment.
+    pub engine_pid: u32,
+    /// Number of valid entries in `models`.
+    pub model_count: u32,
+    /// Start time of the engine process (field 22 of `/proc/<pid>/stat`, clock
+    /// ticks since boot): a reused pid has a different start time.
+    pub engine_start_time: u64,
+    /// Incremented each time an engine replaces a stale segment of the same name.
+    pub generation: u64,
+    /// `CLOCK_REALTIME` at creation, in nanoseconds since the Unix epoch.
+    pub created_realtime_ns: u64,
+    /// `CLOCK_MONOTONIC` read right after `created_realtime_ns`: a record stamp
+    /// `m` happened at `created_realtime_ns + (m - created_monotonic_ns)`.
+    pub created_monotonic_ns: u64,
+    /// Effective uid of the engine.
+    pub engine_uid: u32,
+    /// Zero.
+    pub _pad0: u32,
+    /// Instance name, UTF-8, NUL padded; equals the `<instance>` in the segment's name.
+    pub instance: [u8; NAME_LEN],
+    /// Served model names, UTF-8, NUL padded; a record's `model_index` points here.
+    pub models: [[u8; NAME_LEN]; MAX_MODELS],
+    /// Zero; room for minor versions.
+    pub reserved: [u8; 352],
+}
+
+/// Offset of [`Header::abi_version`], the word published last.
+pub const ABI_VERSION_OFFSET: usize = 8;
+
+/// What the engine does when a push finds no free slot.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum OverflowMode {
+    /// Overwrite the oldest record: the ring always holds the most recent
+    /// records (a flight recorder); a reader that falls behind is lapped and
+    /// counts exactly what it lost.
+    #[default]
+    Overwrite = 0,
+    /// Drop the newest record and count it in `dropped_full`; nothing unread
+    /// is ever overwritten.
+    Discard = 1,
+}
+
+impl TryFrom<u32> for OverflowMode {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        match v {
+            0 => Ok(Self::Overwrite),
+            1 => Ok(Self::Discard),
+            other => Err(other),
+        }
+    }
+}
+
+/// How much of a request the agent turns into spans.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Detail {
+    /// One span per request.
+    Request = 0,
+    /// A request span with `queue`, `prefill` and `decode` children.
+    #[default]
+    Phases = 1,
+}
+
+impl TryFrom<u32> for Detail {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        match v {
+            0 => Ok(Self::Request),
+            1 => Ok(Self::Phases),
+            other => Err(other),
+        }
+    }
+}
+
+/// The control block: written by the agent or the CLI, read by the engine.
+/// Every field is an atomic, so any process may read or write it at any time;
+/// a value outside its enum's range is read as "invalid", never trusted.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct ControlBlock {
+    // Cache line 0: read by the engine on every request.
+    /// 1 = the engine writes records, 0 = it writes nothing. One relaxed load
+    /// per request; a change takes effect on the engine's next request.
+    pub(crate) tracing_enabled: AtomicU32,
+    /// [`OverflowMode`]; read by the producer on every push.
+    pub(crate) overflow_mode: AtomicU32,
+    /// [`Detail`]; read by the agent.
+    pub(crate) detail: AtomicU32,
+    /// Head sampling ratio in parts per million (1_000_000 = keep all); read by
+    /// the agent.
+    pub(crate) head_sample_ppm: AtomicU32,
+    /// Incremented by whoever changes a setting, so a watcher can notice.
+    pub(crate) settings_epoch: AtomicU64,
+    _line0: [u8; 40],
+    // Cache line 1: tail sampling settings, read by the agent.
+    /// Non-zero: always keep spans of failed, aborted and rejected requests.
+    pub(crate) tail_keep_errors: AtomicU32,
+    /// Tail-sampling ratio for requests no rule keeps, in parts per million.
+    pub(crate) tail_sample_ppm: AtomicU32,
+    /// Keep every request whose time to first token is at least this (µs); 0 = off.
+    pub(crate) tail_ttft_us: AtomicU64,
+    /// Keep every request whose end-to-end latency is at least this (µs); 0 = off.
+    pub(crate) tail_e2e_us: AtomicU64,
+    _line1: [u8; 40],
+    // Cache line 2: the agent's liveness.
+    /// Process id of the attached agent, 0 when none claims the segment.
+    pub(crate) agent_pid: AtomicU32,
+    _pad2: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds of the agent's last heartbeat.
+    pub(crate) agent_heartbeat_ns: AtomicU64,
+    _line2: [u8; 48],
+    // Cache line 3: the consumer's cursor, written often by the agent, read by
+    // producers only in discard mode: kept apart from the hot line 0.
+    /// Ticket of the next record the agent has not yet consumed. Stored with
+    /// `Release` after the slots below it were copied out; a restarted agent
+    /// resumes here, and discard-mode producers never overwrite at or above it.
+    pub(crate) read_cursor: AtomicU64,
+    _line3: [u8; 56],
+    _reserved: [u8; CONTROL_SIZE - 256],
+}
+
+/// Counters written by the engine.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct Counters {
+    /// Next ticket. A producer takes ticket `t` with `fetch_add` (overwrite
+    /// mode) or a bounded compare-exchange loop (discard mode); ticket `t`
+    /// lives in slot `t & (capacity - 1)`. Tickets issued = records written.
+    pub(crate) head: AtomicU64,
+    _line0: [u8; 56],
+    /// Discard mode: the ring held `capacity` unconsumed records; newest dropped.
+    pub(crate) dropped_full: AtomicU64,
+    /// Discard mode: the ticket counter kept moving under the producer for
+    /// [`DISCARD_CLAIM_ATTEMPTS`](crate::ring::DISCARD_CLAIM_ATTEMPTS) tries;
+    /// dropped to stay wait-free.
+    pub(crate) dropped_contended: AtomicU64,
+    /// The ticket's slot was still being written by a producer a whole lap
+    /// behind; the record was dropped. The ticket stays empty, so the reader
+    /// also counts it as abandoned: this counter is a diagnostic subset of
+    /// that, not a separate loss.
+    pub(crate) dropped_busy: AtomicU64,
+    /// `CLOCK_MONOTONIC` nanoseconds of the engine's last heartbeat, written
+    /// off the hot path about once a second; how a reader in another pid
+    /// namespace tells that the engine is alive.
+    pub(crate) engine_heartbeat_ns: AtomicU64,
+    _line1: [u8; 32],
+    _reserved: [u8; COUNTERS_SIZE - 128],
+}
+
+/// One ring slot: a commit word and the payload words of a [`Record`].
+///
+/// Commit word: `0` = never written; `(t + 1) << 1` = holds the complete
+/// record of ticket `t`; `((t + 1) << 1) | 1` = being written for ticket `t`.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) commit: AtomicU64,
+    pub(crate) payload: [AtomicU64; PAYLOAD_WORDS],
+}
+
+/// What happened to a request.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// The request was admitted and ended: completed, failed or aborted.
+    RequestFinished = 1,
+    /// The request was refused before it reached the scheduler (400, 401,
+    /// 404, 413, 429, 503).
+    RequestRejected = 2,
+}
+
+/// The OpenAI operation, mapped to `gen_ai.operation.name`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// `POST /v1/chat/completions` (`chat`).
+    Chat = 1,
+    /// `POST /v1/completions` (`text_completion`).
+    TextCompletion = 2,
+}
+
+impl Operation {
+    /// The `gen_ai.operation.name` value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::TextCompletion => "text_completion",
+        }
+    }
+}
+
+/// Why generation stopped.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// No generation took place (rejected, or failed before the first token).
+    None = 0,
+    /// End of sequence or a stop string.
+    Stop = 1,
+    /// `max_tokens` or the context was exhausted.
+    Length = 2,
+    /// The client went away.
+    Abort = 3,
+    /// The engine failed the request.
+    Error = 4,
+}
+
+impl FinishReason {
+    /// The OpenAI / `gen_ai.response.finish_reasons` spelling, if any.
+    pub const fn as_str(self) -> Option<&'static str> {
+        match self {
+            Self::None => None,
+            Self::Stop => Some("stop"),
+            Self::Length => Some("length"),
+            Self::Abort => Some("abort"),
+            Self::Error => Some("error"),
+        }
+    }
+}
+
+/// The class of failure, mapped to `error.type`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorType {
+    /// The request succeeded.
+    None = 0,
+    /// 400: malformed body or an invalid parameter.
+    InvalidRequest = 1,
+    /// 401: missing or wrong API key.
+    Unauthorized = 2,
+    /// 404: unknown model.
+    ModelNotFound = 3,
+    /// 413: body over the size cap.
+    PayloadTooLarge = 4,
+    /// 429: the queue was full.
+    QueueFull = 5,
+    /// 400: the prompt does not fit the context.
+    ContextLengthExceeded = 6,
+    /// The client disconnected before the response was complete.
+    ClientDisconnected = 7,
+    /// 500: the engine failed.
+    Internal = 8,
+    /// 503: the model is still loading or the engine is shutting down.
+    Unavailable = 9,
+}
+
+impl ErrorType {
+    /// The `error.type` value, if the request failed.
+    pub const fn as_str(self) -> Option<&'static str> {
+        match self {
+            Self::None => None,
+            Self::InvalidRequest => Some("invalid_request"),
+            Self::Unauthorized => Some("unauthorized"),
+            Self::ModelNotFound => Some("model_not_found"),
+            Self::PayloadTooLarge => Some("payload_too_large"),
+            Self::QueueFull => Some("queue_full"),
+            Self::ContextLengthExceeded => Some("context_length_exceeded"),
+            Self::ClientDisconnected => Some("client_disconnected"),
+            Self::Internal => Some("internal"),
+            Self::Unavailable => Some("unavailable"),
+        }
+    }
+}
+
+macro_rules! u8_enum_try_from {
+    ($t:ty { $($v:ident),* $(,)? }) => {
+        impl TryFrom<u8> for $t {
+            type Error = u8;
+            fn try_from(raw: u8) -> Result<Self, u8> {
+                $(if raw == <$t>::$v as u8 { return Ok(<$t>::$v); })*
+                Err(raw)
+            }
+        }
+    };
+}
+u8_enum_try_from!(RecordKind { RequestFinished, RequestRejected });
+u8_enum_try_from!(Operation { Chat, TextCompletion });
+u8_enum_try_from!(FinishReason { None, Stop, Length, Abort, Error });
+u8_enum_try_from!(ErrorType {
+    None,
+    InvalidRequest,
+    Unauthorized,
+    ModelNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    ContextLengthExceeded,
+    ClientDisconnected,
+    Internal,
+    Unavailable,
+});
+
+/// [`Record::flags`]: the response was streamed.
+pub const FLAG_STREAM: u8 = 1 << 0;
+/// [`Record::flags`]: `parent_span_id` came from a valid caller `traceparent`.
+pub const FLAG_REMOTE_PARENT: u8 = 1 << 1;
+
+/// [`Record::params_set`] bits: which sampling parameters the caller set
+/// explicitly (the record always carries the effective values).
+pub mod params {
+    /// `max_tokens` / `max_completion_tokens`.
+    pub const MAX_TOKENS: u16 = 1 << 0;
+    /// `temperature`.
+    pub const TEMPERATURE: u16 = 1 << 1;
+    /// `top_p`.
+    pub const TOP_P: u16 = 1 << 2;
+    /// `top_k`.
+    pub const TOP_K: u16 = 1 << 3;
+    /// `seed`.
+    pub const SEED: u16 = 1 << 4;
+    /// `frequency_penalty`.
+    pub const FREQUENCY_PENALTY: u16 = 1 << 5;
+    /// `presence_penalty`.
+    pub const PRESENCE_PENALTY: u16 = 1 << 6;
+}
+
+/// One request, as the engine writes it: numbers and identifiers only, never
+/// prompt or completion text. Timestamps are `CLOCK_MONOTONIC` nanoseconds
+/// (convert with the header's clock pair); 0 means "did not happen".
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq)]
+pub struct Record {
+    /// 128-bit request id (the response `id` carries it in hex).
+    pub request_id: [u8; 16],
+    /// W3C trace id: the caller's, or a new one.
+    pub trace_id: [u8; 16],
+    /// The caller's span id; zero without a valid `traceparent`.
+    pub parent_span_id: [u8; 8],
+    /// The span id the engine assigned to this request.
+    pub span_id: [u8; 8],
+    /// Request accepted by the HTTP layer.
+    pub t_arrival_ns: u64,
+    /// Left the queue and got a sequence slot; 0 if never scheduled.
+    pub t_scheduled_ns: u64,
+    /// First output token sampled; 0 if none.
+    pub t_first_token_ns: u64,
+    /// Last output token sampled; 0 if none.
+    pub t_last_token_ns: u64,
+    /// Response complete (or the request failed / was rejected).
+    pub t_finished_ns: u64,
+    /// Effective sampling seed.
+    pub seed: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the KV cache instead of being computed.
+    pub cached_prompt_tokens: u32,
+    /// Effective token limit.
+    pub max_tokens: u32,
+    /// Effective temperature (0 = greedy).
+    pub temperature: f32,
+    /// Effective nucleus sampling threshold.
+    pub top_p: f32,
+    /// Effective frequency penalty.
+    pub frequency_penalty: f32,
+    /// Effective presence penalty.
+    pub presence_penalty: f32,
+    /// Effective top-k (0 = disabled).
+    pub top_k: u32,
+    /// HTTP status of the response.
+    pub http_status: u16,
+    /// Index into the header's model table.
+    pub model_index: u16,
+    /// Requests waiting in the queue when this one arrived.
+    pub queue_depth: u16,
+    /// Sequences running when this one was scheduled.
+    pub running: u16,
+    /// [`RecordKind`].
+    pub kind: u8,
+    /// [`Operation`].
+    pub operation: u8,
+    /// [`FinishReason`].
+    pub finish_reason: u8,
+    /// [`ErrorType`].
+    pub error_type: u8,
+    /// W3C trace flags (0x01 = sampled).
+    pub trace_flags: u8,
+    /// [`FLAG_STREAM`], [`FLAG_REMOTE_PARENT`]; unknown bits are ignored.
+    pub flags: u8,
+    /// Bits of [`params`].
+    pub params_set: u16,
+    /// Zero; room for minor versions (readers ignore what they do not know).
+    pub reserved: [u8; 100],
+}
+
+/// A lock-free way to read the version word a creator publishes last.
+///
+/// # Safety
+/// `base` must point to at least [`HEADER_SIZE`] readable bytes that stay
+/// mapped for the duration of the call, aligned to 8.
+#[cfg(not(loom))]
+pub(crate) unsafe fn load_abi_version(base: *const u8) -> u32 {
+    // SAFETY: the caller guarantees `base..base+HEADER_SIZE` is mapped and
+    // 8-aligned, so offset 8 is a 4-aligned u32 inside it; an `AtomicU32` is
+    // valid for any bit pattern and may be shared with other processes.
+    let word = unsafe { AtomicU32::from_ptr(base.add(ABI_VERSION_OFFSET) as *mut u32) };
+    word.load(crate::sync::Ordering::Acquire)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn header_layout_is_frozen() {
+        assert_eq!(size_of::<Header>(), HEADER_SIZE);
+        assert_eq!(offset_of!(Header, magic), 0);
+        assert_eq!(offset_of!(Header, abi_version), ABI_VERSION_OFFSET);
+        assert_eq!(offset_of!(Header, header_size), 12);
+        assert_eq!(offset_of!(Header, segment_size), 16);
+        assert_eq!(offset_of!(Header, control_offset), 24);
+        assert_eq!(offset_of!(Header, counters_offset), 28);
+        assert_eq!(offset_of!(Header, ring_offset), 32);
+        assert_eq!(offset_of!(Header, slot_size), 40);
+        assert_eq!(offset_of!(Header, ring_capacity), 44);
+        assert_eq!(offset_of!(Header, engine_pid), 48);
+        assert_eq!(offset_of!(Header, model_count), 52);
+        assert_eq!(offset_of!(Header, engine_start_time), 56);
+        assert_eq!(offset_of!(Header, generation), 64);
+        assert_eq!(offset_of!(Header, created_realtime_ns), 72);
+        assert_eq!(offset_of!(Header, created_monotonic_ns), 80);
+        assert_eq!(offset_of!(Header, engine_uid), 88);
+        assert_eq!(offset_of!(Header, instance), 96);
+        assert_eq!(offset_of!(Header, models), 160);
+        assert_eq!(offset_of!(Header, reserved), 672);
+        assert_eq!(MAGIC.to_le_bytes(), *b"RINGSIDE");
+    }
+
+    #[test]
+    fn control_block_layout_is_frozen() {
+        assert_eq!(size_of::<ControlBlock>(), CONTROL_SIZE);
+        assert_eq!(align_of::<ControlBlock>(), 64);
+        assert_eq!(offset_of!(ControlBlock, tracing_enabled), 0);
+        assert_eq!(offset_of!(ControlBlock, overflow_mode), 4);
+        assert_eq!(offset_of!(ControlBlock, detail), 8);
+        assert_eq!(offset_of!(ControlBlock, head_sample_ppm), 12);
+        assert_eq!(offset_of!(ControlBlock, settings_epoch), 16);
+        assert_eq!(offset_of!(ControlBlock, tail_keep_errors), 64);
+        assert_eq!(offset_of!(ControlBlock, tail_sample_ppm), 68);
+        assert_eq!(offset_of!(ControlBlock, tail_ttft_us), 72);
+        assert_eq!(offset_of!(ControlBlock, tail_e2e_us), 80);
+        assert_eq!(offset_of!(ControlBlock, agent_pid), 128);
+        assert_eq!(offset_of!(ControlBlock, agent_heartbeat_ns), 136);
+        assert_eq!(offset_of!(ControlBlock, read_cursor), 192);
+    }
+
+    #[test]
+    fn counters_layout_is_frozen() {
+        assert_eq!(size_of::<Counters>(), COUNTERS_SIZE);
+        assert_eq!(align_of::<Counters>(), 64);
+        assert_eq!(offset_of!(Counters, head), 0);
+        assert_eq!(offset_of!(Counters, dropped_full), 64);
+        assert_eq!(offset_of!(Counters, dropped_contended), 72);
+        assert_eq!(offset_of!(Counters, dropped_busy), 80);
+        assert_eq!(offset_of!(Counters, engine_heartbeat_ns), 88);
+    }
+
+    #[test]
+    fn regions_do_not_overlap_and_are_aligned() {
+        const { assert!(HEADER_SIZE <= CONTROL_OFFSET) };
+        const { assert!(CONTROL_OFFSET + CONTROL_SIZE <= COUNTERS_OFFSET) };
+        const { assert!(COUNTERS_OFFSET + COUNTERS_SIZE <= RING_OFFSET) };
+        assert_eq!(CONTROL_OFFSET % 64, 0);
+        assert_eq!(COUNTERS_OFFSET % 64, 0);
+        assert_eq!(RING_OFFSET % 4096, 0);
+        assert_eq!(segment_size(1024), 4096 + 256 * 1024);
+    }
+
+    #[test]
+    fn slot_and_record_layout_is_frozen() {
+        assert_eq!(size_of::<Slot>(), SLOT_SIZE);
+        assert_eq!(align_of::<Slot>(), 64);
+        assert_eq!(offset_of!(Slot, commit), 0);
+        assert_eq!(offset_of!(Slot, payload), 8);
+        assert_eq!(SLOT_SIZE % 64, 0);
+        assert_eq!(size_of::<Record>(), RECORD_SIZE);
+        assert_eq!(size_of::<Record>(), PAYLOAD_WORDS * 8);
+        assert_eq!(align_of::<Record>(), 8);
+        assert_eq!(offset_of!(Record, request_id), 0);
+        assert_eq!(offset_of!(Record, trace_id), 16);
+        assert_eq!(offset_of!(Record, parent_span_id), 32);
+        assert_eq!(offset_of!(Record, span_id), 40);
+        assert_eq!(offset_of!(Record, t_arrival_ns), 48);
+        assert_eq!(offset_of!(Record, t_scheduled_ns), 56);
+        assert_eq!(offset_of!(Record, t_first_token_ns), 64);
+        assert_eq!(offset_of!(Record, t_last_token_ns), 72);
+        assert_eq!(offset_of!(Record, t_finished_ns), 80);
+        assert_eq!(offset_of!(Record, seed), 88);
+        assert_eq!(offset_of!(Record, prompt_tokens), 96);
+        assert_eq!(offset_of!(Record, completion_tokens), 100);
+        assert_eq!(offset_of!(Record, cached_prompt_tokens), 104);
+        assert_eq!(offset_of!(Record, max_tokens), 108);
+        assert_eq!(offset_of!(Record, temperature), 112);
+        assert_eq!(offset_of!(Record, top_p), 116);
+        assert_eq!(offset_of!(Record, frequency_penalty), 120);
+        assert_eq!(offset_of!(Record, presence_penalty), 124);
+        assert_eq!(offset_of!(Record, top_k), 128);
+        assert_eq!(offset_of!(Record, http_status), 132);
+        assert_eq!(offset_of!(Record, model_index), 134);
+        assert_eq!(offset_of!(Record, queue_depth), 136);
+        assert_eq!(offset_of!(Record, running), 138);
+        assert_eq!(offset_of!(Record, kind), 140);
+        assert_eq!(offset_of!(Record, operation), 141);
+        assert_eq!(offset_of!(Record, finish_reason), 142);
+        assert_eq!(offset_of!(Record, error_type), 143);
+        assert_eq!(offset_of!(Record, trace_flags), 144);
+        assert_eq!(offset_of!(Record, flags), 145);
+        assert_eq!(offset_of!(Record, params_set), 146);
+        assert_eq!(offset_of!(Record, reserved), 148);
+    }
+
+    #[test]
+    fn enum_discriminants_are_frozen() {
+        assert_eq!(RecordKind::RequestFinished as u8, 1);
+        assert_eq!(RecordKind::RequestRejected as u8, 2);
+        assert_eq!(Operation::Chat as u8, 1);
+        assert_eq!(Operation::TextCompletion as u8, 2);
+        assert_eq!(FinishReason::Error as u8, 4);
+        assert_eq!(ErrorType::Unavailable as u8, 9);
+        assert_eq!(OverflowMode::Discard as u32, 1);
+        assert_eq!(Detail::Phases as u32, 1);
+        for raw in 0..=u8::MAX {
+            if let Ok(e) = ErrorType::try_from(raw) {
+                assert_eq!(e as u8, raw);
+            }
+            if let Ok(f) = FinishReason::try_from(raw) {
+                assert_eq!(f as u8, raw);
+            }
+        }
+        assert_eq!(ErrorType::try_from(10), Err(10));
+        assert_eq!(RecordKind::try_from(0), Err(0));
+    }
+}
+
+#[cfg(loom)]
+impl ControlBlock {
+    pub(crate) fn new_for_loom() -> Self {
+        Self {
+            tracing_enabled: AtomicU32::new(0),
+            overflow_mode: AtomicU32::new(0),
+            detail: AtomicU32::new(0),
+            head_sample_ppm: AtomicU32::new(0),
+            settings_epoch: AtomicU64::new(0),
+            _line0: [0; 40],
+            tail_keep_errors: AtomicU32::new(0),
+            tail_sample_ppm: AtomicU32::new(0),
+            tail_ttft_us: AtomicU64::new(0),
+            tail_e2e_us: AtomicU64::new(0),
+            _line1: [0; 40],
+            agent_pid: AtomicU32::new(0),
+            _pad2: 0,
+            agent_heartbeat_ns: AtomicU64::new(0),
+            _line2: [0; 48],
+            read_cursor: AtomicU64::new(0),
+            _line3: [0; 56],
+            _reserved: [0; CONTROL_SIZE - 256],
+        }
+    }
+}
+
+#[cfg(loom)]
+impl Counters {
+    pub(crate) fn new_for_loom() -> Self {
+        Self {
+            head: AtomicU64::new(0),
+            _line0: [0; 56],
+            dropped_full: AtomicU64::new(0),
+            dropped_contended: AtomicU64::new(0),
+            dropped_busy: AtomicU64::new(0),
+            engine_heartbeat_ns: AtomicU64::new(0),
+            _line1: [0; 32],
+            _reserved: [0; COUNTERS_SIZE - 128],
+        }
+    }
+}
+
+#[cfg(loom)]
+impl Slot {
+    pub(crate) fn new_for_loom() -> Self {
+        Self { commit: AtomicU64::new(0), payload: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}

@@ -1,0 +1,414 @@
+//! Checked decoding of a [`Record`] copied out of the ring.
+//!
+//! A record's bytes come from another process and may be anything. Decoding
+//! works on a private copy, converts every enum with `TryFrom`, and checks the
+//! invariants the engine promises; a record that breaks one is rejected with
+//! a [`RecordError`] naming the field, and the reader skips and counts it.
+
+use crate::layout::{
+    ErrorType, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason, Operation, Record, RecordKind,
+};
+
+/// A validated record.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RequestRecord {
+    /// Finished or rejected.
+    pub kind: RecordKind,
+    /// Chat or text completion.
+    pub operation: Operation,
+    /// 128-bit request id.
+    pub request_id: [u8; 16],
+    /// W3C trace id (never all zeros).
+    pub trace_id: [u8; 16],
+    /// The caller's span id, when it sent a valid `traceparent`.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// The engine's span id for this request (never all zeros).
+    pub span_id: [u8; 8],
+    /// W3C trace flags.
+    pub trace_flags: u8,
+    /// Monotonic stamps, ordered `arrival <= scheduled <= first_token <= last_token <= finished`.
+    pub timestamps: Timestamps,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from cache (never more than `prompt_tokens`).
+    pub cached_prompt_tokens: u32,
+    /// Effective sampling parameters.
+    pub sampling: Sampling,
+    /// Bits of [`crate::params`]: which parameters the caller set.
+    pub params_set: u16,
+    /// The response was streamed.
+    pub stream: bool,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+    /// HTTP status, 100..=599.
+    pub http_status: u16,
+    /// Failure class.
+    pub error_type: ErrorType,
+    /// Index into the segment's model table (checked against its length).
+    pub model_index: u16,
+    /// Queue depth when the request arrived.
+    pub queue_depth: u16,
+    /// Running sequences when it was scheduled.
+    pub running: u16,
+}
+
+/// Monotonic nanosecond stamps of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Timestamps {
+    /// Accepted by the HTTP layer.
+    pub arrival_ns: u64,
+    /// Got a sequence slot.
+    pub scheduled_ns: Option<u64>,
+    /// First output token.
+    pub first_token_ns: Option<u64>,
+    /// Last output token.
+    pub last_token_ns: Option<u64>,
+    /// Response complete.
+    pub finished_ns: u64,
+}
+
+/// Effective sampling parameters of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Sampling {
+    /// Token limit.
+    pub max_tokens: u32,
+    /// Temperature (finite, >= 0).
+    pub temperature: f32,
+    /// Nucleus threshold (finite).
+    pub top_p: f32,
+    /// Top-k, 0 = disabled.
+    pub top_k: u32,
+    /// Seed.
+    pub seed: u64,
+    /// Frequency penalty (finite).
+    pub frequency_penalty: f32,
+    /// Presence penalty (finite).
+    pub presence_penalty: f32,
+}
+
+/// Why a record was rejected. The record is skipped and counted; reading goes on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// `kind` is not a known [`RecordKind`].
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+    /// `operation` is not a known [`Operation`].
+    #[error("unknown operation {0}")]
+    Operation(u8),
+    /// `finish_reason` is not a known [`FinishReason`].
+    #[error("unknown finish reason {0}")]
+    FinishReason(u8),
+    /// `error_type` is not a known [`ErrorType`].
+    #[error("unknown error type {0}")]
+    ErrorType(u8),
+    /// The trace id or the span id is all zeros.
+    #[error("all-zero {0}")]
+    ZeroId(&'static str),
+    /// A timestamp is missing or out of order.
+    #[error("timestamps out of order or missing: {0}")]
+    Timestamps(&'static str),
+    /// A sampling parameter is NaN, infinite or negative where it cannot be.
+    #[error("sampling parameter {0} is not a valid number")]
+    Sampling(&'static str),
+    /// Token counts contradict each other.
+    #[error("token counts are inconsistent: {0}")]
+    Tokens(&'static str),
+    /// `http_status` is not an HTTP status code.
+    #[error("http status {0} is out of range")]
+    HttpStatus(u16),
+    /// `model_index` points past the segment's model table.
+    #[error("model index {index} but the segment lists {count} models")]
+    ModelIndex {
+        /// The index found.
+        index: u16,
+        /// The number of models in the header.
+        count: u16,
+    },
+}
+
+fn opt(ns: u64) -> Option<u64> {
+    (ns != 0).then_some(ns)
+}
+
+impl Record {
+    /// Validates this (privately copied) record. `model_count` is the number of
+    /// entries in the segment's model table.
+    pub fn decode(&self, model_count: u16) -> Result<RequestRecord, RecordError> {
+        let kind = RecordKind::try_from(self.kind).map_err(RecordError::Kind)?;
+        let operation = Operation::try_from(self.operation).map_err(RecordError::Operation)?;
+        let finish_reason =
+            FinishReason::try_from(self.finish_reason).map_err(RecordError::FinishReason)?;
+        let error_type = ErrorType::try_from(self.error_type).map_err(RecordError::ErrorType)?;
+        if self.trace_id == [0; 16] {
+            return Err(RecordError::ZeroId("trace_id"));
+        }
+        if self.span_id == [0; 8] {
+            return Err(RecordError::ZeroId("span_id"));
+        }
+        let remote_parent = self.flags & FLAG_REMOTE_PARENT != 0;
+        if remote_parent && self.parent_span_id == [0; 8] {
+            return Err(RecordError::ZeroId("parent_span_id"));
+        }
+        let timestamps = self.timestamps()?;
+        if kind == RecordKind::RequestRejected && timestamps.scheduled_ns.is_some() {
+            return Err(RecordError::Timestamps("a rejected request was scheduled"));
+        }
+        let sampling = Sampling {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+        };
+        if !sampling.temperature.is_finite() || sampling.temperature < 0.0 {
+            return Err(RecordError::Sampling("temperature"));
+        }
+        if !sampling.top_p.is_finite() || sampling.top_p < 0.0 {
+            return Err(RecordError::Sampling("top_p"));
+        }
+        if !sampling.frequency_penalty.is_finite() {
+            return Err(RecordError::Sampling("frequency_penalty"));
+        }
+        if !sampling.presence_penalty.is_finite() {
+            return Err(RecordError::Sampling("presence_penalty"));
+        }
+        if self.cached_prompt_tokens > self.prompt_tokens {
+            return Err(RecordError::Tokens("more cached prompt tokens than prompt tokens"));
+        }
+        if self.completion_tokens > 0 && timestamps.first_token_ns.is_none() {
+            return Err(RecordError::Tokens("completion tokens without a first-token stamp"));
+        }
+        if !(100..=599).contains(&self.http_status) {
+            return Err(RecordError::HttpStatus(self.http_status));
+        }
+        if self.model_index >= model_count {
+            return Err(RecordError::ModelIndex { index: self.model_index, count: model_count });
+        }
+        Ok(RequestRecord {
+            kind,
+            operation,
+            request_id: self.request_id,
+            trace_id: self.trace_id,
+            parent_span_id: remote_parent.then_some(self.parent_span_id),
+            span_id: self.span_id,
+            trace_flags: self.trace_flags,
+            timestamps,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            sampling,
+            params_set: self.params_set,
+            stream: self.flags & FLAG_STREAM != 0,
+            finish_reason,
+            http_status: self.http_status,
+            error_type,
+            model_index: self.model_index,
+            queue_depth: self.queue_depth,
+            running: self.running,
+        })
+    }
+
+    fn timestamps(&self) -> Result<Timestamps, RecordError> {
+        let t = Timestamps {
+            arrival_ns: self.t_arrival_ns,
+            scheduled_ns: opt(self.t_scheduled_ns),
+            first_token_ns: opt(self.t_first_token_ns),
+            last_token_ns: opt(self.t_last_token_ns),
+            finished_ns: self.t_finished_ns,
+        };
+        if t.arrival_ns == 0 {
+            return Err(RecordError::Timestamps("no arrival stamp"));
+        }
+        if t.finished_ns < t.arrival_ns {
+            return Err(RecordError::Timestamps("finished before arrival"));
+        }
+        // Each present stamp must be no earlier than the previous present one
+        // and no later than `finished`.
+        let mut previous = t.arrival_ns;
+        for (name, stamp) in [
+            ("scheduled", t.scheduled_ns),
+            ("first_token", t.first_token_ns),
+            ("last_token", t.last_token_ns),
+        ] {
+            if let Some(ns) = stamp {
+                if ns < previous || ns > t.finished_ns {
+                    return Err(RecordError::Timestamps(name));
+                }
+                previous = ns;
+            }
+        }
+        if t.first_token_ns.is_some() && t.scheduled_ns.is_none() {
+            return Err(RecordError::Timestamps("first token without being scheduled"));
+        }
+        if t.first_token_ns.is_some() != t.last_token_ns.is_some() {
+            return Err(RecordError::Timestamps("first and last token stamps must come together"));
+        }
+        Ok(t)
+    }
+}
+
+impl RequestRecord {
+    /// Time in queue (arrival → scheduled), if scheduled.
+    pub fn queue_ns(&self) -> Option<u64> {
+        Some(self.timestamps.scheduled_ns? - self.timestamps.arrival_ns)
+    }
+    /// Time to first token measured from arrival, as clients see it.
+    pub fn ttft_ns(&self) -> Option<u64> {
+        Some(self.timestamps.first_token_ns? - self.timestamps.arrival_ns)
+    }
+    /// Prefill (scheduled → first token).
+    pub fn prefill_ns(&self) -> Option<u64> {
+        Some(self.timestamps.first_token_ns? - self.timestamps.scheduled_ns?)
+    }
+    /// Decode (first token → last token).
+    pub fn decode_ns(&self) -> Option<u64> {
+        Some(self.timestamps.last_token_ns? - self.timestamps.first_token_ns?)
+    }
+    /// End to end (arrival → finished).
+    pub fn e2e_ns(&self) -> u64 {
+        self.timestamps.finished_ns - self.timestamps.arrival_ns
+    }
+    /// Time per output token after the first, if more than one was generated.
+    pub fn tpot_ns(&self) -> Option<u64> {
+        let decode = self.decode_ns()?;
+        let steps = u64::from(self.completion_tokens.checked_sub(1).filter(|s| *s > 0)?);
+        Some(decode / steps)
+    }
+    /// Whether the request failed, was aborted or was rejected.
+    pub fn is_error(&self) -> bool {
+        self.error_type != ErrorType::None || self.http_status >= 400
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::layout::{FLAG_STREAM, params};
+
+    /// A well-formed finished chat record with distinct, ordered stamps.
+    pub(crate) fn sample_record(seq: u64) -> Record {
+        let mut r = bytemuck::Zeroable::zeroed();
+        let r: &mut Record = &mut r;
+        r.request_id = (u128::from(seq) + 1).to_le_bytes();
+        r.trace_id = [0xab; 16];
+        r.trace_id[0..8].copy_from_slice(&seq.to_le_bytes());
+        r.parent_span_id = [0x11; 8];
+        r.span_id = [0x22; 8];
+        r.t_arrival_ns = 1_000 + seq;
+        r.t_scheduled_ns = 2_000 + seq;
+        r.t_first_token_ns = 3_000 + seq;
+        r.t_last_token_ns = 4_000 + seq;
+        r.t_finished_ns = 5_000 + seq;
+        r.seed = seq;
+        r.prompt_tokens = 12;
+        r.completion_tokens = 7;
+        r.max_tokens = 16;
+        r.temperature = 0.0;
+        r.top_p = 1.0;
+        r.http_status = 200;
+        r.kind = RecordKind::RequestFinished as u8;
+        r.operation = Operation::Chat as u8;
+        r.finish_reason = FinishReason::Stop as u8;
+        r.trace_flags = 1;
+        r.flags = FLAG_STREAM | FLAG_REMOTE_PARENT;
+        r.params_set = params::TEMPERATURE | params::MAX_TOKENS;
+        *r
+    }
+
+    #[test]
+    fn well_formed_record_decodes_with_zero_temperature_kept() {
+        let d = sample_record(3).decode(1).unwrap();
+        assert_eq!(d.kind, RecordKind::RequestFinished);
+        assert_eq!(d.sampling.temperature, 0.0);
+        assert_eq!(d.parent_span_id, Some([0x11; 8]));
+        assert!(d.stream);
+        assert_eq!(d.queue_ns(), Some(1_000));
+        assert_eq!(d.ttft_ns(), Some(2_000));
+        assert_eq!(d.prefill_ns(), Some(1_000));
+        assert_eq!(d.decode_ns(), Some(1_000));
+        assert_eq!(d.e2e_ns(), 4_000);
+        assert_eq!(d.tpot_ns(), Some(1_000 / 6));
+        assert!(!d.is_error());
+    }
+
+    #[test]
+    fn rejected_record_without_generation_decodes() {
+        let mut r = sample_record(0);
+        r.kind = RecordKind::RequestRejected as u8;
+        r.t_scheduled_ns = 0;
+        r.t_first_token_ns = 0;
+        r.t_last_token_ns = 0;
+        r.completion_tokens = 0;
+        r.http_status = 429;
+        r.error_type = ErrorType::QueueFull as u8;
+        r.finish_reason = FinishReason::None as u8;
+        r.flags = 0;
+        let d = r.decode(1).unwrap();
+        assert_eq!(d.parent_span_id, None);
+        assert!(d.is_error());
+        assert_eq!(d.queue_ns(), None);
+        assert_eq!(d.tpot_ns(), None);
+    }
+
+    #[test]
+    fn every_invalid_field_is_named() {
+        type Mutation = fn(&mut Record);
+        let cases: &[(Mutation, RecordError)] = &[
+            (|r| r.kind = 9, RecordError::Kind(9)),
+            (|r| r.operation = 0, RecordError::Operation(0)),
+            (|r| r.finish_reason = 77, RecordError::FinishReason(77)),
+            (|r| r.error_type = 200, RecordError::ErrorType(200)),
+            (|r| r.trace_id = [0; 16], RecordError::ZeroId("trace_id")),
+            (|r| r.span_id = [0; 8], RecordError::ZeroId("span_id")),
+            (|r| r.parent_span_id = [0; 8], RecordError::ZeroId("parent_span_id")),
+            (|r| r.t_arrival_ns = 0, RecordError::Timestamps("no arrival stamp")),
+            (|r| r.t_finished_ns = 10, RecordError::Timestamps("finished before arrival")),
+            (|r| r.t_scheduled_ns = 10, RecordError::Timestamps("scheduled")),
+            (|r| r.t_first_token_ns = 1_500, RecordError::Timestamps("first_token")),
+            (|r| r.t_last_token_ns = 9_999, RecordError::Timestamps("last_token")),
+            (|r| r.temperature = f32::NAN, RecordError::Sampling("temperature")),
+            (|r| r.temperature = -1.0, RecordError::Sampling("temperature")),
+            (|r| r.top_p = f32::INFINITY, RecordError::Sampling("top_p")),
+            (|r| r.frequency_penalty = f32::NAN, RecordError::Sampling("frequency_penalty")),
+            (|r| r.presence_penalty = f32::NEG_INFINITY, RecordError::Sampling("presence_penalty")),
+            (
+                |r| r.cached_prompt_tokens = 13,
+                RecordError::Tokens("more cached prompt tokens than prompt tokens"),
+            ),
+            (|r| r.http_status = 42, RecordError::HttpStatus(42)),
+            (|r| r.model_index = 1, RecordError::ModelIndex { index: 1, count: 1 }),
+            (
+                |r| {
+                    r.t_first_token_ns = 0;
+                    r.t_last_token_ns = 0;
+                },
+                RecordError::Tokens("completion tokens without a first-token stamp"),
+            ),
+            (
+                |r| r.t_last_token_ns = 0,
+                RecordError::Timestamps("first and last token stamps must come together"),
+            ),
+            (
+                |r| r.kind = RecordKind::RequestRejected as u8,
+                RecordError::Timestamps("a rejected request was scheduled"),
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut r = sample_record(0);
+            mutate(&mut r);
+            assert_eq!(r.decode(1).as_ref().err(), Some(expected), "{expected}");
+        }
+    }
+
+    #[test]
+    fn unknown_flag_bits_and_reserved_bytes_are_ignored_for_minor_versions() {
+        let mut r = sample_record(1);
+        r.flags |= 0b1100_0000;
+        r.reserved = [0x5a; 100];
+        assert!(r.decode(1).is_ok());
+    }
+}

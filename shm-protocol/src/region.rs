@@ -1,0 +1,173 @@
+//! The memory a ring lives in: a shared-memory mapping in production, the
+//! heap in tests and benchmarks (and under miri), loom-owned atomics under
+//! loom. The protocol code sees only a [`RingView`].
+
+use crate::layout::{Detail, OverflowMode};
+use crate::ring::{Backing, Ring, RingView};
+use std::sync::Arc;
+
+/// Settings a new segment's control block starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlDefaults {
+    /// Whether the engine writes records from the start.
+    pub tracing_enabled: bool,
+    /// What a push does when the ring is full.
+    pub overflow_mode: OverflowMode,
+    /// Span detail the agent produces.
+    pub detail: Detail,
+}
+
+impl Default for ControlDefaults {
+    fn default() -> Self {
+        Self { tracing_enabled: true, overflow_mode: OverflowMode::Overwrite, detail: Detail::Phases }
+    }
+}
+
+/// Why a ring size was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapacityError {
+    /// The capacity is not a power of two between the limits.
+    #[error(
+        "ring capacity {0} must be a power of two between {min} and {max}",
+        min = crate::layout::MIN_CAPACITY,
+        max = crate::layout::MAX_CAPACITY
+    )]
+    Invalid(u32),
+}
+
+pub(crate) fn check_capacity(capacity: u32) -> Result<(), CapacityError> {
+    if capacity.is_power_of_two()
+        && (crate::layout::MIN_CAPACITY..=crate::layout::MAX_CAPACITY).contains(&capacity)
+    {
+        Ok(())
+    } else {
+        Err(CapacityError::Invalid(capacity))
+    }
+}
+
+pub(crate) fn apply_defaults(ring: &Ring, defaults: ControlDefaults) {
+    let control = ring.control();
+    control.set_overflow_mode(defaults.overflow_mode);
+    control.set_detail(defaults.detail);
+    control.set_head_sample_ppm(1_000_000);
+    control.set_tail_sampling(crate::ring::TailSampling {
+        keep_errors: true,
+        sample_ppm: 1_000_000,
+        ttft_threshold_us: 0,
+        e2e_threshold_us: 0,
+    });
+    control.set_tracing_enabled(defaults.tracing_enabled);
+}
+
+#[cfg(not(loom))]
+mod raw {
+    use super::*;
+    use crate::layout::{CONTROL_OFFSET, COUNTERS_OFFSET, RING_OFFSET, segment_size};
+    use std::alloc::{Layout, alloc_zeroed, dealloc};
+    use std::ptr::NonNull;
+
+    /// Builds a view over a segment laid out at `base`.
+    ///
+    /// # Safety
+    /// `base` must be 4096-aligned and point to at least
+    /// `segment_size(capacity)` bytes that stay valid (mapped, readable and
+    /// writable) for as long as the returned view is used, and `capacity` must
+    /// be a power of two.
+    pub(crate) unsafe fn view_at(base: NonNull<u8>, capacity: u32) -> RingView {
+        // SAFETY: the offsets are inside `segment_size(capacity)` bytes (frozen
+        // by the layout tests) and suitably aligned for each region, per the
+        // caller's guarantee on `base`.
+        unsafe {
+            RingView {
+                control: base.add(CONTROL_OFFSET).cast(),
+                counters: base.add(COUNTERS_OFFSET).cast(),
+                slots: base.add(RING_OFFSET).cast(),
+                capacity: u64::from(capacity),
+            }
+        }
+    }
+
+    /// Zeroed, page-aligned heap memory laid out exactly like a segment.
+    pub(crate) struct HeapRegion {
+        base: NonNull<u8>,
+        layout: Layout,
+    }
+
+    // SAFETY: the region is plain memory accessed only through atomics once
+    // shared; it owns its allocation.
+    unsafe impl Send for HeapRegion {}
+    // SAFETY: as above.
+    unsafe impl Sync for HeapRegion {}
+
+    impl Backing for HeapRegion {}
+
+    impl Drop for HeapRegion {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `Ring::on_heap` with exactly this layout.
+            unsafe { dealloc(self.base.as_ptr(), self.layout) }
+        }
+    }
+
+    impl Ring {
+        /// A ring on the heap, laid out exactly as in a segment: for tests,
+        /// benchmarks and miri, which cannot map shared memory.
+        pub fn on_heap(capacity: u32, defaults: ControlDefaults) -> Result<Ring, CapacityError> {
+            check_capacity(capacity)?;
+            let layout = Layout::from_size_align(segment_size(capacity), 4096)
+                .map_err(|_| CapacityError::Invalid(capacity))?;
+            // SAFETY: the layout has a non-zero size.
+            let base = NonNull::new(unsafe { alloc_zeroed(layout) })
+                .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+            // SAFETY: `base` is 4096-aligned, `segment_size(capacity)` bytes,
+            // owned by the HeapRegion that the Ring keeps alive.
+            let view = unsafe { view_at(base, capacity) };
+            let ring = Ring { view, backing: Arc::new(HeapRegion { base, layout }) };
+            apply_defaults(&ring, defaults);
+            Ok(ring)
+        }
+    }
+}
+
+#[cfg(not(loom))]
+pub(crate) use raw::view_at;
+
+#[cfg(loom)]
+mod model {
+    use super::*;
+    use crate::layout::{ControlBlock, Counters, Slot};
+    use std::ptr::NonNull;
+
+    /// Loom's atomics cannot live in raw memory; the model owns them here.
+    struct LoomRegion {
+        control: Box<ControlBlock>,
+        counters: Box<Counters>,
+        slots: Box<[Slot]>,
+    }
+
+    // SAFETY: holds only loom atomics.
+    unsafe impl Send for LoomRegion {}
+    // SAFETY: as above.
+    unsafe impl Sync for LoomRegion {}
+    impl Backing for LoomRegion {}
+
+    impl Ring {
+        /// A ring made of loom atomics, for the model checker.
+        pub fn on_heap(capacity: u32, defaults: ControlDefaults) -> Result<Ring, CapacityError> {
+            check_capacity(capacity)?;
+            let region = LoomRegion {
+                control: Box::new(ControlBlock::new_for_loom()),
+                counters: Box::new(Counters::new_for_loom()),
+                slots: (0..capacity).map(|_| Slot::new_for_loom()).collect(),
+            };
+            let view = RingView {
+                control: NonNull::from(&*region.control),
+                counters: NonNull::from(&*region.counters),
+                slots: NonNull::from(&region.slots[0]),
+                capacity: u64::from(capacity),
+            };
+            let ring = Ring { view, backing: Arc::new(region) };
+            apply_defaults(&ring, defaults);
+            Ok(ring)
+        }
+    }
+}

@@ -1,0 +1,812 @@
+//! POSIX shared-memory segments: the engine creates one, the agent opens it.
+//!
+//! Everything the reader learns from a segment is checked before use: owner
+//! and mode of the file, magic, ABI major, and every size and offset the
+//! header claims against the real size of the file.
+
+use crate::clock::{ClockPair, monotonic_ns};
+use crate::layout::{
+    ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, COUNTERS_OFFSET, HEADER_SIZE, Header,
+    MAGIC, MAX_MODELS, NAME_LEN, RING_OFFSET, SLOT_SIZE, load_abi_version, pack_version,
+    segment_size,
+};
+use crate::region::{CapacityError, ControlDefaults, apply_defaults, check_capacity, view_at};
+use crate::ring::{Backing, PollError, Ring};
+use crate::sync::{AtomicU32, Ordering};
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fs::{FallocateFlags, Mode};
+use rustix::io::Errno;
+use rustix::shm;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Segments live in `/dev/shm/<PREFIX><instance>`.
+pub const PREFIX: &str = "ringside.";
+/// Where POSIX shared memory is visible as files on Linux.
+pub const SHM_DIR: &str = "/dev/shm";
+/// Default mode of a new segment: owner and group read/write, others nothing.
+pub const DEFAULT_MODE: u32 = 0o660;
+/// An engine heartbeat older than this, with no matching live pid visible,
+/// means the engine is gone.
+pub const HEARTBEAT_STALE_NS: u64 = 5_000_000_000;
+
+/// Why an instance name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid instance name {name:?}: {reason}")]
+pub struct NameError {
+    /// The name given.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Checks an instance name: 1 to 63 bytes of `[A-Za-z0-9_.-]`, not starting
+/// with a dot. It becomes part of a file name in `/dev/shm`.
+pub fn validate_instance(name: &str) -> Result<(), NameError> {
+    let err = |reason| Err(NameError { name: name.to_owned(), reason });
+    if name.is_empty() {
+        return err("it is empty");
+    }
+    if name.len() >= NAME_LEN {
+        return err("it is longer than 63 bytes");
+    }
+    if name.starts_with('.') {
+        return err("it starts with a dot");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+        return err("only letters, digits, '_', '.' and '-' are allowed");
+    }
+    Ok(())
+}
+
+fn shm_name(instance: &str) -> String {
+    format!("/{PREFIX}{instance}")
+}
+
+/// The file a segment appears as.
+pub fn segment_path(instance: &str) -> String {
+    format!("{SHM_DIR}/{PREFIX}{instance}")
+}
+
+/// What a new segment is made with.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Instance name (see [`validate_instance`]).
+    pub instance: String,
+    /// Slots in the ring: a power of two.
+    pub capacity: u32,
+    /// File mode (default [`DEFAULT_MODE`]); never world-writable.
+    pub mode: u32,
+    /// Group to give the segment to, so an agent running as another user in
+    /// that group can open it.
+    pub group: Option<u32>,
+    /// Served model names (at most 8, each under 64 bytes).
+    pub models: Vec<String>,
+    /// Initial control settings.
+    pub control: ControlDefaults,
+    /// Remove the segment's name when the [`EngineSegment`] is dropped. An
+    /// attached agent keeps its mapping and drains what is left.
+    pub unlink_on_drop: bool,
+}
+
+impl CreateOptions {
+    /// Options with the defaults for everything but the name and models.
+    pub fn new(instance: impl Into<String>, models: Vec<String>) -> Self {
+        Self {
+            instance: instance.into(),
+            capacity: 4096,
+            mode: DEFAULT_MODE,
+            group: None,
+            models,
+            control: ControlDefaults::default(),
+            unlink_on_drop: true,
+        }
+    }
+}
+
+/// Why an engine could not create its segment. Nothing is left behind.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The instance name is not usable.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The capacity is not a power of two within limits.
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    /// The mode would let other users write (or lacks owner read/write).
+    #[error("segment mode {0:o} is unsafe: it must give the owner rw and others no write")]
+    UnsafeMode(u32),
+    /// Too many served models, or a name too long for the header's table.
+    #[error("model table: {0}")]
+    Models(&'static str),
+    /// A live engine (same pid and start time, or a fresh heartbeat) holds the name.
+    #[error("instance {instance:?} is in use by a live engine (pid {pid}); pick another --instance")]
+    InUse {
+        /// The instance.
+        instance: String,
+        /// The engine holding it.
+        pid: u32,
+    },
+    /// Another user owns a segment of that name: refused, never reused.
+    #[error(
+        "{path} is owned by uid {owner}, not by this user (uid {me}); remove it or pick another instance"
+    )]
+    Squatted {
+        /// The segment's file.
+        path: String,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        me: u32,
+    },
+    /// /dev/shm has no room for the ring.
+    #[error("no room in /dev/shm for a {bytes}-byte segment (reduce --ring-capacity or free /dev/shm)")]
+    NoSpace {
+        /// Bytes needed.
+        bytes: u64,
+    },
+    /// A system call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The segment's file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Why an agent could not open a segment. Nothing was mapped or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The instance name is not usable.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// No segment of that name.
+    #[error("no segment {0}")]
+    NotFound(String),
+    /// The file exists but this user may not open it read/write.
+    #[error("permission denied opening {0}: run as the engine's user or a member of its group")]
+    PermissionDenied(String),
+    /// The owner is neither this user, root, nor a trusted uid.
+    #[error("{path} is owned by uid {owner}, which is not trusted (trusted: {trusted:?})")]
+    UntrustedOwner {
+        /// The segment's file.
+        path: String,
+        /// Its owner.
+        owner: u32,
+        /// The uids that are trusted.
+        trusted: Vec<u32>,
+    },
+    /// Anyone may write the file: its contents cannot be trusted.
+    #[error("{path} is world-writable (mode {mode:o}); refusing it")]
+    WorldWritable {
+        /// The segment's file.
+        path: String,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// The segment's creator has not published the version word yet.
+    #[error("{0} is not initialised (yet)")]
+    NotInitialized(String),
+    /// Not a ringside segment.
+    #[error("{path}: bad magic {found:#018x}, not a ringside segment")]
+    BadMagic {
+        /// The segment's file.
+        path: String,
+        /// The value found.
+        found: u64,
+    },
+    /// A different, incompatible ABI major version.
+    #[error(
+        "{path}: ABI {found_major}.{found_minor} is incompatible with this reader's {ABI_MAJOR}.{ABI_MINOR}"
+    )]
+    AbiMismatch {
+        /// The segment's file.
+        path: String,
+        /// Major version found.
+        found_major: u16,
+        /// Minor version found.
+        found_minor: u16,
+    },
+    /// The header claims sizes or offsets that do not fit the real file, or
+    /// values no engine writes.
+    #[error("{path}: invalid layout: {reason}")]
+    BadLayout {
+        /// The segment's file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A system call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The segment's file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Why the list of segments could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// `/dev/shm` could not be read.
+    #[error("reading {dir}: {source}")]
+    Io {
+        /// The directory.
+        dir: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Everything that identifies the engine behind a segment: a change in any of
+/// these means the engine restarted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EngineIdentity {
+    /// Engine pid.
+    pub pid: u32,
+    /// Its process start time.
+    pub start_time: u64,
+    /// The segment's generation.
+    pub generation: u64,
+    /// Creation time of the segment.
+    pub created_realtime_ns: u64,
+}
+
+/// A validated, decoded copy of a segment's header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Instance name.
+    pub instance: String,
+    /// ABI version of the writer.
+    pub abi: (u16, u16),
+    /// Slots in the ring.
+    pub capacity: u32,
+    /// The engine.
+    pub identity: EngineIdentity,
+    /// The engine's effective uid.
+    pub engine_uid: u32,
+    /// Monotonic → wall clock conversion.
+    pub clock: ClockPair,
+    /// Served models; a record's `model_index` indexes this.
+    pub models: Vec<String>,
+}
+
+impl SegmentInfo {
+    /// Number of models, as a record's `model_index` bound.
+    pub fn model_count(&self) -> u16 {
+        u16::try_from(self.models.len()).unwrap_or(u16::MAX)
+    }
+}
+
+/// Is the engine behind a segment still running?
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// Its pid runs with the recorded start time, or its heartbeat is fresh.
+    Alive,
+    /// Neither: the engine is gone and the segment only holds what it left.
+    Dead,
+}
+
+/// Reads field 22 (start time) of `/proc/<pid>/stat`.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // after the last ')' are well-formed, starting with field 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+fn liveness_of(identity: &EngineIdentity, heartbeat_ns: u64) -> Liveness {
+    if identity.pid != 0 && process_start_time(identity.pid) == Some(identity.start_time) {
+        return Liveness::Alive;
+    }
+    // Another pid namespace (a sidecar container) cannot see the pid: rely on
+    // the heartbeat, which CLOCK_MONOTONIC makes comparable across them.
+    let now = monotonic_ns();
+    if heartbeat_ns != 0 && now.saturating_sub(heartbeat_ns) < HEARTBEAT_STALE_NS {
+        Liveness::Alive
+    } else {
+        Liveness::Dead
+    }
+}
+
+/// A shared-memory mapping that checks it is still backed before each poll.
+struct ShmBacking {
+    map: MmapRaw,
+    file: File,
+}
+
+impl Backing for ShmBacking {
+    fn verify(&self) -> Result<(), PollError> {
+        let stat = rustix::fs::fstat(&self.file).map_err(|e| PollError::Stat(e.to_string()))?;
+        let actual = u64::try_from(stat.st_size).unwrap_or(0);
+        let mapped = self.map.len() as u64;
+        if actual < mapped { Err(PollError::Truncated { mapped, actual }) } else { Ok(()) }
+    }
+}
+
+fn map_base(map: &MmapRaw) -> NonNull<u8> {
+    NonNull::new(map.as_mut_ptr()).unwrap_or(NonNull::dangling())
+}
+
+/// The engine's side: a segment it created and owns.
+pub struct EngineSegment {
+    ring: Ring,
+    info: SegmentInfo,
+    unlink_on_drop: bool,
+}
+
+impl std::fmt::Debug for EngineSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineSegment").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl EngineSegment {
+    /// Creates `/dev/shm/ringside.<instance>`: exclusively, with the given
+    /// mode, preallocated so a full /dev/shm fails here and not later. A stale
+    /// segment of a dead engine is replaced (with the next generation); one of
+    /// a live engine, or one owned by another user, is refused.
+    pub fn create(options: &CreateOptions) -> Result<Self, CreateError> {
+        validate_instance(&options.instance)?;
+        check_capacity(options.capacity)?;
+        if options.mode & 0o600 != 0o600 || options.mode & 0o002 != 0 || options.mode > 0o777 {
+            return Err(CreateError::UnsafeMode(options.mode));
+        }
+        if options.models.is_empty() || options.models.len() > MAX_MODELS {
+            return Err(CreateError::Models("between 1 and 8 served model names are needed"));
+        }
+        if options.models.iter().any(|m| m.is_empty() || m.len() >= NAME_LEN) {
+            return Err(CreateError::Models("each model name must be 1 to 63 bytes"));
+        }
+        let name = shm_name(&options.instance);
+        let path = segment_path(&options.instance);
+        let mut generation = 1;
+        let fd = match open_exclusive(&name, options.mode) {
+            Ok(fd) => fd,
+            Err(Errno::EXIST) => {
+                generation = take_over_stale(&options.instance, &name, &path)?.wrapping_add(1);
+                open_exclusive(&name, options.mode).map_err(|e| match e {
+                    Errno::EXIST => CreateError::InUse { instance: options.instance.clone(), pid: 0 },
+                    e => CreateError::Io { op: "shm_open", path: path.clone(), source: e.into() },
+                })?
+            }
+            Err(e) => return Err(CreateError::Io { op: "shm_open", path, source: e.into() }),
+        };
+        let file = File::from(fd);
+        match Self::initialise(file, options, generation, &path) {
+            Ok(segment) => Ok(segment),
+            Err(e) => {
+                let _ = shm::unlink(name.as_str());
+                Err(e)
+            }
+        }
+    }
+
+    fn initialise(
+        file: File,
+        options: &CreateOptions,
+        generation: u64,
+        path: &str,
+    ) -> Result<Self, CreateError> {
+        let ioerr = |op, source: std::io::Error| CreateError::Io { op, path: path.to_owned(), source };
+        // shm_open applied the umask: set the mode exactly.
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(options.mode))
+            .map_err(|e| ioerr("fchmod", e.into()))?;
+        if let Some(gid) = options.group {
+            rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))
+                .map_err(|e| ioerr("fchown", e.into()))?;
+        }
+        let size = segment_size(options.capacity) as u64;
+        rustix::fs::ftruncate(&file, size).map_err(|e| ioerr("ftruncate", e.into()))?;
+        preallocate(&file, size).map_err(|e| match e.raw_os_error() {
+            Some(code) if code == Errno::NOSPC.raw_os_error() => CreateError::NoSpace { bytes: size },
+            _ => ioerr("fallocate", e),
+        })?;
+        let map = MmapOptions::new()
+            .len(size as usize)
+            .map_raw(&file)
+            .map_err(|e| ioerr("mmap", e))?;
+        let base = map_base(&map);
+
+        let clock = ClockPair::now();
+        let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+        let identity = EngineIdentity {
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+            generation,
+            created_realtime_ns: clock.realtime_ns,
+        };
+        let engine_uid = rustix::process::geteuid().as_raw();
+        let mut header: Header = bytemuck::Zeroable::zeroed();
+        header.magic = MAGIC;
+        header.abi_version = 0;
+        header.header_size = HEADER_SIZE as u32;
+        header.segment_size = size;
+        header.control_offset = CONTROL_OFFSET as u32;
+        header.counters_offset = COUNTERS_OFFSET as u32;
+        header.ring_offset = RING_OFFSET as u64;
+        header.slot_size = SLOT_SIZE as u32;
+        header.ring_capacity = options.capacity;
+        header.engine_pid = pid;
+        header.model_count = options.models.len() as u32;
+        header.engine_start_time = identity.start_time;
+        header.generation = generation;
+        header.created_realtime_ns = clock.realtime_ns;
+        header.created_monotonic_ns = clock.monotonic_ns;
+        header.engine_uid = engine_uid;
+        copy_name(&mut header.instance, &options.instance);
+        for (slot, model) in header.models.iter_mut().zip(&options.models) {
+            copy_name(slot, model);
+        }
+        // SAFETY: the mapping is `size >= HEADER_SIZE` bytes, page-aligned,
+        // writable, and nobody else writes the header: readers wait for the
+        // version word, which is still zero.
+        unsafe { base.cast::<Header>().as_ptr().write(header) };
+        // SAFETY: the mapping is page-aligned and `segment_size(capacity)`
+        // bytes long; the Ring keeps the mapping alive through its backing.
+        let view = unsafe { view_at(base, options.capacity) };
+        let ring = Ring { view, backing: Arc::new(ShmBacking { map, file }) };
+        apply_defaults(&ring, options.control);
+        ring.beat_engine_heartbeat(monotonic_ns());
+        // Publish: the version word last, with Release, so a reader that sees
+        // it (Acquire) sees the whole header and the initial control block.
+        // SAFETY: offset 8 of the page-aligned mapping is a 4-aligned u32.
+        let version = unsafe { AtomicU32::from_ptr(base.as_ptr().add(ABI_VERSION_OFFSET).cast()) };
+        version.store(pack_version(ABI_MAJOR, ABI_MINOR), Ordering::Release);
+        let info = SegmentInfo {
+            instance: options.instance.clone(),
+            abi: (ABI_MAJOR, ABI_MINOR),
+            capacity: options.capacity,
+            identity,
+            engine_uid,
+            clock,
+            models: options.models.clone(),
+        };
+        Ok(Self { ring, info, unlink_on_drop: options.unlink_on_drop })
+    }
+
+    /// The ring, to make producers from.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// What the header says.
+    pub fn info(&self) -> &SegmentInfo {
+        &self.info
+    }
+}
+
+impl Drop for EngineSegment {
+    fn drop(&mut self) {
+        if self.unlink_on_drop {
+            let _ = shm::unlink(shm_name(&self.info.instance).as_str());
+        }
+    }
+}
+
+fn copy_name(dst: &mut [u8; NAME_LEN], src: &str) {
+    let n = src.len().min(NAME_LEN - 1);
+    dst[..n].copy_from_slice(&src.as_bytes()[..n]);
+}
+
+fn open_exclusive(name: &str, mode: u32) -> Result<rustix::fd::OwnedFd, Errno> {
+    shm::open(
+        name,
+        shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
+        Mode::from_raw_mode(mode),
+    )
+}
+
+/// Fills the file with real pages so that a full /dev/shm is an error now,
+/// not a SIGBUS on first touch.
+fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP) => {
+            let zeros = vec![0u8; 64 * 1024];
+            let mut offset = 0;
+            while offset < size {
+                let n = (size - offset).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], offset)?;
+                offset += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// An existing segment holds the name: refuse it if another user owns it or a
+/// live engine uses it; otherwise unlink it and return its generation.
+fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, CreateError> {
+    let ioerr = |op, source: Errno| CreateError::Io { op, path: path.to_owned(), source: source.into() };
+    let fd = shm::open(name, shm::OFlags::RDONLY, Mode::empty()).map_err(|e| ioerr("shm_open", e))?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| ioerr("fstat", e))?;
+    let me = rustix::process::geteuid().as_raw();
+    if stat.st_uid != me {
+        return Err(CreateError::Squatted { path: path.to_owned(), owner: stat.st_uid, me });
+    }
+    let size = usize::try_from(stat.st_size).unwrap_or(0);
+    let mut generation = 0;
+    if size >= segment_size(crate::layout::MIN_CAPACITY) {
+        let file = File::from(fd);
+        let map = MmapOptions::new().len(size).map_raw_read_only(&file).map_err(|e| {
+            CreateError::Io { op: "mmap", path: path.to_owned(), source: e }
+        })?;
+        let base = map_base(&map);
+        // SAFETY: the mapping is at least one page (> HEADER_SIZE), page-aligned.
+        let version = unsafe { load_abi_version(base.as_ptr()) };
+        if version >> 16 == u32::from(ABI_MAJOR) {
+            // SAFETY: HEADER_SIZE bytes are mapped; the header is Pod; a
+            // volatile read copies it once even if someone writes meanwhile.
+            let header = unsafe { std::ptr::read_volatile(base.cast::<Header>().as_ptr()) };
+            // SAFETY: COUNTERS_OFFSET + 96 < RING_OFFSET <= size; an aligned
+            // u64 read of the heartbeat word.
+            let heartbeat = unsafe {
+                crate::sync::AtomicU64::from_ptr(base.as_ptr().add(COUNTERS_OFFSET + 88).cast())
+                    .load(Ordering::Relaxed)
+            };
+            let identity = EngineIdentity {
+                pid: header.engine_pid,
+                start_time: header.engine_start_time,
+                generation: header.generation,
+                created_realtime_ns: header.created_realtime_ns,
+            };
+            if liveness_of(&identity, heartbeat) == Liveness::Alive {
+                return Err(CreateError::InUse { instance: instance.to_owned(), pid: header.engine_pid });
+            }
+            generation = header.generation;
+        }
+    }
+    match shm::unlink(name) {
+        Ok(()) | Err(Errno::NOENT) => Ok(generation),
+        Err(e) => Err(ioerr("shm_unlink", e)),
+    }
+}
+
+/// Which owners a reader accepts.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Uids trusted besides this process's effective uid and root (e.g. the
+    /// engine's system user when the agent runs as another user).
+    pub trusted_uids: Vec<u32>,
+}
+
+/// The agent's side: an opened, validated segment.
+pub struct AttachedSegment {
+    ring: Ring,
+    info: SegmentInfo,
+    path: String,
+    inode: u64,
+}
+
+impl std::fmt::Debug for AttachedSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachedSegment").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl AttachedSegment {
+    /// Opens and validates `/dev/shm/ringside.<instance>`.
+    pub fn open(instance: &str, options: &OpenOptions) -> Result<Self, OpenError> {
+        validate_instance(instance)?;
+        let name = shm_name(instance);
+        let path = segment_path(instance);
+        let fd = shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty()).map_err(|e| match e {
+            Errno::NOENT => OpenError::NotFound(path.clone()),
+            Errno::ACCESS | Errno::PERM => OpenError::PermissionDenied(path.clone()),
+            e => OpenError::Io { op: "shm_open", path: path.clone(), source: e.into() },
+        })?;
+        let stat = rustix::fs::fstat(&fd)
+            .map_err(|e| OpenError::Io { op: "fstat", path: path.clone(), source: e.into() })?;
+        let me = rustix::process::geteuid().as_raw();
+        if stat.st_uid != me && stat.st_uid != 0 && !options.trusted_uids.contains(&stat.st_uid) {
+            let mut trusted = vec![me, 0];
+            trusted.extend(&options.trusted_uids);
+            return Err(OpenError::UntrustedOwner { path, owner: stat.st_uid, trusted });
+        }
+        let mode = stat.st_mode & 0o7777;
+        if mode & 0o002 != 0 {
+            return Err(OpenError::WorldWritable { path, mode });
+        }
+        let file_size = u64::try_from(stat.st_size).unwrap_or(0);
+        let file = File::from(fd);
+        let mut segment = Self::validate_and_map(file, file_size, instance, path)?;
+        segment.inode = stat.st_ino;
+        Ok(segment)
+    }
+
+    /// [`open`](Self::open), waiting up to `timeout` for a segment that exists
+    /// but is not initialised yet.
+    pub fn open_waiting(
+        instance: &str,
+        options: &OpenOptions,
+        timeout: Duration,
+    ) -> Result<Self, OpenError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Self::open(instance, options) {
+                Err(OpenError::NotInitialized(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn validate_and_map(
+        file: File,
+        file_size: u64,
+        instance: &str,
+        path: String,
+    ) -> Result<Self, OpenError> {
+        let bad = |reason: String| OpenError::BadLayout { path: path.clone(), reason };
+        if file_size < RING_OFFSET as u64 {
+            if file_size == 0 {
+                return Err(OpenError::NotInitialized(path));
+            }
+            return Err(bad(format!("file is {file_size} bytes, smaller than the fixed regions")));
+        }
+        let map_len = usize::try_from(file_size).map_err(|_| bad("file too large".into()))?;
+        let map = MmapOptions::new()
+            .len(map_len)
+            .map_raw(&file)
+            .map_err(|e| OpenError::Io { op: "mmap", path: path.clone(), source: e })?;
+        let base = map_base(&map);
+        // SAFETY: at least RING_OFFSET (> HEADER_SIZE) bytes are mapped, page-aligned.
+        let version = unsafe { load_abi_version(base.as_ptr()) };
+        if version == 0 {
+            return Err(OpenError::NotInitialized(path));
+        }
+        // SAFETY: as above; Header is Pod, so any bytes are a valid value, and
+        // the volatile read takes one private copy that is validated below
+        // and never re-read from shared memory.
+        let header = unsafe { std::ptr::read_volatile(base.cast::<Header>().as_ptr()) };
+        if header.magic != MAGIC {
+            return Err(OpenError::BadMagic { path, found: header.magic });
+        }
+        let (major, minor) = ((version >> 16) as u16, (version & 0xffff) as u16);
+        if major != ABI_MAJOR {
+            return Err(OpenError::AbiMismatch { path, found_major: major, found_minor: minor });
+        }
+        let info = validate_header(&header, minor, file_size).map_err(bad)?;
+        if info.instance != instance {
+            return Err(bad(format!("header names instance {:?}", info.instance)));
+        }
+        // SAFETY: validate_header checked the fixed offsets and that
+        // `RING_OFFSET + capacity * SLOT_SIZE <= file_size`, all mapped; the
+        // mapping is page-aligned and kept alive by the Ring's backing.
+        let view = unsafe { view_at(base, info.capacity) };
+        let ring = Ring { view, backing: Arc::new(ShmBacking { map, file }) };
+        Ok(Self { ring, info, path, inode: 0 })
+    }
+
+    /// The ring: the agent's one consumer and the control block.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// The validated header.
+    pub fn info(&self) -> &SegmentInfo {
+        &self.info
+    }
+
+    /// The file this segment appears as.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Whether the engine is still running.
+    pub fn liveness(&self) -> Liveness {
+        liveness_of(&self.info.identity, self.ring.counters().engine_heartbeat_ns)
+    }
+
+    /// Whether the name now refers to another file than the one mapped (the
+    /// engine restarted and replaced it, or the segment was removed).
+    pub fn replaced(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).map_or(true, |meta| meta.ino() != self.inode)
+    }
+}
+
+fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<SegmentInfo, String> {
+    if header.header_size as usize != HEADER_SIZE {
+        return Err(format!("header size {} (expected {HEADER_SIZE})", header.header_size));
+    }
+    if header.control_offset as usize != CONTROL_OFFSET
+        || header.counters_offset as usize != COUNTERS_OFFSET
+        || header.ring_offset != RING_OFFSET as u64
+    {
+        return Err(format!(
+            "region offsets {}/{}/{} differ from ABI {ABI_MAJOR}",
+            header.control_offset, header.counters_offset, header.ring_offset
+        ));
+    }
+    if header.slot_size as usize != SLOT_SIZE {
+        return Err(format!("slot size {} (expected {SLOT_SIZE})", header.slot_size));
+    }
+    check_capacity(header.ring_capacity).map_err(|e| e.to_string())?;
+    let needed = segment_size(header.ring_capacity) as u64;
+    if header.segment_size < needed {
+        return Err(format!(
+            "segment size {} is smaller than the {needed} bytes its ring needs",
+            header.segment_size
+        ));
+    }
+    if needed > file_size || header.segment_size > file_size {
+        return Err(format!(
+            "header claims {} bytes (ring needs {needed}) but the file has {file_size}",
+            header.segment_size
+        ));
+    }
+    let model_count = header.model_count as usize;
+    if model_count == 0 || model_count > MAX_MODELS {
+        return Err(format!("model count {model_count} (expected 1..={MAX_MODELS})"));
+    }
+    let instance = decode_name(&header.instance).ok_or("instance name is not valid UTF-8")?;
+    validate_instance(&instance).map_err(|e| e.to_string())?;
+    let mut models = Vec::with_capacity(model_count);
+    for raw in &header.models[..model_count] {
+        let name = decode_name(raw).ok_or("a model name is not valid UTF-8")?;
+        if name.is_empty() || name.chars().any(char::is_control) {
+            return Err("a model name is empty or holds control characters".into());
+        }
+        models.push(name);
+    }
+    Ok(SegmentInfo {
+        instance,
+        abi: (ABI_MAJOR, minor),
+        capacity: header.ring_capacity,
+        identity: EngineIdentity {
+            pid: header.engine_pid,
+            start_time: header.engine_start_time,
+            generation: header.generation,
+            created_realtime_ns: header.created_realtime_ns,
+        },
+        engine_uid: header.engine_uid,
+        clock: ClockPair {
+            realtime_ns: header.created_realtime_ns,
+            monotonic_ns: header.created_monotonic_ns,
+        },
+        models,
+    })
+}
+
+fn decode_name(raw: &[u8; NAME_LEN]) -> Option<String> {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+    std::str::from_utf8(&raw[..end]).ok().map(str::to_owned)
+}
+
+/// Instance names of the segments under `/dev/shm` (`ringside.<instance>`),
+/// sorted; files with invalid names are ignored.
+pub fn list_segments() -> Result<Vec<String>, ListError> {
+    list_segments_in(Path::new(SHM_DIR))
+}
+
+fn list_segments_in(dir: &Path) -> Result<Vec<String>, ListError> {
+    let err = |source| ListError::Io { dir: dir.display().to_string(), source };
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str() else { continue };
+        if let Some(instance) = name.strip_prefix(PREFIX) {
+            if validate_instance(instance).is_ok() {
+                names.push(instance.to_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}

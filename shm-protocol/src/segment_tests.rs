@@ -1,0 +1,254 @@
+//! Segment creation and opening against real POSIX shared memory, including
+//! every refusal. Each test uses its own instance name.
+
+use crate::layout::{ABI_VERSION_OFFSET, COUNTERS_OFFSET, OverflowMode, pack_version};
+use crate::record::tests::sample_record;
+use crate::ring::{PollError, StartAt};
+use crate::segment::*;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::time::Duration;
+
+fn instance(test: &str) -> String {
+    format!("t{}-{test}", std::process::id())
+}
+
+fn options(instance: &str) -> CreateOptions {
+    let mut o = CreateOptions::new(instance, vec!["gemma-3-270m".into(), "other".into()]);
+    o.capacity = 16;
+    o
+}
+
+fn patch(instance: &str, offset: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(segment_path(instance)).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+#[test]
+fn an_engine_segment_is_read_back_by_an_attached_reader() {
+    let name = instance("roundtrip");
+    let engine = EngineSegment::create(&options(&name)).unwrap();
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    let info = attached.info();
+    assert_eq!(info, engine.info());
+    assert_eq!(info.models, vec!["gemma-3-270m".to_string(), "other".to_string()]);
+    assert_eq!(info.capacity, 16);
+    assert_eq!(info.identity.pid, std::process::id());
+    assert_eq!(info.identity.generation, 1);
+    assert!(info.clock.realtime_ns > info.clock.monotonic_ns);
+    assert_eq!(attached.liveness(), Liveness::Alive);
+
+    let mut consumer = attached.ring().consumer(StartAt::Newest);
+    let producer = engine.ring().producer();
+    let _ = producer.push(&sample_record(1));
+    let mut got = Vec::new();
+    consumer.poll(10, |_, r| got.push(r.decode(info.model_count()).unwrap())).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].prompt_tokens, 12);
+
+    attached.ring().control().set_tracing_enabled(false);
+    assert!(!producer.tracing_enabled(), "the agent's control write reaches the engine");
+
+    let mode = std::fs::metadata(segment_path(&name)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "exact mode, whatever the umask");
+    assert!(list_segments().unwrap().contains(&name));
+    drop(engine);
+    assert!(!std::path::Path::new(&segment_path(&name)).exists(), "unlinked on drop");
+    assert!(attached.replaced());
+}
+
+#[test]
+fn a_name_held_by_a_live_engine_is_refused() {
+    let name = instance("live");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    match EngineSegment::create(&options(&name)) {
+        Err(CreateError::InUse { pid, .. }) => assert_eq!(pid, std::process::id()),
+        other => panic!("expected InUse, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_stale_segment_of_a_dead_engine_is_replaced_with_the_next_generation() {
+    let name = instance("stale");
+    let mut o = options(&name);
+    o.unlink_on_drop = false;
+    drop(EngineSegment::create(&o).unwrap());
+    // Forge a dead engine: a pid that does not exist and no heartbeat.
+    patch(&name, 48, &0x3fff_fff0u32.to_le_bytes());
+    patch(&name, (COUNTERS_OFFSET + 88) as u64, &0u64.to_le_bytes());
+    let engine = EngineSegment::create(&options(&name)).unwrap();
+    assert_eq!(engine.info().identity.generation, 2);
+}
+
+#[test]
+fn a_name_squatted_by_another_user_is_refused() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        return; // needs root to give the file away
+    }
+    let name = instance("squat");
+    let mut o = options(&name);
+    o.unlink_on_drop = false;
+    drop(EngineSegment::create(&o).unwrap());
+    let path = segment_path(&name);
+    std::os::unix::fs::chown(&path, Some(4242), None).unwrap();
+    let err = EngineSegment::create(&options(&name)).unwrap_err();
+    assert!(matches!(err, CreateError::Squatted { owner: 4242, .. }), "{err}");
+    // And a reader does not trust it either, unless told to.
+    let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::UntrustedOwner { owner: 4242, .. }), "{err}");
+    let trusting = OpenOptions { trusted_uids: vec![4242] };
+    assert!(AttachedSegment::open(&name, &trusting).is_ok());
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn a_world_writable_segment_is_refused() {
+    let name = instance("worldw");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    std::fs::set_permissions(segment_path(&name), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::WorldWritable { mode: 0o666, .. }), "{err}");
+}
+
+#[test]
+fn bad_magic_is_refused() {
+    let name = instance("magic");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    patch(&name, 0, b"NOTRING!");
+    let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::BadMagic { .. }), "{err}");
+}
+
+#[test]
+fn another_major_version_is_refused_naming_both_versions() {
+    let name = instance("major");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    patch(&name, ABI_VERSION_OFFSET as u64, &pack_version(2, 3).to_le_bytes());
+    let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::AbiMismatch { found_major: 2, found_minor: 3, .. }));
+    assert!(err.to_string().contains("2.3") && err.to_string().contains("1.0"), "{err}");
+}
+
+#[test]
+fn a_newer_minor_version_is_accepted() {
+    let name = instance("minor");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    patch(&name, ABI_VERSION_OFFSET as u64, &pack_version(1, 7).to_le_bytes());
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert_eq!(attached.info().abi, (1, 7));
+}
+
+#[test]
+fn sizes_beyond_the_file_are_refused_before_the_ring_is_touched() {
+    let name = instance("sizes");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    // Capacity 16 -> 1 << 20: the ring would extend far past the file.
+    patch(&name, 44, &(1u32 << 20).to_le_bytes());
+    patch(&name, 16, &(crate::layout::segment_size(1 << 20) as u64).to_le_bytes());
+    let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::BadLayout { .. }), "{err}");
+    assert!(err.to_string().contains("the file has"), "{err}");
+}
+
+#[test]
+fn forged_header_fields_are_refused_with_the_reason() {
+    let cases: &[(&str, u64, &[u8], &str)] = &[
+        ("cap", 44, &3u32.to_le_bytes(), "power of two"),
+        ("slot", 40, &128u32.to_le_bytes(), "slot size"),
+        ("hsize", 12, &2048u32.to_le_bytes(), "header size"),
+        ("off", 24, &0u32.to_le_bytes(), "offsets"),
+        ("models", 52, &9u32.to_le_bytes(), "model count"),
+        ("nomodel", 52, &0u32.to_le_bytes(), "model count"),
+        ("segsz", 16, &1u64.to_le_bytes(), "segment size"),
+        ("utf8", 96, &[0xff, 0xfe], "UTF-8"),
+        ("inst", 96, b"zz", "instance"),
+    ];
+    for (tag, offset, bytes, reason) in cases {
+        let name = instance(&format!("forged-{tag}"));
+        let _engine = EngineSegment::create(&options(&name)).unwrap();
+        patch(&name, *offset, bytes);
+        let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+        assert!(
+            matches!(err, OpenError::BadLayout { .. }) && err.to_string().contains(reason),
+            "{tag}: {err}"
+        );
+    }
+}
+
+#[test]
+fn an_uninitialised_segment_is_waited_for_then_refused() {
+    let name = instance("uninit");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    patch(&name, ABI_VERSION_OFFSET as u64, &0u32.to_le_bytes());
+    let err = AttachedSegment::open_waiting(&name, &OpenOptions::default(), Duration::from_millis(50))
+        .unwrap_err();
+    assert!(matches!(err, OpenError::NotInitialized(_)), "{err}");
+}
+
+#[test]
+fn a_segment_truncated_while_mapped_stops_the_reader_cleanly() {
+    let name = instance("trunc");
+    let engine = EngineSegment::create(&options(&name)).unwrap();
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    let _ = engine.ring().producer().push(&sample_record(0));
+    let mut consumer = attached.ring().consumer(StartAt::Oldest);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment_path(&name))
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let err = consumer.poll(10, |_, _| panic!("must not read")).unwrap_err();
+    assert!(matches!(err, PollError::Truncated { actual: 100, .. }), "{err}");
+}
+
+#[test]
+fn missing_segments_and_bad_names_are_clear_errors() {
+    let err = AttachedSegment::open(&instance("absent"), &OpenOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::NotFound(_)), "{err}");
+    for bad in ["", ".hidden", "a/b", "sp ace", &"x".repeat(64)] {
+        assert!(validate_instance(bad).is_err(), "{bad:?}");
+        assert!(matches!(
+            AttachedSegment::open(bad, &OpenOptions::default()),
+            Err(OpenError::Name(_))
+        ));
+    }
+    assert!(validate_instance("engine-8000.gemma_3").is_ok());
+}
+
+#[test]
+fn unsafe_creation_options_are_refused() {
+    let name = instance("opts");
+    let mut o = options(&name);
+    o.capacity = 1000;
+    assert!(matches!(EngineSegment::create(&o), Err(CreateError::Capacity(_))));
+    let mut o = options(&name);
+    o.mode = 0o662;
+    assert!(matches!(EngineSegment::create(&o), Err(CreateError::UnsafeMode(0o662))));
+    let mut o = options(&name);
+    o.models = vec![];
+    assert!(matches!(EngineSegment::create(&o), Err(CreateError::Models(_))));
+    let mut o = options(&name);
+    o.models = vec!["m".repeat(64)];
+    assert!(matches!(EngineSegment::create(&o), Err(CreateError::Models(_))));
+    assert!(!std::path::Path::new(&segment_path(&name)).exists(), "nothing left behind");
+}
+
+#[test]
+fn initial_control_settings_are_published_with_the_header() {
+    let name = instance("ctl");
+    let mut o = options(&name);
+    o.control.tracing_enabled = false;
+    o.control.overflow_mode = OverflowMode::Discard;
+    let _engine = EngineSegment::create(&o).unwrap();
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    let control = attached.ring().control();
+    assert!(!control.tracing_enabled());
+    assert_eq!(control.overflow_mode(), Ok(OverflowMode::Discard));
+    assert_eq!(control.head_sample_ppm(), 1_000_000);
+}
+
+#[test]
+fn process_start_time_is_read_from_proc() {
+    assert!(process_start_time(std::process::id()).is_some());
+    assert_eq!(process_start_time(0x3fff_fff0), None);
+}
