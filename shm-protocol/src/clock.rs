@@ -36,16 +36,21 @@ impl ClockPair {
     pub fn now() -> Self {
         let realtime_ns = realtime_ns();
         let monotonic_ns = monotonic_ns();
-        Self { realtime_ns, monotonic_ns }
+        Self {
+            realtime_ns,
+            monotonic_ns,
+        }
     }
 
     /// Wall-clock nanoseconds since the Unix epoch of a monotonic stamp;
     /// saturates instead of overflowing on forged stamps.
     pub fn to_unix_ns(&self, monotonic_stamp_ns: u64) -> u64 {
         if monotonic_stamp_ns >= self.monotonic_ns {
-            self.realtime_ns.saturating_add(monotonic_stamp_ns - self.monotonic_ns)
+            self.realtime_ns
+                .saturating_add(monotonic_stamp_ns - self.monotonic_ns)
         } else {
-            self.realtime_ns.saturating_sub(self.monotonic_ns - monotonic_stamp_ns)
+            self.realtime_ns
+                .saturating_sub(self.monotonic_ns - monotonic_stamp_ns)
         }
     }
 }
@@ -56,11 +61,17 @@ mod tests {
 
     #[test]
     fn stamps_convert_both_ways_and_saturate() {
-        let pair = ClockPair { realtime_ns: 1_000_000, monotonic_ns: 500 };
+        let pair = ClockPair {
+            realtime_ns: 1_000_000,
+            monotonic_ns: 500,
+        };
         assert_eq!(pair.to_unix_ns(600), 1_000_100);
         assert_eq!(pair.to_unix_ns(400), 999_900);
         assert_eq!(pair.to_unix_ns(u64::MAX), u64::MAX);
-        let early = ClockPair { realtime_ns: 5, monotonic_ns: 1_000 };
+        let early = ClockPair {
+            realtime_ns: 5,
+            monotonic_ns: 1_000,
+        };
         assert_eq!(early.to_unix_ns(0), 0);
     }
 

@@ -359,9 +359,21 @@ macro_rules! u8_enum_try_from {
         }
     };
 }
-u8_enum_try_from!(RecordKind { RequestFinished, RequestRejected });
-u8_enum_try_from!(Operation { Chat, TextCompletion });
-u8_enum_try_from!(FinishReason { None, Stop, Length, Abort, Error });
+u8_enum_try_from!(RecordKind {
+    RequestFinished,
+    RequestRejected
+});
+u8_enum_try_from!(Operation {
+    Chat,
+    TextCompletion
+});
+u8_enum_try_from!(FinishReason {
+    None,
+    Stop,
+    Length,
+    Abort,
+    Error
+});
 u8_enum_try_from!(ErrorType {
     None,
     InvalidRequest,
@@ -664,6 +676,9 @@ impl Counters {
 #[cfg(loom)]
 impl Slot {
     pub(crate) fn new_for_loom() -> Self {
-        Self { commit: AtomicU64::new(0), payload: std::array::from_fn(|_| AtomicU64::new(0)) }
+        Self {
+            commit: AtomicU64::new(0),
+            payload: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
     }
 }

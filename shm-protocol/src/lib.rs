@@ -42,9 +42,10 @@
 //!
 //! Producer (wait-free; [`Producer::push`]):
 //! 1. **Ticket.** Overwrite mode: `t = head.fetch_add(1, Relaxed)`. Discard
-//!    mode: up to [`DISCARD_CLAIM_ATTEMPTS`] tries of "if `head - read_cursor
-//!    >= capacity` drop as full, else `compare_exchange(head, head+1)`"; then
-//!    drop as contended. Either way a bounded number of steps.
+//!    mode: up to [`DISCARD_CLAIM_ATTEMPTS`] tries of "if
+//!    `head - read_cursor >= capacity` drop as full, else
+//!    `compare_exchange(head, head+1)`"; then drop as contended. Either way a
+//!    bounded number of steps.
 //! 2. **Claim.** Load the slot's commit word `w`. The slot is free for `t` when
 //!    `w` is not a claim and refers to an earlier ticket (or is 0). Then
 //!    `compare_exchange(w, claimed(t), Acquire, Relaxed)`; if the slot is not
@@ -141,17 +142,20 @@ mod sync;
 #[cfg(not(loom))]
 pub use clock::{ClockPair, monotonic_ns, realtime_ns};
 pub use layout::{
-    ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, CONTROL_SIZE, COUNTERS_SIZE, COUNTERS_OFFSET, ControlBlock, Detail, ErrorType,
-    FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason, HEADER_SIZE, Header, MAGIC, MAX_CAPACITY,
-    MAX_MODELS, MIN_CAPACITY, NAME_LEN, Operation, OverflowMode, RECORD_SIZE, RING_OFFSET, Record,
-    RecordKind, SLOT_SIZE, pack_version, params, segment_size,
+    ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, CONTROL_SIZE, COUNTERS_OFFSET,
+    COUNTERS_SIZE, ControlBlock, Detail, ErrorType, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason,
+    HEADER_SIZE, Header, MAGIC, MAX_CAPACITY, MAX_MODELS, MIN_CAPACITY, NAME_LEN, Operation,
+    OverflowMode, RECORD_SIZE, RING_OFFSET, Record, RecordKind, SLOT_SIZE, pack_version, params,
+    segment_size,
 };
 pub use record::{RecordError, RequestRecord, Sampling, Timestamps};
 pub use region::{CapacityError, ControlDefaults};
 pub use ring::{
-    ConsumerTotals, CounterSnapshot, Consumer, DEFAULT_ABANDON_AFTER_NS, DISCARD_CLAIM_ATTEMPTS,
+    Consumer, ConsumerTotals, CounterSnapshot, DEFAULT_ABANDON_AFTER_NS, DISCARD_CLAIM_ATTEMPTS,
     PollError, PollReport, Producer, PushOutcome, Ring, StartAt, TailSampling,
 };
+#[cfg(all(feature = "fuzzing", not(loom)))]
+pub use segment::fuzzing;
 #[cfg(not(loom))]
 pub use segment::{
     AttachedSegment, CreateError, CreateOptions, DEFAULT_MODE, EngineIdentity, EngineSegment,

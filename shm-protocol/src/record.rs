@@ -177,16 +177,23 @@ impl Record {
             return Err(RecordError::Sampling("presence_penalty"));
         }
         if self.cached_prompt_tokens > self.prompt_tokens {
-            return Err(RecordError::Tokens("more cached prompt tokens than prompt tokens"));
+            return Err(RecordError::Tokens(
+                "more cached prompt tokens than prompt tokens",
+            ));
         }
         if self.completion_tokens > 0 && timestamps.first_token_ns.is_none() {
-            return Err(RecordError::Tokens("completion tokens without a first-token stamp"));
+            return Err(RecordError::Tokens(
+                "completion tokens without a first-token stamp",
+            ));
         }
         if !(100..=599).contains(&self.http_status) {
             return Err(RecordError::HttpStatus(self.http_status));
         }
         if self.model_index >= model_count {
-            return Err(RecordError::ModelIndex { index: self.model_index, count: model_count });
+            return Err(RecordError::ModelIndex {
+                index: self.model_index,
+                count: model_count,
+            });
         }
         Ok(RequestRecord {
             kind,
@@ -242,10 +249,14 @@ impl Record {
             }
         }
         if t.first_token_ns.is_some() && t.scheduled_ns.is_none() {
-            return Err(RecordError::Timestamps("first token without being scheduled"));
+            return Err(RecordError::Timestamps(
+                "first token without being scheduled",
+            ));
         }
         if t.first_token_ns.is_some() != t.last_token_ns.is_some() {
-            return Err(RecordError::Timestamps("first and last token stamps must come together"));
+            return Err(RecordError::Timestamps(
+                "first and last token stamps must come together",
+            ));
         }
         Ok(t)
     }
@@ -364,23 +375,56 @@ pub(crate) mod tests {
             (|r| r.error_type = 200, RecordError::ErrorType(200)),
             (|r| r.trace_id = [0; 16], RecordError::ZeroId("trace_id")),
             (|r| r.span_id = [0; 8], RecordError::ZeroId("span_id")),
-            (|r| r.parent_span_id = [0; 8], RecordError::ZeroId("parent_span_id")),
-            (|r| r.t_arrival_ns = 0, RecordError::Timestamps("no arrival stamp")),
-            (|r| r.t_finished_ns = 10, RecordError::Timestamps("finished before arrival")),
-            (|r| r.t_scheduled_ns = 10, RecordError::Timestamps("scheduled")),
-            (|r| r.t_first_token_ns = 1_500, RecordError::Timestamps("first_token")),
-            (|r| r.t_last_token_ns = 9_999, RecordError::Timestamps("last_token")),
-            (|r| r.temperature = f32::NAN, RecordError::Sampling("temperature")),
-            (|r| r.temperature = -1.0, RecordError::Sampling("temperature")),
+            (
+                |r| r.parent_span_id = [0; 8],
+                RecordError::ZeroId("parent_span_id"),
+            ),
+            (
+                |r| r.t_arrival_ns = 0,
+                RecordError::Timestamps("no arrival stamp"),
+            ),
+            (
+                |r| r.t_finished_ns = 10,
+                RecordError::Timestamps("finished before arrival"),
+            ),
+            (
+                |r| r.t_scheduled_ns = 10,
+                RecordError::Timestamps("scheduled"),
+            ),
+            (
+                |r| r.t_first_token_ns = 1_500,
+                RecordError::Timestamps("first_token"),
+            ),
+            (
+                |r| r.t_last_token_ns = 9_999,
+                RecordError::Timestamps("last_token"),
+            ),
+            (
+                |r| r.temperature = f32::NAN,
+                RecordError::Sampling("temperature"),
+            ),
+            (
+                |r| r.temperature = -1.0,
+                RecordError::Sampling("temperature"),
+            ),
             (|r| r.top_p = f32::INFINITY, RecordError::Sampling("top_p")),
-            (|r| r.frequency_penalty = f32::NAN, RecordError::Sampling("frequency_penalty")),
-            (|r| r.presence_penalty = f32::NEG_INFINITY, RecordError::Sampling("presence_penalty")),
+            (
+                |r| r.frequency_penalty = f32::NAN,
+                RecordError::Sampling("frequency_penalty"),
+            ),
+            (
+                |r| r.presence_penalty = f32::NEG_INFINITY,
+                RecordError::Sampling("presence_penalty"),
+            ),
             (
                 |r| r.cached_prompt_tokens = 13,
                 RecordError::Tokens("more cached prompt tokens than prompt tokens"),
             ),
             (|r| r.http_status = 42, RecordError::HttpStatus(42)),
-            (|r| r.model_index = 1, RecordError::ModelIndex { index: 1, count: 1 }),
+            (
+                |r| r.model_index = 1,
+                RecordError::ModelIndex { index: 1, count: 1 },
+            ),
             (
                 |r| {
                     r.t_first_token_ns = 0;

@@ -19,7 +19,11 @@ pub struct ControlDefaults {
 
 impl Default for ControlDefaults {
     fn default() -> Self {
-        Self { tracing_enabled: true, overflow_mode: OverflowMode::Overwrite, detail: Detail::Phases }
+        Self {
+            tracing_enabled: true,
+            overflow_mode: OverflowMode::Overwrite,
+            detail: Detail::Phases,
+        }
     }
 }
 
@@ -121,9 +125,38 @@ mod raw {
             // SAFETY: `base` is 4096-aligned, `segment_size(capacity)` bytes,
             // owned by the HeapRegion that the Ring keeps alive.
             let view = unsafe { view_at(base, capacity) };
-            let ring = Ring { view, backing: Arc::new(HeapRegion { base, layout }) };
+            let ring = Ring {
+                view,
+                backing: Arc::new(HeapRegion { base, layout }),
+            };
             apply_defaults(&ring, defaults);
             Ok(ring)
+        }
+
+        /// A heap ring holding a copy of `bytes` (a whole segment image,
+        /// header included), control block and counters as found: for
+        /// fuzzing the reader with forged memory.
+        #[cfg(feature = "fuzzing")]
+        pub(crate) fn on_heap_from_bytes(
+            capacity: u32,
+            bytes: &[u8],
+        ) -> Result<Ring, CapacityError> {
+            check_capacity(capacity)?;
+            let size = segment_size(capacity);
+            let layout = Layout::from_size_align(size, 4096)
+                .map_err(|_| CapacityError::Invalid(capacity))?;
+            // SAFETY: the layout has a non-zero size.
+            let base = NonNull::new(unsafe { alloc_zeroed(layout) })
+                .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+            let n = bytes.len().min(size);
+            // SAFETY: `base` owns `size >= n` fresh bytes that cannot overlap `bytes`.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.as_ptr(), n) };
+            // SAFETY: as in `on_heap`.
+            let view = unsafe { view_at(base, capacity) };
+            Ok(Ring {
+                view,
+                backing: Arc::new(HeapRegion { base, layout }),
+            })
         }
     }
 }
@@ -165,7 +198,10 @@ mod model {
                 slots: NonNull::from(&region.slots[0]),
                 capacity: u64::from(capacity),
             };
-            let ring = Ring { view, backing: Arc::new(region) };
+            let ring = Ring {
+                view,
+                backing: Arc::new(region),
+            };
             apply_defaults(&ring, defaults);
             Ok(ring)
         }

@@ -100,7 +100,9 @@ unsafe impl Sync for Ring {}
 
 impl fmt::Debug for Ring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Ring").field("capacity", &self.view.capacity).finish_non_exhaustive()
+        f.debug_struct("Ring")
+            .field("capacity", &self.view.capacity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -135,7 +137,10 @@ impl Ring {
 
     /// A producer; clone it freely, one per thread or shared.
     pub fn producer(&self) -> Producer {
-        Producer { view: self.view, _backing: Arc::clone(&self.backing) }
+        Producer {
+            view: self.view,
+            _backing: Arc::clone(&self.backing),
+        }
     }
 
     /// The consumer. The protocol has one consumer per ring: the caller (the
@@ -158,7 +163,10 @@ impl Ring {
             cursor,
             stall: None,
             abandon_after_ns: DEFAULT_ABANDON_AFTER_NS,
-            totals: ConsumerTotals { cursor_clamped: clamped, ..ConsumerTotals::default() },
+            totals: ConsumerTotals {
+                cursor_clamped: clamped,
+                ..ConsumerTotals::default()
+            },
         }
     }
 
@@ -182,7 +190,10 @@ impl Ring {
     /// Stamps the engine heartbeat. Call it off the hot path (a timer, about
     /// once a second).
     pub fn beat_engine_heartbeat(&self, monotonic_ns: u64) {
-        self.view.counters().engine_heartbeat_ns.store(monotonic_ns, Ordering::Relaxed);
+        self.view
+            .counters()
+            .engine_heartbeat_ns
+            .store(monotonic_ns, Ordering::Relaxed);
     }
 }
 
@@ -228,7 +239,9 @@ unsafe impl Sync for Producer {}
 
 impl fmt::Debug for Producer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Producer").field("capacity", &self.view.capacity).finish_non_exhaustive()
+        f.debug_struct("Producer")
+            .field("capacity", &self.view.capacity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -286,7 +299,12 @@ impl Producer {
             }
             if counters
                 .head
-                .compare_exchange(head, head.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    head,
+                    head.wrapping_add(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
             {
                 return Ok(head);
@@ -311,7 +329,10 @@ impl Producer {
                 .compare_exchange(word, claimed(ticket), Ordering::Acquire, Ordering::Relaxed)
                 .is_err()
         {
-            self.view.counters().dropped_busy.fetch_add(1, Ordering::Relaxed);
+            self.view
+                .counters()
+                .dropped_busy
+                .fetch_add(1, Ordering::Relaxed);
             return None;
         }
         // Orders the claim before every payload store: a reader whose copy
@@ -453,7 +474,11 @@ impl Consumer {
 
     /// Records written but not yet consumed.
     pub fn backlog(&self) -> u64 {
-        self.view.counters().head.load(Ordering::Relaxed).saturating_sub(self.cursor)
+        self.view
+            .counters()
+            .head
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.cursor)
     }
 
     /// Publishes `ticket` as the resume point in the control block: a restarted
@@ -463,7 +488,10 @@ impl Consumer {
         let ticket = ticket.min(self.cursor);
         // Release: our copies out of slots below `ticket` happen before a
         // discard-mode producer's writes into them (it loads with Acquire).
-        self.view.control().read_cursor.store(ticket, Ordering::Release);
+        self.view
+            .control()
+            .read_cursor
+            .store(ticket, Ordering::Release);
     }
 
     /// Polls with the system's monotonic clock.
@@ -486,7 +514,9 @@ impl Consumer {
         mut sink: impl FnMut(u64, &crate::layout::Record),
     ) -> Result<PollReport, PollError> {
         self.backing.verify()?;
-        Ok(self.poll_words(now_ns, max, |ticket, words| sink(ticket, bytemuck::cast_ref(words))))
+        Ok(self.poll_words(now_ns, max, |ticket, words| {
+            sink(ticket, bytemuck::cast_ref(words))
+        }))
     }
 
     /// The protocol's read side, on raw payload words.
@@ -529,11 +559,21 @@ impl Consumer {
                 }
                 continue;
             }
-            let lapped = head.wrapping_sub(ticket) > capacity;
-            if lapped || (before != 0 && ticket_of(before) > ticket) {
+            let later_lap = if before != 0 && ticket_of(before) > ticket {
+                // The slot belongs to a later ticket, perhaps issued after
+                // `head` was loaded: the head is at least one past it. A
+                // forged word cannot push the cursor past the real head.
+                let head_now = self.view.counters().head.load(Ordering::Acquire);
+                Some(ticket_of(before).saturating_add(1).min(head_now))
+            } else if head.wrapping_sub(ticket) > capacity {
+                Some(head)
+            } else {
+                None
+            };
+            if let Some(newest) = later_lap {
                 // The slot was handed to a later lap: everything older than
                 // the oldest ticket that can still be in the ring is gone.
-                let next = head.wrapping_sub(capacity).max(ticket.wrapping_add(1));
+                let next = newest.saturating_sub(capacity).max(ticket.wrapping_add(1));
                 report.lost_overwritten += next.wrapping_sub(ticket);
                 self.cursor = next;
                 self.stall = None;
@@ -551,7 +591,12 @@ impl Consumer {
                         continue;
                     }
                 }
-                _ => self.stall = Some(Stall { ticket, since_ns: now_ns }),
+                _ => {
+                    self.stall = Some(Stall {
+                        ticket,
+                        since_ns: now_ns,
+                    })
+                }
             }
             report.stalled = true;
             break;
@@ -598,7 +643,8 @@ impl ControlBlock {
     }
     /// Sets the head sampling ratio (parts per million, clamped).
     pub fn set_head_sample_ppm(&self, ppm: u32) {
-        self.head_sample_ppm.store(ppm.min(1_000_000), Ordering::Relaxed);
+        self.head_sample_ppm
+            .store(ppm.min(1_000_000), Ordering::Relaxed);
         self.bump_epoch();
     }
     /// Tail sampling settings.
@@ -612,10 +658,14 @@ impl ControlBlock {
     }
     /// Sets tail sampling settings.
     pub fn set_tail_sampling(&self, tail: TailSampling) {
-        self.tail_keep_errors.store(u32::from(tail.keep_errors), Ordering::Relaxed);
-        self.tail_sample_ppm.store(tail.sample_ppm.min(1_000_000), Ordering::Relaxed);
-        self.tail_ttft_us.store(tail.ttft_threshold_us, Ordering::Relaxed);
-        self.tail_e2e_us.store(tail.e2e_threshold_us, Ordering::Relaxed);
+        self.tail_keep_errors
+            .store(u32::from(tail.keep_errors), Ordering::Relaxed);
+        self.tail_sample_ppm
+            .store(tail.sample_ppm.min(1_000_000), Ordering::Relaxed);
+        self.tail_ttft_us
+            .store(tail.ttft_threshold_us, Ordering::Relaxed);
+        self.tail_e2e_us
+            .store(tail.e2e_threshold_us, Ordering::Relaxed);
         self.bump_epoch();
     }
     /// Incremented on every settings change.
@@ -628,12 +678,16 @@ impl ControlBlock {
     }
     /// The attached agent's pid and last heartbeat (`CLOCK_MONOTONIC` ns).
     pub fn agent(&self) -> (u32, u64) {
-        (self.agent_pid.load(Ordering::Relaxed), self.agent_heartbeat_ns.load(Ordering::Relaxed))
+        (
+            self.agent_pid.load(Ordering::Relaxed),
+            self.agent_heartbeat_ns.load(Ordering::Relaxed),
+        )
     }
     /// Records the agent's pid and heartbeat.
     pub fn set_agent(&self, pid: u32, heartbeat_ns: u64) {
         self.agent_pid.store(pid, Ordering::Relaxed);
-        self.agent_heartbeat_ns.store(heartbeat_ns, Ordering::Relaxed);
+        self.agent_heartbeat_ns
+            .store(heartbeat_ns, Ordering::Relaxed);
     }
     fn bump_epoch(&self) {
         self.settings_epoch.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,8 @@
 //! Ring behaviour on heap memory: single-threaded cases, a model-based
 //! property test, and a multi-threaded stress test that miri also runs.
 
+#![allow(clippy::unwrap_used)] // test-only module: a failed unwrap is a failed test
+
 use crate::layout::{OverflowMode, PAYLOAD_WORDS, Record};
 use crate::record::tests::sample_record;
 use crate::region::ControlDefaults;
@@ -9,13 +11,21 @@ use crate::sync::Ordering;
 use proptest::prelude::*;
 
 fn ring(capacity: u32, mode: OverflowMode) -> Ring {
-    Ring::on_heap(capacity, ControlDefaults { overflow_mode: mode, ..ControlDefaults::default() })
-        .unwrap()
+    Ring::on_heap(
+        capacity,
+        ControlDefaults {
+            overflow_mode: mode,
+            ..ControlDefaults::default()
+        },
+    )
+    .unwrap()
 }
 
 fn drain(consumer: &mut Consumer, now: u64) -> Vec<(u64, Record)> {
     let mut out = Vec::new();
-    consumer.poll_at(now, usize::MAX, |t, r| out.push((t, *r))).unwrap();
+    consumer
+        .poll_at(now, usize::MAX, |t, r| out.push((t, *r)))
+        .unwrap();
     out
 }
 
@@ -44,7 +54,10 @@ fn pushed_records_come_back_in_order_and_intact() {
     let producer = ring.producer();
     let mut consumer = ring.consumer(StartAt::Newest);
     for seq in 0..5 {
-        assert_eq!(producer.push(&sample_record(seq)), PushOutcome::Written(seq));
+        assert_eq!(
+            producer.push(&sample_record(seq)),
+            PushOutcome::Written(seq)
+        );
     }
     let got = drain(&mut consumer, 0);
     assert_eq!(got.len(), 5);
@@ -78,7 +91,10 @@ fn discard_mode_drops_the_newest_and_counts_it() {
     let producer = ring.producer();
     let mut consumer = ring.consumer(StartAt::Newest);
     let outcomes: Vec<_> = (0..6).map(|s| producer.push(&sample_record(s))).collect();
-    assert_eq!(&outcomes[4..], &[PushOutcome::DroppedFull, PushOutcome::DroppedFull]);
+    assert_eq!(
+        &outcomes[4..],
+        &[PushOutcome::DroppedFull, PushOutcome::DroppedFull]
+    );
     assert_eq!(ring.counters().dropped_full, 2);
     // Reading alone frees nothing: only a committed cursor does.
     assert_eq!(drain(&mut consumer, 0).len(), 4);
@@ -99,7 +115,10 @@ fn a_producer_that_died_after_taking_a_ticket_is_skipped_after_the_timeout() {
     let _ = producer.push(&sample_record(0));
     // Ticket 1 is taken and its slot claimed, but never committed.
     let dead = ring.view.counters().head.fetch_add(1, Ordering::Relaxed);
-    ring.view.slot(dead).commit.store(claimed(dead), Ordering::Release);
+    ring.view
+        .slot(dead)
+        .commit
+        .store(claimed(dead), Ordering::Release);
     let _ = producer.push(&sample_record(2));
 
     let first = drain(&mut consumer, 10_000);
@@ -130,7 +149,10 @@ fn a_busy_slot_makes_the_producer_drop_instead_of_tearing_it() {
     let producer = ring.producer();
     // Ticket 0 is claimed by a stalled producer; ticket 2 maps to the same slot.
     let stalled = ring.view.counters().head.fetch_add(1, Ordering::Relaxed);
-    ring.view.slot(stalled).commit.store(claimed(stalled), Ordering::Release);
+    ring.view
+        .slot(stalled)
+        .commit
+        .store(claimed(stalled), Ordering::Release);
     assert_eq!(producer.push(&sample_record(1)), PushOutcome::Written(1));
     assert_eq!(producer.push(&sample_record(2)), PushOutcome::DroppedBusy);
     assert_eq!(ring.counters().dropped_busy, 1);
@@ -195,15 +217,22 @@ fn forged_counters_and_commit_words_never_panic() {
     let mut consumer = ring.consumer(StartAt::Newest);
     ring.view.counters().head.store(u64::MAX, Ordering::Relaxed);
     for i in 0..4 {
-        ring.view.slot(i).commit.store(u64::MAX - i, Ordering::Relaxed);
+        ring.view
+            .slot(i)
+            .commit
+            .store(u64::MAX - i, Ordering::Relaxed);
     }
     for now in [0, 1, u64::MAX] {
         let _ = consumer.poll_at(now, 16, |_, _| {});
     }
-    ring.control().read_cursor.store(u64::MAX, Ordering::Relaxed);
+    ring.control()
+        .read_cursor
+        .store(u64::MAX, Ordering::Relaxed);
     ring.control().overflow_mode.store(77, Ordering::Relaxed);
     let _ = ring.producer().push(&sample_record(1));
-    ring.control().overflow_mode.store(OverflowMode::Discard as u32, Ordering::Relaxed);
+    ring.control()
+        .overflow_mode
+        .store(OverflowMode::Discard as u32, Ordering::Relaxed);
     let _ = ring.producer().push(&sample_record(2));
 }
 
@@ -224,7 +253,11 @@ fn the_tracing_word_is_what_the_producer_sees() {
 /// is whole, none is delivered twice, and the accounting is exact.
 #[test]
 fn concurrent_producers_never_deliver_a_torn_record_and_account_for_everything() {
-    let (threads, per_thread, capacity) = if cfg!(miri) { (2, 24, 4) } else { (4, 20_000, 64) };
+    let (threads, per_thread, capacity) = if cfg!(miri) {
+        (2, 24, 4)
+    } else {
+        (4, 20_000, 64)
+    };
     for mode in [OverflowMode::Overwrite, OverflowMode::Discard] {
         let ring = ring(capacity, mode);
         let mut consumer = ring.consumer(StartAt::Newest);
@@ -273,7 +306,11 @@ fn concurrent_producers_never_deliver_a_torn_record_and_account_for_everything()
         let counters = ring.counters();
         let totals = consumer.totals();
         let attempts = threads * per_thread;
-        assert_eq!(attempts, counters.dropped_before_ticket() + counters.head, "{mode:?}");
+        assert_eq!(
+            attempts,
+            counters.dropped_before_ticket() + counters.head,
+            "{mode:?}"
+        );
         assert_eq!(counters.head, totals.consumed(), "{mode:?}");
         assert_eq!(totals.delivered, seen.len() as u64);
         assert_eq!(written + counters.dropped_busy, counters.head);
@@ -372,4 +409,21 @@ proptest! {
             );
         }
     }
+}
+
+/// Regression (found by loom): a slot already claimed by a later lap while the
+/// head the poll loaded was still below the capacity sent the cursor to
+/// `u64::MAX` and counted 2^64 - 1 records lost.
+#[test]
+fn a_later_lap_seen_before_the_head_moved_does_not_wrap_the_cursor() {
+    let ring = ring(2, OverflowMode::Overwrite);
+    let mut consumer = ring.consumer(StartAt::Newest);
+    ring.view.counters().head.store(1, Ordering::Relaxed);
+    ring.view
+        .slot(0)
+        .commit
+        .store(crate::ring::committed(2), Ordering::Release);
+    let _ = consumer.poll_at(0, usize::MAX, |_, _| {});
+    assert_eq!(consumer.cursor(), 1);
+    assert_eq!(consumer.totals().lost_overwritten, 1);
 }

@@ -47,7 +47,12 @@ pub struct NameError {
 /// Checks an instance name: 1 to 63 bytes of `[A-Za-z0-9_.-]`, not starting
 /// with a dot. It becomes part of a file name in `/dev/shm`.
 pub fn validate_instance(name: &str) -> Result<(), NameError> {
-    let err = |reason| Err(NameError { name: name.to_owned(), reason });
+    let err = |reason| {
+        Err(NameError {
+            name: name.to_owned(),
+            reason,
+        })
+    };
     if name.is_empty() {
         return err("it is empty");
     }
@@ -57,7 +62,10 @@ pub fn validate_instance(name: &str) -> Result<(), NameError> {
     if name.starts_with('.') {
         return err("it starts with a dot");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
         return err("only letters, digits, '_', '.' and '-' are allowed");
     }
     Ok(())
@@ -124,7 +132,9 @@ pub enum CreateError {
     #[error("model table: {0}")]
     Models(&'static str),
     /// A live engine (same pid and start time, or a fresh heartbeat) holds the name.
-    #[error("instance {instance:?} is in use by a live engine (pid {pid}); pick another --instance")]
+    #[error(
+        "instance {instance:?} is in use by a live engine (pid {pid}); pick another --instance"
+    )]
     InUse {
         /// The instance.
         instance: String,
@@ -144,7 +154,9 @@ pub enum CreateError {
         me: u32,
     },
     /// /dev/shm has no room for the ring.
-    #[error("no room in /dev/shm for a {bytes}-byte segment (reduce --ring-capacity or free /dev/shm)")]
+    #[error(
+        "no room in /dev/shm for a {bytes}-byte segment (reduce --ring-capacity or free /dev/shm)"
+    )]
     NoSpace {
         /// Bytes needed.
         bytes: u64,
@@ -331,7 +343,11 @@ impl Backing for ShmBacking {
         let stat = rustix::fs::fstat(&self.file).map_err(|e| PollError::Stat(e.to_string()))?;
         let actual = u64::try_from(stat.st_size).unwrap_or(0);
         let mapped = self.map.len() as u64;
-        if actual < mapped { Err(PollError::Truncated { mapped, actual }) } else { Ok(()) }
+        if actual < mapped {
+            Err(PollError::Truncated { mapped, actual })
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -348,7 +364,9 @@ pub struct EngineSegment {
 
 impl std::fmt::Debug for EngineSegment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineSegment").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("EngineSegment")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -364,9 +382,15 @@ impl EngineSegment {
             return Err(CreateError::UnsafeMode(options.mode));
         }
         if options.models.is_empty() || options.models.len() > MAX_MODELS {
-            return Err(CreateError::Models("between 1 and 8 served model names are needed"));
+            return Err(CreateError::Models(
+                "between 1 and 8 served model names are needed",
+            ));
         }
-        if options.models.iter().any(|m| m.is_empty() || m.len() >= NAME_LEN) {
+        if options
+            .models
+            .iter()
+            .any(|m| m.is_empty() || m.len() >= NAME_LEN)
+        {
             return Err(CreateError::Models("each model name must be 1 to 63 bytes"));
         }
         let name = shm_name(&options.instance);
@@ -377,11 +401,24 @@ impl EngineSegment {
             Err(Errno::EXIST) => {
                 generation = take_over_stale(&options.instance, &name, &path)?.wrapping_add(1);
                 open_exclusive(&name, options.mode).map_err(|e| match e {
-                    Errno::EXIST => CreateError::InUse { instance: options.instance.clone(), pid: 0 },
-                    e => CreateError::Io { op: "shm_open", path: path.clone(), source: e.into() },
+                    Errno::EXIST => CreateError::InUse {
+                        instance: options.instance.clone(),
+                        pid: 0,
+                    },
+                    e => CreateError::Io {
+                        op: "shm_open",
+                        path: path.clone(),
+                        source: e.into(),
+                    },
                 })?
             }
-            Err(e) => return Err(CreateError::Io { op: "shm_open", path, source: e.into() }),
+            Err(e) => {
+                return Err(CreateError::Io {
+                    op: "shm_open",
+                    path,
+                    source: e.into(),
+                });
+            }
         };
         let file = File::from(fd);
         match Self::initialise(file, options, generation, &path) {
@@ -399,7 +436,11 @@ impl EngineSegment {
         generation: u64,
         path: &str,
     ) -> Result<Self, CreateError> {
-        let ioerr = |op, source: std::io::Error| CreateError::Io { op, path: path.to_owned(), source };
+        let ioerr = |op, source: std::io::Error| CreateError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        };
         // shm_open applied the umask: set the mode exactly.
         rustix::fs::fchmod(&file, Mode::from_raw_mode(options.mode))
             .map_err(|e| ioerr("fchmod", e.into()))?;
@@ -410,7 +451,9 @@ impl EngineSegment {
         let size = segment_size(options.capacity) as u64;
         rustix::fs::ftruncate(&file, size).map_err(|e| ioerr("ftruncate", e.into()))?;
         preallocate(&file, size).map_err(|e| match e.raw_os_error() {
-            Some(code) if code == Errno::NOSPC.raw_os_error() => CreateError::NoSpace { bytes: size },
+            Some(code) if code == Errno::NOSPC.raw_os_error() => {
+                CreateError::NoSpace { bytes: size }
+            }
             _ => ioerr("fallocate", e),
         })?;
         let map = MmapOptions::new()
@@ -456,7 +499,10 @@ impl EngineSegment {
         // SAFETY: the mapping is page-aligned and `segment_size(capacity)`
         // bytes long; the Ring keeps the mapping alive through its backing.
         let view = unsafe { view_at(base, options.capacity) };
-        let ring = Ring { view, backing: Arc::new(ShmBacking { map, file }) };
+        let ring = Ring {
+            view,
+            backing: Arc::new(ShmBacking { map, file }),
+        };
         apply_defaults(&ring, options.control);
         ring.beat_engine_heartbeat(monotonic_ns());
         // Publish: the version word last, with Release, so a reader that sees
@@ -473,7 +519,11 @@ impl EngineSegment {
             clock,
             models: options.models.clone(),
         };
-        Ok(Self { ring, info, unlink_on_drop: options.unlink_on_drop })
+        Ok(Self {
+            ring,
+            info,
+            unlink_on_drop: options.unlink_on_drop,
+        })
     }
 
     /// The ring, to make producers from.
@@ -530,20 +580,34 @@ fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
 /// An existing segment holds the name: refuse it if another user owns it or a
 /// live engine uses it; otherwise unlink it and return its generation.
 fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, CreateError> {
-    let ioerr = |op, source: Errno| CreateError::Io { op, path: path.to_owned(), source: source.into() };
-    let fd = shm::open(name, shm::OFlags::RDONLY, Mode::empty()).map_err(|e| ioerr("shm_open", e))?;
+    let ioerr = |op, source: Errno| CreateError::Io {
+        op,
+        path: path.to_owned(),
+        source: source.into(),
+    };
+    let fd =
+        shm::open(name, shm::OFlags::RDONLY, Mode::empty()).map_err(|e| ioerr("shm_open", e))?;
     let stat = rustix::fs::fstat(&fd).map_err(|e| ioerr("fstat", e))?;
     let me = rustix::process::geteuid().as_raw();
     if stat.st_uid != me {
-        return Err(CreateError::Squatted { path: path.to_owned(), owner: stat.st_uid, me });
+        return Err(CreateError::Squatted {
+            path: path.to_owned(),
+            owner: stat.st_uid,
+            me,
+        });
     }
     let size = usize::try_from(stat.st_size).unwrap_or(0);
     let mut generation = 0;
     if size >= segment_size(crate::layout::MIN_CAPACITY) {
         let file = File::from(fd);
-        let map = MmapOptions::new().len(size).map_raw_read_only(&file).map_err(|e| {
-            CreateError::Io { op: "mmap", path: path.to_owned(), source: e }
-        })?;
+        let map = MmapOptions::new()
+            .len(size)
+            .map_raw_read_only(&file)
+            .map_err(|e| CreateError::Io {
+                op: "mmap",
+                path: path.to_owned(),
+                source: e,
+            })?;
         let base = map_base(&map);
         // SAFETY: the mapping is at least one page (> HEADER_SIZE), page-aligned.
         let version = unsafe { load_abi_version(base.as_ptr()) };
@@ -564,7 +628,10 @@ fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, Create
                 created_realtime_ns: header.created_realtime_ns,
             };
             if liveness_of(&identity, heartbeat) == Liveness::Alive {
-                return Err(CreateError::InUse { instance: instance.to_owned(), pid: header.engine_pid });
+                return Err(CreateError::InUse {
+                    instance: instance.to_owned(),
+                    pid: header.engine_pid,
+                });
             }
             generation = header.generation;
         }
@@ -593,7 +660,9 @@ pub struct AttachedSegment {
 
 impl std::fmt::Debug for AttachedSegment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AttachedSegment").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("AttachedSegment")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -603,18 +672,30 @@ impl AttachedSegment {
         validate_instance(instance)?;
         let name = shm_name(instance);
         let path = segment_path(instance);
-        let fd = shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty()).map_err(|e| match e {
-            Errno::NOENT => OpenError::NotFound(path.clone()),
-            Errno::ACCESS | Errno::PERM => OpenError::PermissionDenied(path.clone()),
-            e => OpenError::Io { op: "shm_open", path: path.clone(), source: e.into() },
+        let fd =
+            shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty()).map_err(|e| match e {
+                Errno::NOENT => OpenError::NotFound(path.clone()),
+                Errno::ACCESS | Errno::PERM => OpenError::PermissionDenied(path.clone()),
+                e => OpenError::Io {
+                    op: "shm_open",
+                    path: path.clone(),
+                    source: e.into(),
+                },
+            })?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| OpenError::Io {
+            op: "fstat",
+            path: path.clone(),
+            source: e.into(),
         })?;
-        let stat = rustix::fs::fstat(&fd)
-            .map_err(|e| OpenError::Io { op: "fstat", path: path.clone(), source: e.into() })?;
         let me = rustix::process::geteuid().as_raw();
         if stat.st_uid != me && stat.st_uid != 0 && !options.trusted_uids.contains(&stat.st_uid) {
             let mut trusted = vec![me, 0];
             trusted.extend(&options.trusted_uids);
-            return Err(OpenError::UntrustedOwner { path, owner: stat.st_uid, trusted });
+            return Err(OpenError::UntrustedOwner {
+                path,
+                owner: stat.st_uid,
+                trusted,
+            });
         }
         let mode = stat.st_mode & 0o7777;
         if mode & 0o002 != 0 {
@@ -651,36 +732,35 @@ impl AttachedSegment {
         instance: &str,
         path: String,
     ) -> Result<Self, OpenError> {
-        let bad = |reason: String| OpenError::BadLayout { path: path.clone(), reason };
+        let bad = |reason: String| OpenError::BadLayout {
+            path: path.clone(),
+            reason,
+        };
         if file_size < RING_OFFSET as u64 {
             if file_size == 0 {
                 return Err(OpenError::NotInitialized(path));
             }
-            return Err(bad(format!("file is {file_size} bytes, smaller than the fixed regions")));
+            return Err(bad(format!(
+                "file is {file_size} bytes, smaller than the fixed regions"
+            )));
         }
         let map_len = usize::try_from(file_size).map_err(|_| bad("file too large".into()))?;
         let map = MmapOptions::new()
             .len(map_len)
             .map_raw(&file)
-            .map_err(|e| OpenError::Io { op: "mmap", path: path.clone(), source: e })?;
+            .map_err(|e| OpenError::Io {
+                op: "mmap",
+                path: path.clone(),
+                source: e,
+            })?;
         let base = map_base(&map);
         // SAFETY: at least RING_OFFSET (> HEADER_SIZE) bytes are mapped, page-aligned.
         let version = unsafe { load_abi_version(base.as_ptr()) };
-        if version == 0 {
-            return Err(OpenError::NotInitialized(path));
-        }
         // SAFETY: as above; Header is Pod, so any bytes are a valid value, and
         // the volatile read takes one private copy that is validated below
         // and never re-read from shared memory.
         let header = unsafe { std::ptr::read_volatile(base.cast::<Header>().as_ptr()) };
-        if header.magic != MAGIC {
-            return Err(OpenError::BadMagic { path, found: header.magic });
-        }
-        let (major, minor) = ((version >> 16) as u16, (version & 0xffff) as u16);
-        if major != ABI_MAJOR {
-            return Err(OpenError::AbiMismatch { path, found_major: major, found_minor: minor });
-        }
-        let info = validate_header(&header, minor, file_size).map_err(bad)?;
+        let info = check_header(&header, version, file_size, &path)?;
         if info.instance != instance {
             return Err(bad(format!("header names instance {:?}", info.instance)));
         }
@@ -688,8 +768,16 @@ impl AttachedSegment {
         // `RING_OFFSET + capacity * SLOT_SIZE <= file_size`, all mapped; the
         // mapping is page-aligned and kept alive by the Ring's backing.
         let view = unsafe { view_at(base, info.capacity) };
-        let ring = Ring { view, backing: Arc::new(ShmBacking { map, file }) };
-        Ok(Self { ring, info, path, inode: 0 })
+        let ring = Ring {
+            view,
+            backing: Arc::new(ShmBacking { map, file }),
+        };
+        Ok(Self {
+            ring,
+            info,
+            path,
+            inode: 0,
+        })
     }
 
     /// The ring: the agent's one consumer and the control block.
@@ -709,7 +797,10 @@ impl AttachedSegment {
 
     /// Whether the engine is still running.
     pub fn liveness(&self) -> Liveness {
-        liveness_of(&self.info.identity, self.ring.counters().engine_heartbeat_ns)
+        liveness_of(
+            &self.info.identity,
+            self.ring.counters().engine_heartbeat_ns,
+        )
     }
 
     /// Whether the name now refers to another file than the one mapped (the
@@ -720,9 +811,43 @@ impl AttachedSegment {
     }
 }
 
+/// Validates a private copy of a header whose version word read `version`,
+/// against the real size of the file.
+pub(crate) fn check_header(
+    header: &Header,
+    version: u32,
+    file_size: u64,
+    path: &str,
+) -> Result<SegmentInfo, OpenError> {
+    if version == 0 {
+        return Err(OpenError::NotInitialized(path.to_owned()));
+    }
+    if header.magic != MAGIC {
+        return Err(OpenError::BadMagic {
+            path: path.to_owned(),
+            found: header.magic,
+        });
+    }
+    let (major, minor) = ((version >> 16) as u16, (version & 0xffff) as u16);
+    if major != ABI_MAJOR {
+        return Err(OpenError::AbiMismatch {
+            path: path.to_owned(),
+            found_major: major,
+            found_minor: minor,
+        });
+    }
+    validate_header(header, minor, file_size).map_err(|reason| OpenError::BadLayout {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
 fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<SegmentInfo, String> {
     if header.header_size as usize != HEADER_SIZE {
-        return Err(format!("header size {} (expected {HEADER_SIZE})", header.header_size));
+        return Err(format!(
+            "header size {} (expected {HEADER_SIZE})",
+            header.header_size
+        ));
     }
     if header.control_offset as usize != CONTROL_OFFSET
         || header.counters_offset as usize != COUNTERS_OFFSET
@@ -734,7 +859,10 @@ fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<Segmen
         ));
     }
     if header.slot_size as usize != SLOT_SIZE {
-        return Err(format!("slot size {} (expected {SLOT_SIZE})", header.slot_size));
+        return Err(format!(
+            "slot size {} (expected {SLOT_SIZE})",
+            header.slot_size
+        ));
     }
     check_capacity(header.ring_capacity).map_err(|e| e.to_string())?;
     let needed = segment_size(header.ring_capacity) as u64;
@@ -752,7 +880,9 @@ fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<Segmen
     }
     let model_count = header.model_count as usize;
     if model_count == 0 || model_count > MAX_MODELS {
-        return Err(format!("model count {model_count} (expected 1..={MAX_MODELS})"));
+        return Err(format!(
+            "model count {model_count} (expected 1..={MAX_MODELS})"
+        ));
     }
     let instance = decode_name(&header.instance).ok_or("instance name is not valid UTF-8")?;
     validate_instance(&instance).map_err(|e| e.to_string())?;
@@ -795,18 +925,67 @@ pub fn list_segments() -> Result<Vec<String>, ListError> {
 }
 
 fn list_segments_in(dir: &Path) -> Result<Vec<String>, ListError> {
-    let err = |source| ListError::Io { dir: dir.display().to_string(), source };
+    let err = |source| ListError::Io {
+        dir: dir.display().to_string(),
+        source,
+    };
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(err)? {
         let entry = entry.map_err(err)?;
         let file_name = entry.file_name();
-        let Some(name) = file_name.to_str() else { continue };
-        if let Some(instance) = name.strip_prefix(PREFIX) {
-            if validate_instance(instance).is_ok() {
-                names.push(instance.to_owned());
-            }
+        let Some(name) = file_name.to_str() else {
+            continue;
+        };
+        if let Some(instance) = name.strip_prefix(PREFIX)
+            && validate_instance(instance).is_ok()
+        {
+            names.push(instance.to_owned());
         }
     }
     names.sort();
     Ok(names)
+}
+
+/// Entry points for `cargo fuzz` (feature `fuzzing`): the reader's paths fed
+/// with arbitrary bytes instead of a mapped file.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use super::*;
+    use crate::layout::Record;
+
+    /// Treats `data` as a whole segment: validates the header as `open` does,
+    /// and if it passes, drains the ring (forged counters, cursor and commit
+    /// words included) and decodes every record delivered.
+    pub fn segment_bytes(data: &[u8]) {
+        if data.len() < RING_OFFSET {
+            return;
+        }
+        let header: Header = bytemuck::pod_read_unaligned(&data[..HEADER_SIZE]);
+        let Ok(info) = check_header(&header, header.abi_version, data.len() as u64, "fuzz") else {
+            return;
+        };
+        let Ok(ring) =
+            Ring::on_heap_from_bytes(info.capacity, &data[..segment_size(info.capacity)])
+        else {
+            return;
+        };
+        let start = crate::ring::StartAt::Ticket(ring.control().read_cursor());
+        let mut consumer = ring.consumer(start);
+        consumer.set_abandon_after_ns(0);
+        for now in [0, 1] {
+            let _ = consumer.poll_at(now, usize::MAX, |_, record| {
+                let _ = record.decode(info.model_count());
+            });
+        }
+        let _ = ring.producer().push(&bytemuck::Zeroable::zeroed());
+    }
+
+    /// Decodes `data` as one record.
+    pub fn record_bytes(data: &[u8]) {
+        if data.len() >= crate::layout::RECORD_SIZE {
+            let record: Record = bytemuck::pod_read_unaligned(&data[..crate::layout::RECORD_SIZE]);
+            let model_count = data.get(crate::layout::RECORD_SIZE).copied().unwrap_or(1);
+            let _ = record.decode(u16::from(model_count));
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! Segment creation and opening against real POSIX shared memory, including
 //! every refusal. Each test uses its own instance name.
 
+#![allow(clippy::unwrap_used)] // test-only module: a failed unwrap is a failed test
+
 use crate::layout::{ABI_VERSION_OFFSET, COUNTERS_OFFSET, OverflowMode, pack_version};
 use crate::record::tests::sample_record;
 use crate::ring::{PollError, StartAt};
@@ -19,7 +21,10 @@ fn options(instance: &str) -> CreateOptions {
 }
 
 fn patch(instance: &str, offset: u64, bytes: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(segment_path(instance)).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment_path(instance))
+        .unwrap();
     f.write_all_at(bytes, offset).unwrap();
 }
 
@@ -30,7 +35,10 @@ fn an_engine_segment_is_read_back_by_an_attached_reader() {
     let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
     let info = attached.info();
     assert_eq!(info, engine.info());
-    assert_eq!(info.models, vec!["gemma-3-270m".to_string(), "other".to_string()]);
+    assert_eq!(
+        info.models,
+        vec!["gemma-3-270m".to_string(), "other".to_string()]
+    );
     assert_eq!(info.capacity, 16);
     assert_eq!(info.identity.pid, std::process::id());
     assert_eq!(info.identity.generation, 1);
@@ -41,18 +49,30 @@ fn an_engine_segment_is_read_back_by_an_attached_reader() {
     let producer = engine.ring().producer();
     let _ = producer.push(&sample_record(1));
     let mut got = Vec::new();
-    consumer.poll(10, |_, r| got.push(r.decode(info.model_count()).unwrap())).unwrap();
+    consumer
+        .poll(10, |_, r| got.push(r.decode(info.model_count()).unwrap()))
+        .unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].prompt_tokens, 12);
 
     attached.ring().control().set_tracing_enabled(false);
-    assert!(!producer.tracing_enabled(), "the agent's control write reaches the engine");
+    assert!(
+        !producer.tracing_enabled(),
+        "the agent's control write reaches the engine"
+    );
 
-    let mode = std::fs::metadata(segment_path(&name)).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(segment_path(&name))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o660, "exact mode, whatever the umask");
     assert!(list_segments().unwrap().contains(&name));
     drop(engine);
-    assert!(!std::path::Path::new(&segment_path(&name)).exists(), "unlinked on drop");
+    assert!(
+        !std::path::Path::new(&segment_path(&name)).exists(),
+        "unlinked on drop"
+    );
     assert!(attached.replaced());
 }
 
@@ -91,11 +111,19 @@ fn a_name_squatted_by_another_user_is_refused() {
     let path = segment_path(&name);
     std::os::unix::fs::chown(&path, Some(4242), None).unwrap();
     let err = EngineSegment::create(&options(&name)).unwrap_err();
-    assert!(matches!(err, CreateError::Squatted { owner: 4242, .. }), "{err}");
+    assert!(
+        matches!(err, CreateError::Squatted { owner: 4242, .. }),
+        "{err}"
+    );
     // And a reader does not trust it either, unless told to.
     let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
-    assert!(matches!(err, OpenError::UntrustedOwner { owner: 4242, .. }), "{err}");
-    let trusting = OpenOptions { trusted_uids: vec![4242] };
+    assert!(
+        matches!(err, OpenError::UntrustedOwner { owner: 4242, .. }),
+        "{err}"
+    );
+    let trusting = OpenOptions {
+        trusted_uids: vec![4242],
+    };
     assert!(AttachedSegment::open(&name, &trusting).is_ok());
     std::fs::remove_file(path).unwrap();
 }
@@ -106,7 +134,10 @@ fn a_world_writable_segment_is_refused() {
     let _engine = EngineSegment::create(&options(&name)).unwrap();
     std::fs::set_permissions(segment_path(&name), std::fs::Permissions::from_mode(0o666)).unwrap();
     let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
-    assert!(matches!(err, OpenError::WorldWritable { mode: 0o666, .. }), "{err}");
+    assert!(
+        matches!(err, OpenError::WorldWritable { mode: 0o666, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -122,17 +153,35 @@ fn bad_magic_is_refused() {
 fn another_major_version_is_refused_naming_both_versions() {
     let name = instance("major");
     let _engine = EngineSegment::create(&options(&name)).unwrap();
-    patch(&name, ABI_VERSION_OFFSET as u64, &pack_version(2, 3).to_le_bytes());
+    patch(
+        &name,
+        ABI_VERSION_OFFSET as u64,
+        &pack_version(2, 3).to_le_bytes(),
+    );
     let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
-    assert!(matches!(err, OpenError::AbiMismatch { found_major: 2, found_minor: 3, .. }));
-    assert!(err.to_string().contains("2.3") && err.to_string().contains("1.0"), "{err}");
+    assert!(matches!(
+        err,
+        OpenError::AbiMismatch {
+            found_major: 2,
+            found_minor: 3,
+            ..
+        }
+    ));
+    assert!(
+        err.to_string().contains("2.3") && err.to_string().contains("1.0"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_newer_minor_version_is_accepted() {
     let name = instance("minor");
     let _engine = EngineSegment::create(&options(&name)).unwrap();
-    patch(&name, ABI_VERSION_OFFSET as u64, &pack_version(1, 7).to_le_bytes());
+    patch(
+        &name,
+        ABI_VERSION_OFFSET as u64,
+        &pack_version(1, 7).to_le_bytes(),
+    );
     let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
     assert_eq!(attached.info().abi, (1, 7));
 }
@@ -143,7 +192,11 @@ fn sizes_beyond_the_file_are_refused_before_the_ring_is_touched() {
     let _engine = EngineSegment::create(&options(&name)).unwrap();
     // Capacity 16 -> 1 << 20: the ring would extend far past the file.
     patch(&name, 44, &(1u32 << 20).to_le_bytes());
-    patch(&name, 16, &(crate::layout::segment_size(1 << 20) as u64).to_le_bytes());
+    patch(
+        &name,
+        16,
+        &(crate::layout::segment_size(1 << 20) as u64).to_le_bytes(),
+    );
     let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
     assert!(matches!(err, OpenError::BadLayout { .. }), "{err}");
     assert!(err.to_string().contains("the file has"), "{err}");
@@ -179,8 +232,9 @@ fn an_uninitialised_segment_is_waited_for_then_refused() {
     let name = instance("uninit");
     let _engine = EngineSegment::create(&options(&name)).unwrap();
     patch(&name, ABI_VERSION_OFFSET as u64, &0u32.to_le_bytes());
-    let err = AttachedSegment::open_waiting(&name, &OpenOptions::default(), Duration::from_millis(50))
-        .unwrap_err();
+    let err =
+        AttachedSegment::open_waiting(&name, &OpenOptions::default(), Duration::from_millis(50))
+            .unwrap_err();
     assert!(matches!(err, OpenError::NotInitialized(_)), "{err}");
 }
 
@@ -197,8 +251,13 @@ fn a_segment_truncated_while_mapped_stops_the_reader_cleanly() {
         .unwrap()
         .set_len(100)
         .unwrap();
-    let err = consumer.poll(10, |_, _| panic!("must not read")).unwrap_err();
-    assert!(matches!(err, PollError::Truncated { actual: 100, .. }), "{err}");
+    let err = consumer
+        .poll(10, |_, _| panic!("must not read"))
+        .unwrap_err();
+    assert!(
+        matches!(err, PollError::Truncated { actual: 100, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -220,17 +279,32 @@ fn unsafe_creation_options_are_refused() {
     let name = instance("opts");
     let mut o = options(&name);
     o.capacity = 1000;
-    assert!(matches!(EngineSegment::create(&o), Err(CreateError::Capacity(_))));
+    assert!(matches!(
+        EngineSegment::create(&o),
+        Err(CreateError::Capacity(_))
+    ));
     let mut o = options(&name);
     o.mode = 0o662;
-    assert!(matches!(EngineSegment::create(&o), Err(CreateError::UnsafeMode(0o662))));
+    assert!(matches!(
+        EngineSegment::create(&o),
+        Err(CreateError::UnsafeMode(0o662))
+    ));
     let mut o = options(&name);
     o.models = vec![];
-    assert!(matches!(EngineSegment::create(&o), Err(CreateError::Models(_))));
+    assert!(matches!(
+        EngineSegment::create(&o),
+        Err(CreateError::Models(_))
+    ));
     let mut o = options(&name);
     o.models = vec!["m".repeat(64)];
-    assert!(matches!(EngineSegment::create(&o), Err(CreateError::Models(_))));
-    assert!(!std::path::Path::new(&segment_path(&name)).exists(), "nothing left behind");
+    assert!(matches!(
+        EngineSegment::create(&o),
+        Err(CreateError::Models(_))
+    ));
+    assert!(
+        !std::path::Path::new(&segment_path(&name)).exists(),
+        "nothing left behind"
+    );
 }
 
 #[test]

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what ringside's build, demo and tests need on a fresh Debian
+# machine (root, Rust toolchain present). Idempotent: only what is missing.
+#   scripts/setup.sh            build + demo needs (apt build deps, model, Python client, collector)
+#   scripts/setup.sh --tests    also the test-only tools (nightly miri, cargo-fuzz)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_tests=0
+[[ "${1:-}" == "--tests" ]] && want_tests=1
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+# C/C++ toolchain for llama.cpp (built by llama-cpp-sys-2), promtool for
+# /metrics checks, tmux for the terminal UI tests.
+apt_needed=()
+for pkg in cmake clang libclang-dev prometheus tmux; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || apt_needed+=("$pkg")
+done
+if ((${#apt_needed[@]})); then
+    say "apt-get install ${apt_needed[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_needed[@]}" >/dev/null
+fi
+
+# Python tools the demo and tests drive the engine with: the official OpenAI
+# client and a real OpenTelemetry collector (rotel-agent).
+if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv"
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import openai, rotel' 2>/dev/null; then
+    say "pip install openai rotel"
+    .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+fi
+
+# The default model (Gemma 3 270M Q4_K_M) into the cache, checksum-verified.
+scripts/install-model.sh >/dev/null
+
+if ((want_tests)); then
+    # miri and cargo-fuzz need nightly. They are checks, not build steps: if
+    # nightly cannot be installed here, test.sh reports them as skipped.
+    if ! rustup +nightly component list --installed 2>/dev/null | grep -q '^miri'; then
+        say "installing nightly with miri"
+        rustup toolchain install nightly --profile minimal >/dev/null 2>&1 || true
+        rustup +nightly component add miri rust-src >/dev/null 2>&1 || say "nightly miri unavailable"
+    fi
+    if ! command -v cargo-fuzz >/dev/null; then
+        say "cargo install cargo-fuzz"
+        cargo install --quiet --locked cargo-fuzz 2>/dev/null || say "cargo-fuzz unavailable"
+    fi
+fi
+say "ok"

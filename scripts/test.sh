@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs every ringside test: unit, property, cross-process and end-to-end tests
+# (real engine, real model, real OpenAI client, real collector), the loom
+# model of the ring, miri over the ring, and a short fuzzing run.
+# Installs what is missing first (scripts/setup.sh --tests).
+#
+# Environment:
+#   FUZZ_SECONDS   seconds per fuzz target (default 20; 0 builds only)
+#   LOOM_MAX_PREEMPTIONS  loom's preemption bound (default 3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+
+step() { printf '\n\033[1m== %s ==\033[0m\n' "$*" >&2; }
+skipped=()
+
+step "setup"
+scripts/setup.sh --tests
+
+# One profile for everything: llama.cpp is compiled once, and the engine runs
+# at a usable speed in the end-to-end tests.
+step "cargo test --workspace (unit, property, cross-process, end-to-end)"
+RINGSIDE_E2E=1 cargo test --workspace --release --locked
+
+step "loom model of the commit protocol"
+RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \
+    cargo test -p ringside-shm-protocol --release --lib --target-dir target/loom -- loom
+
+if rustup +nightly component list --installed 2>/dev/null | grep -q '^miri'; then
+    step "miri over the ring (heap-backed)"
+    MIRIFLAGS="-Zmiri-disable-isolation" \
+        cargo +nightly miri test -p ringside-shm-protocol --lib --target-dir target/miri -- ring_tests record::
+else
+    skipped+=("miri (no nightly toolchain with miri)")
+fi
+
+if command -v cargo-fuzz >/dev/null && rustup toolchain list | grep -q nightly; then
+    step "fuzzing the reader (${FUZZ_SECONDS:-20}s per target)"
+    (
+        cd shm-protocol
+        cargo +nightly fuzz build --release
+        for target in segment record; do
+            if [[ "${FUZZ_SECONDS:-20}" != 0 ]]; then
+                cargo +nightly fuzz run --release "$target" -- \
+                    -max_total_time="${FUZZ_SECONDS:-20}" -max_len=1200000 -rss_limit_mb=4096
+            fi
+        done
+    )
+else
+    skipped+=("fuzz (no cargo-fuzz or nightly)")
+fi
+
+if ((${#skipped[@]})); then
+    printf '\nSKIPPED: %s\n' "${skipped[@]}" >&2
+fi
+printf '\nall tests passed\n' >&2
