@@ -253,8 +253,10 @@ fn the_tracing_word_is_what_the_producer_sees() {
 /// is whole, none is delivered twice, and the accounting is exact.
 #[test]
 fn concurrent_producers_never_deliver_a_torn_record_and_account_for_everything() {
+    // Miri interprets every atomic access: a few pushes per thread still
+    // cover claiming, lapping and discarding on a 4-slot ring.
     let (threads, per_thread, capacity) = if cfg!(miri) {
-        (2, 24, 4)
+        (2, 6, 4)
     } else {
         (4, 20_000, 64)
     };

@@ -956,7 +956,40 @@ pub mod fuzzing {
     /// Treats `data` as a whole segment: validates the header as `open` does,
     /// and if it passes, drains the ring (forged counters, cursor and commit
     /// words included) and decodes every record delivered.
+    ///
+    /// If the first byte is odd, the rest of `data` is laid over a valid
+    /// header instead (capacity chosen by the second byte), so that the
+    /// fuzzer spends its time in the ring and record paths rather than
+    /// rediscovering the magic number.
     pub fn segment_bytes(data: &[u8]) {
+        match data {
+            [mode, shift, rest @ ..] if mode & 1 == 1 => {
+                let capacity = 1u32 << (shift % 6 + 1);
+                let mut image = vec![0u8; segment_size(capacity)];
+                let mut header: Header = bytemuck::Zeroable::zeroed();
+                header.magic = MAGIC;
+                header.abi_version = pack_version(ABI_MAJOR, ABI_MINOR);
+                header.header_size = HEADER_SIZE as u32;
+                header.segment_size = image.len() as u64;
+                header.control_offset = CONTROL_OFFSET as u32;
+                header.counters_offset = COUNTERS_OFFSET as u32;
+                header.ring_offset = RING_OFFSET as u64;
+                header.slot_size = SLOT_SIZE as u32;
+                header.ring_capacity = capacity;
+                header.model_count = 1;
+                copy_name(&mut header.instance, "fuzz");
+                copy_name(&mut header.models[0], "model");
+                image[..HEADER_SIZE].copy_from_slice(bytemuck::bytes_of(&header));
+                let body = &mut image[CONTROL_OFFSET..];
+                let n = rest.len().min(body.len());
+                body[..n].copy_from_slice(&rest[..n]);
+                drain_image(&image);
+            }
+            _ => drain_image(data),
+        }
+    }
+
+    fn drain_image(data: &[u8]) {
         if data.len() < RING_OFFSET {
             return;
         }

@@ -1,5 +1,7 @@
 //! Helpers shared by the cross-process and end-to-end tests in `tests/`.
 
+pub mod harness;
+
 use ringside_shm_protocol::{FLAG_REMOTE_PARENT, FinishReason, Operation, Record, RecordKind};
 
 /// A well-formed record whose fields all derive from `seq`, so a reader can

@@ -32,7 +32,9 @@ impl Writer {
 
     fn line(&mut self) -> String {
         let mut line = String::new();
-        self.lines.read_line(&mut line).expect("read from ring-writer");
+        self.lines
+            .read_line(&mut line)
+            .expect("read from ring-writer");
         line.trim().to_owned()
     }
 }
@@ -99,4 +101,34 @@ fn a_reader_attaching_late_reads_back_what_a_dead_writer_left() {
         .unwrap();
     // Capacity 64: the last 64 of 100 are still there.
     assert_eq!(delivered, (36..100).collect::<Vec<_>>());
+}
+
+/// /dev/shm full at start: the engine side fails at creation with a clear
+/// error (the segment is preallocated), never with SIGBUS later. Runs the
+/// writer in a private mount namespace whose /dev/shm is a 1 MiB tmpfs.
+#[test]
+fn a_full_dev_shm_fails_at_creation_with_a_clear_error() {
+    let writer = env!("CARGO_BIN_EXE_ring-writer");
+    let script =
+        format!("mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {writer} nospace 0 none 0");
+    let output = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("RING_WRITER_CAPACITY", "65536") // 16 MiB of slots
+        .stdin(Stdio::null())
+        .output();
+    let output = match output {
+        Ok(o)
+            if !String::from_utf8_lossy(&o.stderr).starts_with("unshare:")
+                && !String::from_utf8_lossy(&o.stderr).starts_with("mount:") =>
+        {
+            o
+        }
+        other => {
+            eprintln!("skipped: no private mount namespace here ({other:?})");
+            return;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no room in /dev/shm"), "{stderr}");
 }

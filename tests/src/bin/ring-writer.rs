@@ -3,6 +3,7 @@
 //! be killed, as an engine that dies mid-write would.
 //!
 //! `ring-writer <instance> <before> <stop-after-words|none> <after>`
+//! (ring capacity from `RING_WRITER_CAPACITY`, default 64)
 
 use ringside_shm_protocol::{CreateOptions, EngineSegment};
 use ringside_tests::numbered_record;
@@ -19,7 +20,10 @@ fn main() {
         std::process::exit(2);
     };
     let mut options = CreateOptions::new(instance.as_str(), vec!["model".into()]);
-    options.capacity = 64;
+    options.capacity = std::env::var("RING_WRITER_CAPACITY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
     options.unlink_on_drop = false;
     let segment = match EngineSegment::create(&options) {
         Ok(s) => s,

@@ -1,0 +1,23 @@
+//! ringside-engine: an OpenAI-compatible llama.cpp server with continuous batching whose only
+//! telemetry work is one wait-free record per request into the ringside shared-memory ring.
+//!
+//! Modules, in request order: [`api`] (HTTP) parses with [`openai`], stamps with [`clock`],
+//! reads [`trace_context`], tokenizes with [`model`]/[`chat_template`] and hands a job to the
+//! [`scheduler`], whose inference thread samples with [`sampling`], cuts text with [`stop`],
+//! and at the end records a [`telemetry::RequestOutcome`]. [`metrics`] backs `/metrics`;
+//! [`server`] wires it together from the [`cli`] arguments.
+
+pub mod api;
+pub mod chat_template;
+pub mod cli;
+pub mod clock;
+pub mod metrics;
+pub mod model;
+pub mod omp;
+pub mod openai;
+pub mod sampling;
+pub mod scheduler;
+pub mod server;
+pub mod stop;
+pub mod telemetry;
+pub mod trace_context;

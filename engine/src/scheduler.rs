@@ -1,0 +1,717 @@
+//! The inference thread and its continuous-batching scheduler.
+//!
+//! One OS thread owns the llama.cpp context. It keeps up to `--parallel` sequences ("slots"),
+//! each with its own llama.cpp sequence id and KV stream. Every step builds one batch:
+//!
+//! 1. one token for each decoding sequence (the token sampled in the previous step),
+//! 2. then prompt chunks of prefilling sequences, oldest first, up to `--batch-size` tokens in
+//!    all, so a long prompt is spread over several steps and never stalls the others,
+//!
+//! decodes it, samples the next token of every sequence whose logits were produced, and streams
+//! text to the request's channel. Between steps it admits queued requests into free slots
+//! (continuous batching) and notices closed response channels (client gone: abort). A finished
+//! or aborted sequence clears its KV stream and frees its slot immediately.
+//!
+//! Admission is bounded: at most `--parallel + --max-queue` requests are admitted at once; the
+//! HTTP layer answers 429 beyond that.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::clock::now_ns;
+use crate::metrics::Metrics;
+use crate::model::{Loaded, Model};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stop::{StopMatcher, StopOutcome, Utf8Assembler};
+use crate::telemetry::{
+    ErrorKind, FinishReason, Operation, OutcomeKind, RequestOutcome, SamplingRecord, Telemetry,
+};
+
+/// Scheduler settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Slots: sequences decoded together.
+    pub parallel: u32,
+    /// Context per sequence, in tokens.
+    pub ctx_size: NonZeroU32,
+    /// Most tokens per decode step.
+    pub batch_size: u32,
+    /// llama.cpp threads.
+    pub threads: u32,
+    /// Requests that may wait for a slot.
+    pub max_queue: usize,
+}
+
+/// Trace identity of a request, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIds {
+    /// W3C trace id.
+    pub trace_id: [u8; 16],
+    /// Caller's span id.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// W3C trace flags.
+    pub trace_flags: u8,
+    /// This request's span id.
+    pub span_id: [u8; 8],
+}
+
+/// A request handed to the inference thread.
+#[derive(Debug)]
+pub struct Job {
+    /// 128-bit request id.
+    pub request_id: [u8; 16],
+    /// Chat or text completion.
+    pub operation: Operation,
+    /// Trace identity.
+    pub trace: TraceIds,
+    /// Monotonic arrival stamp.
+    pub t_arrival_ns: u64,
+    /// Queue depth when the request arrived.
+    pub queue_depth_at_arrival: u16,
+    /// Prompt tokens (non-empty, shorter than the per-sequence context).
+    pub prompt: Vec<LlamaToken>,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Token limit requested (`None`: until the context is full).
+    pub max_tokens: Option<u32>,
+    /// Which parameters the caller set.
+    pub params_set: u16,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Streamed response.
+    pub stream: bool,
+    /// Index of the served model name.
+    pub model_index: u16,
+    /// Where text and the end of the request go. Closed = client gone.
+    pub events: UnboundedSender<Event>,
+}
+
+/// Token accounting of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens (end-of-generation tokens excluded).
+    pub completion_tokens: u32,
+    /// Prompt tokens reused from the KV cache.
+    pub cached_prompt_tokens: u32,
+}
+
+/// What the inference thread tells a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// More completion text.
+    Text(String),
+    /// Generation ended normally (`stop` or `length`).
+    Done {
+        /// `Stop` or `Length`.
+        finish_reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// The engine failed the request.
+    Failed(String),
+}
+
+/// Why a request could not be handed to the scheduler.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// All slots are busy and the queue is full.
+    #[error("queue full")]
+    QueueFull,
+    /// The inference thread has stopped.
+    #[error("the inference thread has stopped")]
+    Stopped,
+}
+
+/// Why the inference thread could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// llama.cpp could not create the context.
+    #[error("llama.cpp could not create a context of {n_ctx} tokens: {source}")]
+    Context {
+        /// Tokens requested.
+        n_ctx: u32,
+        /// llama.cpp's error.
+        source: llama_cpp_2::LlamaContextLoadError,
+    },
+    /// `ctx-size × parallel` does not fit in 32 bits.
+    #[error("--ctx-size × --parallel is too large")]
+    ContextTooLarge,
+    /// The OS refused to start the thread.
+    #[error("could not spawn the inference thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The thread ended before reporting.
+    #[error("the inference thread ended during start-up")]
+    Died,
+}
+
+/// The HTTP side's handle on the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    /// Tokens of context per sequence (prompt + completion).
+    pub n_ctx_seq: u32,
+}
+
+#[derive(Debug)]
+struct Shared {
+    admitted: AtomicUsize,
+    limit: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl SchedulerHandle {
+    /// Requests waiting for a slot right now.
+    #[must_use]
+    pub fn queue_depth(&self) -> usize {
+        self.shared.metrics.queue_depth.load(Ordering::Relaxed)
+    }
+
+    /// Admits `job`, or refuses it when `parallel + max_queue` requests are already admitted.
+    ///
+    /// # Errors
+    /// [`SubmitError::QueueFull`] (429) or [`SubmitError::Stopped`] (503); the job is dropped.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let limit = self.shared.limit;
+        self.shared
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map_err(|_| SubmitError::QueueFull)?;
+        self.shared
+            .metrics
+            .queue_depth
+            .fetch_add(1, Ordering::Relaxed);
+        self.tx.send(job).map_err(|_| {
+            self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
+            self.shared
+                .metrics
+                .queue_depth
+                .fetch_sub(1, Ordering::Relaxed);
+            SubmitError::Stopped
+        })
+    }
+}
+
+/// Starts the inference thread on a loaded model; returns once its context exists, with the
+/// thread's join handle. The thread ends when every [`SchedulerHandle`] is dropped and the
+/// admitted requests are done.
+///
+/// # Errors
+/// See [`StartError`].
+pub fn start(
+    loaded: Loaded,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    telemetry: Telemetry,
+) -> Result<(SchedulerHandle, std::thread::JoinHandle<()>), StartError> {
+    let n_ctx = config
+        .ctx_size
+        .get()
+        .checked_mul(config.parallel)
+        .ok_or(StartError::ContextTooLarge)?;
+    let (tx, rx) = mpsc::channel::<Job>();
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<u32, StartError>>(1);
+    let shared = Arc::new(Shared {
+        admitted: AtomicUsize::new(0),
+        limit: (config.parallel as usize).saturating_add(config.max_queue),
+        metrics: Arc::clone(&metrics),
+    });
+    metrics
+        .slots
+        .store(config.parallel as usize, Ordering::Relaxed);
+    metrics.max_queue.store(config.max_queue, Ordering::Relaxed);
+    let thread_shared = Arc::clone(&shared);
+    let thread = std::thread::Builder::new()
+        .name("inference".to_owned())
+        .spawn(move || {
+            let Loaded { backend, model } = loaded;
+            let params = LlamaContextParams::default()
+                .with_n_ctx(NonZeroU32::new(n_ctx))
+                .with_n_batch(config.batch_size)
+                .with_n_ubatch(config.batch_size)
+                .with_n_seq_max(config.parallel)
+                .with_kv_unified(false)
+                .with_swa_full(false)
+                .with_n_threads(i32::try_from(config.threads).unwrap_or(i32::MAX))
+                .with_n_threads_batch(i32::try_from(config.threads).unwrap_or(i32::MAX));
+            let ctx = match model.llama.new_context(&backend, params) {
+                Ok(ctx) => ctx,
+                Err(source) => {
+                    let _ = ready_tx.send(Err(StartError::Context { n_ctx, source }));
+                    return;
+                }
+            };
+            let n_ctx_seq = ctx.n_ctx() / config.parallel.max(1);
+            if ready_tx.send(Ok(n_ctx_seq)).is_err() {
+                return;
+            }
+            let mut engine = Engine::new(&model, ctx, config, n_ctx_seq, thread_shared, telemetry);
+            engine.run(&rx);
+            tracing::info!("inference thread stopped");
+        })
+        .map_err(StartError::Spawn)?;
+    let n_ctx_seq = ready_rx.recv().map_err(|_| StartError::Died)??;
+    Ok((
+        SchedulerHandle {
+            tx,
+            shared,
+            n_ctx_seq,
+        },
+        thread,
+    ))
+}
+
+struct Slot {
+    job: Job,
+    seq: i32,
+    fed: usize,
+    n_past: i32,
+    pending_token: Option<LlamaToken>,
+    generated: u32,
+    max_tokens: u32,
+    sampler: Sampler,
+    utf8: Utf8Assembler,
+    stop: StopMatcher,
+    t_scheduled: u64,
+    t_first: u64,
+    t_last: u64,
+    running_at_schedule: u16,
+    logits_index: Option<i32>,
+    in_batch: bool,
+}
+
+struct Engine<'m> {
+    model: &'m Model,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    batch_size: usize,
+    slots: Vec<Option<Slot>>,
+    pending: VecDeque<Job>,
+    n_ctx_seq: u32,
+    shared: Arc<Shared>,
+    telemetry: Telemetry,
+    piece: Vec<u8>,
+}
+
+fn saturate_u16(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+fn saturate_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl<'m> Engine<'m> {
+    fn new(
+        model: &'m Model,
+        ctx: LlamaContext<'m>,
+        config: SchedulerConfig,
+        n_ctx_seq: u32,
+        shared: Arc<Shared>,
+        telemetry: Telemetry,
+    ) -> Self {
+        let batch_size = config.batch_size.max(config.parallel) as usize;
+        Self {
+            model,
+            ctx,
+            batch: LlamaBatch::new(batch_size, 1),
+            batch_size,
+            slots: (0..config.parallel).map(|_| None).collect(),
+            pending: VecDeque::new(),
+            n_ctx_seq,
+            shared,
+            telemetry,
+            piece: Vec::with_capacity(64),
+        }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    fn running(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    fn run(&mut self, rx: &mpsc::Receiver<Job>) {
+        loop {
+            if self.running() == 0 && self.pending.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.pending.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(job) => self.pending.push_back(job),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        if self.running() == 0 && self.pending.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.drop_abandoned();
+            self.schedule();
+            self.step();
+        }
+    }
+
+    /// Requests whose client left while they waited end as aborted.
+    fn drop_abandoned(&mut self) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            if self.pending[i].events.is_closed() {
+                if let Some(job) = self.pending.remove(i) {
+                    self.metrics().queue_depth.fetch_sub(1, Ordering::Relaxed);
+                    self.end_unscheduled(&job);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn end_unscheduled(&self, job: &Job) {
+        let t = now_ns();
+        let outcome = RequestOutcome {
+            kind: OutcomeKind::Finished,
+            operation: job.operation,
+            request_id: job.request_id,
+            trace_id: job.trace.trace_id,
+            parent_span_id: job.trace.parent_span_id,
+            trace_flags: job.trace.trace_flags,
+            span_id: job.trace.span_id,
+            t_arrival_ns: job.t_arrival_ns,
+            t_scheduled_ns: 0,
+            t_first_token_ns: 0,
+            t_last_token_ns: 0,
+            t_finished_ns: t.max(job.t_arrival_ns),
+            prompt_tokens: saturate_u32(job.prompt.len()),
+            completion_tokens: 0,
+            cached_prompt_tokens: 0,
+            sampling: sampling_record(job, job.sampling.seed.unwrap_or(0), 0),
+            stream: job.stream,
+            finish_reason: FinishReason::Abort,
+            http_status: 499,
+            error: ErrorKind::ClientDisconnected,
+            model_index: job.model_index,
+            queue_depth: job.queue_depth_at_arrival,
+            running: 0,
+        };
+        self.telemetry.record(&outcome);
+        self.metrics().count_request(job.operation, 499);
+        self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Moves queued requests into free slots, in arrival order.
+    fn schedule(&mut self) {
+        while !self.pending.is_empty() {
+            let Some(free) = self.slots.iter().position(Option::is_none) else {
+                return;
+            };
+            let Some(job) = self.pending.pop_front() else {
+                return;
+            };
+            self.metrics().queue_depth.fetch_sub(1, Ordering::Relaxed);
+            let seq = i32::try_from(free).unwrap_or(i32::MAX);
+            // A fresh stream for this sequence (its previous owner cleared it already).
+            let _ = self
+                .ctx
+                .clear_kv_cache_seq(u32::try_from(free).ok(), None, None);
+            let room = self
+                .n_ctx_seq
+                .saturating_sub(saturate_u32(job.prompt.len()));
+            let max_tokens = job.max_tokens.map_or(room, |m| m.min(room));
+            let running = self.running() + 1;
+            self.metrics().running.store(running, Ordering::Relaxed);
+            self.metrics()
+                .count_tokens(saturate_u32(job.prompt.len()), 0);
+            let stop = StopMatcher::new(job.stop.clone());
+            let sampler = Sampler::new(job.sampling);
+            self.slots[free] = Some(Slot {
+                seq,
+                fed: 0,
+                n_past: 0,
+                pending_token: None,
+                generated: 0,
+                max_tokens,
+                sampler,
+                utf8: Utf8Assembler::default(),
+                stop,
+                t_scheduled: now_ns().max(job.t_arrival_ns),
+                t_first: 0,
+                t_last: 0,
+                running_at_schedule: saturate_u16(running),
+                logits_index: None,
+                in_batch: false,
+                job,
+            });
+        }
+    }
+
+    /// Builds and decodes one batch, then samples.
+    fn step(&mut self) {
+        self.batch.clear();
+        let mut budget = self.batch_size;
+        // 1. One token per decoding sequence.
+        for slot in self.slots.iter_mut().flatten() {
+            slot.logits_index = None;
+            slot.in_batch = false;
+            if let Some(token) = slot.pending_token
+                && budget > 0
+            {
+                if self
+                    .batch
+                    .add(token, slot.n_past, &[slot.seq], true)
+                    .is_err()
+                {
+                    break;
+                }
+                slot.logits_index = Some(self.batch.n_tokens() - 1);
+                slot.in_batch = true;
+                budget -= 1;
+            }
+        }
+        // 2. Prompt chunks, oldest request first.
+        let mut prefilling: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().filter(|s| s.fed < s.job.prompt.len()).map(|_| i))
+            .collect();
+        prefilling.sort_by_key(|&i| self.slots[i].as_ref().map_or(u64::MAX, |s| s.t_scheduled));
+        for i in prefilling {
+            if budget == 0 {
+                break;
+            }
+            let Some(slot) = self.slots[i].as_mut() else {
+                continue;
+            };
+            let end = slot.job.prompt.len().min(slot.fed + budget);
+            let mut added = 0;
+            for (k, &token) in slot.job.prompt[slot.fed..end].iter().enumerate() {
+                let last = slot.fed + k + 1 == slot.job.prompt.len();
+                if self
+                    .batch
+                    .add(token, slot.n_past, &[slot.seq], last)
+                    .is_err()
+                {
+                    break;
+                }
+                added += 1;
+                slot.n_past += 1;
+                if last {
+                    slot.logits_index = Some(self.batch.n_tokens() - 1);
+                }
+            }
+            budget = budget.saturating_sub(added);
+            slot.fed += added;
+            slot.in_batch = added > 0;
+        }
+        if self.batch.n_tokens() == 0 {
+            return;
+        }
+
+        let t_decode = now_ns();
+        if let Err(e) = self.ctx.decode(&mut self.batch) {
+            tracing::error!(error = %e, tokens = self.batch.n_tokens(), "llama_decode failed");
+            for i in 0..self.slots.len() {
+                if self.slots[i].as_ref().is_some_and(|s| s.in_batch) {
+                    self.finish(i, FinishReason::Error, Some(format!("decode failed: {e}")));
+                }
+            }
+            return;
+        }
+
+        let t_sample = now_ns();
+        for i in 0..self.slots.len() {
+            let Some(slot) = self.slots[i].as_mut() else {
+                continue;
+            };
+            if let Some(index) = slot.logits_index.take() {
+                if slot.pending_token.take().is_some() {
+                    slot.n_past += 1;
+                }
+                let logits = self.ctx.get_logits_ith(index);
+                match slot.sampler.sample(logits) {
+                    Some(token) => self.on_token(i, LlamaToken::new(token)),
+                    None => self.finish(i, FinishReason::Error, Some("empty vocabulary".into())),
+                }
+            }
+            if self.slots[i]
+                .as_ref()
+                .is_some_and(|s| s.job.events.is_closed())
+            {
+                self.finish(i, FinishReason::Abort, None);
+            }
+        }
+        tracing::trace!(
+            tokens = self.batch.n_tokens(),
+            decode_us = t_sample.saturating_sub(t_decode) / 1000,
+            sample_us = now_ns().saturating_sub(t_sample) / 1000,
+            "step"
+        );
+    }
+
+    fn on_token(&mut self, i: usize, token: LlamaToken) {
+        let model: &'m Model = self.model;
+        let vocab = model.llama.vocab();
+        if vocab.is_eog(token) {
+            self.finish(i, FinishReason::Stop, None);
+            return;
+        }
+        let Some(slot) = self.slots[i].as_mut() else {
+            return;
+        };
+        let t = now_ns();
+        if slot.t_first == 0 {
+            slot.t_first = t;
+        }
+        slot.t_last = t;
+        slot.generated += 1;
+        self.shared.metrics.count_tokens(0, 1);
+        slot.sampler.accept(token.0);
+        self.piece.clear();
+        vocab.token_to_piece_into(token, &mut self.piece, false, None);
+        let text = slot.utf8.push(&self.piece);
+        let (out, stopped) = match slot.stop.push(&text) {
+            StopOutcome::Continue(out) => (out, false),
+            StopOutcome::Stopped(out) => (out, true),
+        };
+        let end = if !out.is_empty() && slot.job.events.send(Event::Text(out)).is_err() {
+            Some(FinishReason::Abort)
+        } else if stopped {
+            Some(FinishReason::Stop)
+        } else if slot.generated >= slot.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            slot.pending_token = Some(token);
+            None
+        };
+        if let Some(reason) = end {
+            self.finish(i, reason, None);
+        }
+    }
+
+    /// Ends the request in slot `i`: flush text, tell the client, free the KV stream and the
+    /// slot, record the outcome.
+    fn finish(&mut self, i: usize, reason: FinishReason, error: Option<String>) {
+        let Some(mut slot) = self.slots[i].take() else {
+            return;
+        };
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(u32::try_from(i).ok(), None, None);
+        let usage = Usage {
+            prompt_tokens: saturate_u32(slot.job.prompt.len()),
+            completion_tokens: slot.generated,
+            cached_prompt_tokens: 0,
+        };
+        let (status, kind) = match reason {
+            FinishReason::Stop | FinishReason::Length => {
+                // Flush an incomplete character and text held back for a stop string that
+                // never completed: it is real output.
+                let tail = slot.utf8.finish();
+                let mut out = String::new();
+                match slot.stop.push(&tail) {
+                    StopOutcome::Continue(t) => {
+                        out.push_str(&t);
+                        out.push_str(&slot.stop.finish());
+                    }
+                    StopOutcome::Stopped(t) => out.push_str(&t),
+                }
+                if !out.is_empty() {
+                    let _ = slot.job.events.send(Event::Text(out));
+                }
+                let delivered = slot
+                    .job
+                    .events
+                    .send(Event::Done {
+                        finish_reason: reason,
+                        usage,
+                    })
+                    .is_ok();
+                if delivered {
+                    (200, ErrorKind::None)
+                } else {
+                    (499, ErrorKind::ClientDisconnected)
+                }
+            }
+            FinishReason::Abort => (499, ErrorKind::ClientDisconnected),
+            FinishReason::Error | FinishReason::None => {
+                let message = error.unwrap_or_else(|| "generation failed".to_owned());
+                let _ = slot.job.events.send(Event::Failed(message));
+                (500, ErrorKind::Internal)
+            }
+        };
+        let reason = if status == 499 {
+            FinishReason::Abort
+        } else {
+            reason
+        };
+        let t_finished = now_ns().max(slot.t_last).max(slot.t_scheduled);
+        let outcome = RequestOutcome {
+            kind: OutcomeKind::Finished,
+            operation: slot.job.operation,
+            request_id: slot.job.request_id,
+            trace_id: slot.job.trace.trace_id,
+            parent_span_id: slot.job.trace.parent_span_id,
+            trace_flags: slot.job.trace.trace_flags,
+            span_id: slot.job.trace.span_id,
+            t_arrival_ns: slot.job.t_arrival_ns,
+            t_scheduled_ns: slot.t_scheduled,
+            t_first_token_ns: slot.t_first,
+            t_last_token_ns: slot.t_last,
+            t_finished_ns: t_finished,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_prompt_tokens: usage.cached_prompt_tokens,
+            sampling: sampling_record(&slot.job, slot.sampler.seed(), slot.max_tokens),
+            stream: slot.job.stream,
+            finish_reason: reason,
+            http_status: status,
+            error: kind,
+            model_index: slot.job.model_index,
+            queue_depth: slot.job.queue_depth_at_arrival,
+            running: slot.running_at_schedule,
+        };
+        self.telemetry.record(&outcome);
+        self.shared
+            .metrics
+            .count_request(slot.job.operation, status);
+        self.shared
+            .metrics
+            .running
+            .store(self.running(), Ordering::Relaxed);
+        self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn sampling_record(job: &Job, seed: u64, max_tokens: u32) -> SamplingRecord {
+    SamplingRecord {
+        max_tokens,
+        temperature: job.sampling.temperature,
+        top_p: job.sampling.top_p,
+        top_k: job.sampling.top_k,
+        seed,
+        frequency_penalty: job.sampling.frequency_penalty,
+        presence_penalty: job.sampling.presence_penalty,
+        params_set: job.params_set,
+    }
+}

@@ -1,0 +1,210 @@
+//! `serve`: bind, load the model in the background (503 until ready), serve until a signal.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use crate::api::{AppState, Ready, router};
+use crate::cli::ServeArgs;
+use crate::metrics::Metrics;
+use crate::model::{self, LoadModelError};
+use crate::scheduler::{self, SchedulerConfig, StartError};
+use crate::telemetry::{Telemetry, TelemetryError};
+
+/// Why `serve` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The model could not be found or loaded.
+    #[error(transparent)]
+    Model(#[from] LoadModelError),
+    /// The inference thread could not start.
+    #[error(transparent)]
+    Scheduler(#[from] StartError),
+    /// The telemetry segment could not be created.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server error: {0}")]
+    Http(#[source] std::io::Error),
+    /// The loading task panicked or was cancelled.
+    #[error("model loading task failed: {0}")]
+    LoadTask(String),
+}
+
+/// Served model names: the given ones, else the file name without `.gguf`.
+fn model_names(args: &ServeArgs, path: &std::path::Path) -> Vec<String> {
+    let given: Vec<String> = args
+        .served_model_name
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !given.is_empty() {
+        return given;
+    }
+    let stem = path
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "model".to_owned());
+    vec![stem]
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// Runs the server until SIGINT/SIGTERM, or until loading fails.
+///
+/// # Errors
+/// See [`ServeError`].
+pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    let path = model::resolve_model_path(args.model.as_deref())?;
+    let names = model_names(&args, &path);
+    let threads = args.effective_threads();
+    let telemetry = Telemetry::create(
+        &args.instance_name(),
+        &names,
+        args.ring_capacity,
+        args.tracing == crate::cli::Switch::On,
+    )?;
+    if let Some(segment) = telemetry.segment_path() {
+        tracing::info!(%segment, tracing = ?args.tracing, capacity = args.ring_capacity,
+            "telemetry ring created");
+    }
+    let heartbeat = telemetry.clone();
+    let heartbeat_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            heartbeat.heartbeat();
+        }
+    });
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(AppState {
+        model_names: names.clone(),
+        api_key: args.effective_api_key(),
+        max_request_bytes: args.max_request_bytes,
+        max_queue: args.max_queue,
+        metrics: Arc::clone(&metrics),
+        telemetry: telemetry.clone(),
+        ready: OnceLock::new(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+
+    let addr = SocketAddr::new(args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tracing::info!(%addr, model = %path.display(), names = ?names, threads,
+        parallel = args.parallel, ctx_size = args.ctx_size.get(), instance = %args.instance_name(),
+        "listening; loading model");
+
+    let config = SchedulerConfig {
+        parallel: args.parallel,
+        ctx_size: args.ctx_size,
+        batch_size: args.batch_size,
+        threads,
+        max_queue: args.max_queue,
+    };
+    let load_state = Arc::clone(&state);
+    let n_gpu_layers = args.n_gpu_layers;
+    let chat_template = args.chat_template.clone();
+    let loader = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+        let started = std::time::Instant::now();
+        let loaded = model::load(&path, n_gpu_layers, chat_template.as_deref())?;
+        let model = Arc::clone(&loaded.model);
+        let (scheduler, thread) =
+            scheduler::start(loaded, config, Arc::clone(&load_state.metrics), telemetry)?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f32(),
+            architecture = %model.architecture,
+            chat_template = %model.template.describe(),
+            n_ctx_per_sequence = scheduler.n_ctx_seq,
+            "model loaded; serving"
+        );
+        let _ = load_state.ready.set(Ready { model, scheduler });
+        load_state.metrics.loaded.store(1, Ordering::Relaxed);
+        Ok(thread)
+    });
+
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<ServeError>();
+    let load_watch = tokio::spawn(async move {
+        let result = match loader.await {
+            Ok(r) => r,
+            Err(e) => Err(ServeError::LoadTask(e.to_string())),
+        };
+        match result {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                let _ = fatal_tx.send(e);
+                None
+            }
+        }
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut fatal_rx = fatal_rx;
+    let server =
+        axum::serve(listener, router(Arc::clone(&state))).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+    let server = tokio::spawn(async move { server.await });
+
+    let fatal = tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            None
+        }
+        // A dropped sender means loading succeeded: keep serving until a signal.
+        Ok(e) = &mut fatal_rx => Some(e),
+    };
+    let _ = stop_tx.send(());
+    if let Some(e) = fatal {
+        heartbeat_task.abort();
+        return Err(e);
+    }
+    let served = match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServeError::Http(e)),
+        Err(e) => Err(ServeError::LoadTask(e.to_string())),
+    };
+    // Orderly teardown, so the telemetry segment's name is removed: the scheduler handle goes
+    // with the state, the inference thread then drains and ends, and the last telemetry clone
+    // (the heartbeat's) is dropped.
+    let thread = load_watch.await.ok().flatten();
+    drop(state);
+    if let Some(thread) = thread {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+    heartbeat_task.abort();
+    let _ = heartbeat_task.await;
+    served
+}

@@ -1,0 +1,426 @@
+//! The engine's single telemetry integration point.
+//!
+//! At the end of every request — success, failure, client abort and rejection alike — the engine
+//! builds one [`RequestOutcome`] (numbers and identifiers only, never prompt or completion text)
+//! and hands it to [`Telemetry::record`]. That call is on the request path, so it takes no lock,
+//! allocates nothing and makes no syscall.
+//!
+//! [`Telemetry`] writes each outcome as one [`shm::Record`] into the engine's shared-memory ring
+//! (`ringside-shm-protocol`), created at start-up with the `--instance` name, the served model
+//! names as its model table, `--ring-capacity` slots and `--tracing` as the initial control
+//! word. When the agent or CLI switches tracing off, `record` does one relaxed load and returns.
+
+use std::sync::Arc;
+
+use ringside_shm_protocol as shm;
+
+/// Whether the request reached the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// Admitted and ended: completed, failed or aborted.
+    Finished,
+    /// Refused before reaching the scheduler (400, 401, 404, 413, 415, 429, 503).
+    Rejected,
+}
+
+/// The OpenAI operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    TextCompletion,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// No generation took place.
+    None,
+    /// End of sequence or a stop string.
+    Stop,
+    /// `max_tokens` or the context was exhausted.
+    Length,
+    /// The client went away.
+    Abort,
+    /// The engine failed the request.
+    Error,
+}
+
+impl FinishReason {
+    /// OpenAI's spelling, for `finish_reason`.
+    #[must_use]
+    pub fn as_str(self) -> Option<&'static str> {
+        match self {
+            Self::None => None,
+            Self::Stop => Some("stop"),
+            Self::Length => Some("length"),
+            Self::Abort => Some("abort"),
+            Self::Error => Some("error"),
+        }
+    }
+}
+
+/// The class of failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Success.
+    None,
+    /// 400 (or 415): malformed body or invalid parameter.
+    InvalidRequest,
+    /// 401: missing or wrong API key.
+    Unauthorized,
+    /// 404: unknown model.
+    ModelNotFound,
+    /// 413: body over the size cap.
+    PayloadTooLarge,
+    /// 429: the queue was full.
+    QueueFull,
+    /// 400: the prompt does not fit the context.
+    ContextLengthExceeded,
+    /// The client disconnected before the response was complete.
+    ClientDisconnected,
+    /// 500: the engine failed.
+    Internal,
+    /// 503: loading or shutting down.
+    Unavailable,
+}
+
+/// Effective sampling parameters as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SamplingRecord {
+    /// Token limit in effect.
+    pub max_tokens: u32,
+    /// Temperature (0 = greedy).
+    pub temperature: f32,
+    /// Nucleus threshold.
+    pub top_p: f32,
+    /// Top-k, 0 = disabled.
+    pub top_k: u32,
+    /// Seed in effect.
+    pub seed: u64,
+    /// Frequency penalty.
+    pub frequency_penalty: f32,
+    /// Presence penalty.
+    pub presence_penalty: f32,
+    /// Which parameters the caller set explicitly (bits of [`params_set`]).
+    pub params_set: u16,
+}
+
+/// Bits of [`SamplingRecord::params_set`] (same values as the ring ABI).
+pub mod params_set {
+    /// `max_tokens` / `max_completion_tokens`.
+    pub const MAX_TOKENS: u16 = 1 << 0;
+    /// `temperature`.
+    pub const TEMPERATURE: u16 = 1 << 1;
+    /// `top_p`.
+    pub const TOP_P: u16 = 1 << 2;
+    /// `top_k`.
+    pub const TOP_K: u16 = 1 << 3;
+    /// `seed`.
+    pub const SEED: u16 = 1 << 4;
+    /// `frequency_penalty`.
+    pub const FREQUENCY_PENALTY: u16 = 1 << 5;
+    /// `presence_penalty`.
+    pub const PRESENCE_PENALTY: u16 = 1 << 6;
+}
+
+/// Everything the engine knows about one request when it ends. Plain data, `Copy`.
+/// Timestamps are `CLOCK_MONOTONIC` nanoseconds; 0 means "did not happen".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestOutcome {
+    /// Finished or rejected.
+    pub kind: OutcomeKind,
+    /// Chat or text completion.
+    pub operation: Operation,
+    /// 128-bit request id (the response `id` carries it in hex).
+    pub request_id: [u8; 16],
+    /// W3C trace id (the caller's or a new one; never zero).
+    pub trace_id: [u8; 16],
+    /// The caller's span id, when its `traceparent` was valid.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// W3C trace flags.
+    pub trace_flags: u8,
+    /// The span id the engine assigned to the request.
+    pub span_id: [u8; 8],
+    /// Accepted by the HTTP layer.
+    pub t_arrival_ns: u64,
+    /// Got a sequence slot.
+    pub t_scheduled_ns: u64,
+    /// First output token sampled.
+    pub t_first_token_ns: u64,
+    /// Last output token sampled.
+    pub t_last_token_ns: u64,
+    /// Response complete, failed or rejected.
+    pub t_finished_ns: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the KV cache.
+    pub cached_prompt_tokens: u32,
+    /// Effective sampling parameters.
+    pub sampling: SamplingRecord,
+    /// The response was streamed.
+    pub stream: bool,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+    /// HTTP status of the response (499 when the client went away first).
+    pub http_status: u16,
+    /// Failure class.
+    pub error: ErrorKind,
+    /// Index of the served model name used.
+    pub model_index: u16,
+    /// Requests waiting in the queue when this one arrived.
+    pub queue_depth: u16,
+    /// Sequences running when this one was scheduled (itself included).
+    pub running: u16,
+}
+
+/// Why the telemetry segment could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The shared-memory segment could not be created (name in use, capacity, /dev/shm…).
+    #[error("cannot create the telemetry segment for instance {instance:?}: {source}")]
+    Create {
+        /// `--instance`.
+        instance: String,
+        /// The protocol crate's error.
+        source: shm::CreateError,
+    },
+}
+
+/// Where request outcomes go: the engine's shared-memory ring. Cheap to clone (shared by the
+/// HTTP layer and the inference thread).
+#[derive(Debug, Clone, Default)]
+pub struct Telemetry {
+    inner: Option<Arc<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    producer: shm::Producer,
+    // Keeps the mapping alive and removes the segment's name on drop.
+    segment: shm::EngineSegment,
+}
+
+impl Telemetry {
+    /// Telemetry that records nothing (tests, tools).
+    #[must_use]
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// Creates `/dev/shm/ringside.<instance>` with the served model names as its model table,
+    /// `capacity` slots and the tracing control word initialised to `tracing`.
+    ///
+    /// # Errors
+    /// [`TelemetryError::Create`] (bad name or capacity, live engine on that name, no room).
+    pub fn create(
+        instance: &str,
+        models: &[String],
+        capacity: u32,
+        tracing: bool,
+    ) -> Result<Self, TelemetryError> {
+        let mut options = shm::CreateOptions::new(instance, models.to_vec());
+        options.capacity = capacity;
+        options.control.tracing_enabled = tracing;
+        let segment =
+            shm::EngineSegment::create(&options).map_err(|source| TelemetryError::Create {
+                instance: instance.to_owned(),
+                source,
+            })?;
+        let producer = segment.ring().producer();
+        Ok(Self {
+            inner: Some(Arc::new(Inner { producer, segment })),
+        })
+    }
+
+    /// Records one request outcome when tracing is on. Wait-free: one relaxed load, then (if on)
+    /// one ring push: no lock, no allocation, no syscall.
+    #[inline]
+    pub fn record(&self, outcome: &RequestOutcome) {
+        if let Some(inner) = &self.inner
+            && inner.producer.tracing_enabled()
+        {
+            let _ = inner.producer.push(&to_record(outcome));
+        }
+    }
+
+    /// Stamps the engine heartbeat the agent uses to tell a live engine from a dead one.
+    /// Call about once a second, off the request path.
+    pub fn heartbeat(&self) {
+        if let Some(inner) = &self.inner {
+            inner
+                .segment
+                .ring()
+                .beat_engine_heartbeat(crate::clock::now_ns());
+        }
+    }
+
+    /// The segment's path, when there is one.
+    #[must_use]
+    pub fn segment_path(&self) -> Option<String> {
+        self.inner
+            .as_ref()
+            .map(|i| shm::segment_path(&i.segment.info().instance))
+    }
+}
+
+/// The ABI record for an outcome.
+#[must_use]
+pub fn to_record(o: &RequestOutcome) -> shm::Record {
+    let mut flags = 0;
+    if o.stream {
+        flags |= shm::FLAG_STREAM;
+    }
+    if o.parent_span_id.is_some() {
+        flags |= shm::FLAG_REMOTE_PARENT;
+    }
+    shm::Record {
+        request_id: o.request_id,
+        trace_id: o.trace_id,
+        parent_span_id: o.parent_span_id.unwrap_or([0; 8]),
+        span_id: o.span_id,
+        t_arrival_ns: o.t_arrival_ns,
+        t_scheduled_ns: o.t_scheduled_ns,
+        t_first_token_ns: o.t_first_token_ns,
+        t_last_token_ns: o.t_last_token_ns,
+        t_finished_ns: o.t_finished_ns,
+        seed: o.sampling.seed,
+        prompt_tokens: o.prompt_tokens,
+        completion_tokens: o.completion_tokens,
+        cached_prompt_tokens: o.cached_prompt_tokens,
+        max_tokens: o.sampling.max_tokens,
+        temperature: o.sampling.temperature,
+        top_p: o.sampling.top_p,
+        frequency_penalty: o.sampling.frequency_penalty,
+        presence_penalty: o.sampling.presence_penalty,
+        top_k: o.sampling.top_k,
+        http_status: o.http_status,
+        model_index: o.model_index,
+        queue_depth: o.queue_depth,
+        running: o.running,
+        kind: match o.kind {
+            OutcomeKind::Finished => shm::RecordKind::RequestFinished,
+            OutcomeKind::Rejected => shm::RecordKind::RequestRejected,
+        } as u8,
+        operation: match o.operation {
+            Operation::Chat => shm::Operation::Chat,
+            Operation::TextCompletion => shm::Operation::TextCompletion,
+        } as u8,
+        finish_reason: match o.finish_reason {
+            FinishReason::None => shm::FinishReason::None,
+            FinishReason::Stop => shm::FinishReason::Stop,
+            FinishReason::Length => shm::FinishReason::Length,
+            FinishReason::Abort => shm::FinishReason::Abort,
+            FinishReason::Error => shm::FinishReason::Error,
+        } as u8,
+        error_type: match o.error {
+            ErrorKind::None => shm::ErrorType::None,
+            ErrorKind::InvalidRequest => shm::ErrorType::InvalidRequest,
+            ErrorKind::Unauthorized => shm::ErrorType::Unauthorized,
+            ErrorKind::ModelNotFound => shm::ErrorType::ModelNotFound,
+            ErrorKind::PayloadTooLarge => shm::ErrorType::PayloadTooLarge,
+            ErrorKind::QueueFull => shm::ErrorType::QueueFull,
+            ErrorKind::ContextLengthExceeded => shm::ErrorType::ContextLengthExceeded,
+            ErrorKind::ClientDisconnected => shm::ErrorType::ClientDisconnected,
+            ErrorKind::Internal => shm::ErrorType::Internal,
+            ErrorKind::Unavailable => shm::ErrorType::Unavailable,
+        } as u8,
+        trace_flags: o.trace_flags,
+        flags,
+        params_set: o.sampling.params_set,
+        reserved: [0; 100],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome() -> RequestOutcome {
+        RequestOutcome {
+            kind: OutcomeKind::Finished,
+            operation: Operation::Chat,
+            request_id: [1; 16],
+            trace_id: [2; 16],
+            parent_span_id: Some([3; 8]),
+            trace_flags: 1,
+            span_id: [4; 8],
+            t_arrival_ns: 10,
+            t_scheduled_ns: 20,
+            t_first_token_ns: 30,
+            t_last_token_ns: 40,
+            t_finished_ns: 50,
+            prompt_tokens: 7,
+            completion_tokens: 3,
+            cached_prompt_tokens: 0,
+            sampling: SamplingRecord {
+                max_tokens: 16,
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: 42,
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
+                params_set: params_set::TEMPERATURE | params_set::SEED,
+            },
+            stream: true,
+            finish_reason: FinishReason::Length,
+            http_status: 200,
+            error: ErrorKind::None,
+            model_index: 0,
+            queue_depth: 2,
+            running: 3,
+        }
+    }
+
+    #[test]
+    fn record_round_trips_through_the_abi_decoder() {
+        let decoded = to_record(&outcome()).decode(1).unwrap();
+        assert_eq!(decoded.kind, shm::RecordKind::RequestFinished);
+        assert_eq!(decoded.operation, shm::Operation::Chat);
+        assert_eq!(decoded.parent_span_id, Some([3; 8]));
+        assert!(decoded.stream);
+        assert_eq!(decoded.finish_reason, shm::FinishReason::Length);
+        assert_eq!(decoded.completion_tokens, 3);
+        assert_eq!(decoded.sampling.seed, 42);
+        assert_eq!(
+            decoded.params_set,
+            params_set::TEMPERATURE | params_set::SEED
+        );
+        assert_eq!(decoded.timestamps.first_token_ns, Some(30));
+    }
+
+    #[test]
+    fn rejection_without_parent_decodes() {
+        let mut o = outcome();
+        o.kind = OutcomeKind::Rejected;
+        o.parent_span_id = None;
+        o.t_scheduled_ns = 0;
+        o.t_first_token_ns = 0;
+        o.t_last_token_ns = 0;
+        o.completion_tokens = 0;
+        o.http_status = 429;
+        o.error = ErrorKind::QueueFull;
+        o.finish_reason = FinishReason::None;
+        let decoded = to_record(&o).decode(1).unwrap();
+        assert_eq!(decoded.parent_span_id, None);
+        assert_eq!(decoded.error_type, shm::ErrorType::QueueFull);
+    }
+
+    #[test]
+    fn params_bits_match_the_abi() {
+        assert_eq!(params_set::MAX_TOKENS, shm::params::MAX_TOKENS);
+        assert_eq!(params_set::TEMPERATURE, shm::params::TEMPERATURE);
+        assert_eq!(params_set::TOP_P, shm::params::TOP_P);
+        assert_eq!(params_set::TOP_K, shm::params::TOP_K);
+        assert_eq!(params_set::SEED, shm::params::SEED);
+        assert_eq!(
+            params_set::FREQUENCY_PENALTY,
+            shm::params::FREQUENCY_PENALTY
+        );
+        assert_eq!(params_set::PRESENCE_PENALTY, shm::params::PRESENCE_PENALTY);
+    }
+}

@@ -1,0 +1,331 @@
+//! Starting and talking to the real binaries in end-to-end tests.
+
+use ringside_shm_protocol::{AttachedSegment, OpenOptions, Record, RequestRecord, StartAt};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// End-to-end tests need the model, the Python tools and a release build; they
+/// run when `RINGSIDE_E2E=1` (as `scripts/test.sh` sets it) and are skipped,
+/// saying so, otherwise.
+pub fn e2e_enabled(test: &str) -> bool {
+    let on = std::env::var("RINGSIDE_E2E").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("{test}: skipped (set RINGSIDE_E2E=1; scripts/test.sh does)");
+    }
+    on
+}
+
+/// The directory holding the workspace's binaries for the profile the tests
+/// were built with (`target/<profile>`), found from the test executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// A binary of the workspace; tells how to build it if it is missing.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build it first (cargo build --workspace --release)",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// The Python of the project's virtualenv (`scripts/setup.sh` makes it).
+pub fn python() -> PathBuf {
+    let venv =
+        std::env::var_os("RINGSIDE_VENV").map_or_else(|| repo_root().join(".venv"), PathBuf::from);
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/setup.sh",
+        python.display()
+    );
+    python
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A unique instance name for this test process.
+pub fn unique_instance(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "e2e-{}-{tag}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A running `ringside-engine serve` on the default model.
+#[derive(Debug)]
+pub struct Engine {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its segment's instance name.
+    pub instance: String,
+    /// The served model name.
+    pub model: String,
+    log: PathBuf,
+}
+
+impl Engine {
+    /// Starts the engine with `extra` flags and waits until `/health` says it
+    /// is ready.
+    pub fn start(tag: &str, extra: &[&str]) -> Engine {
+        let port = free_port();
+        let instance = unique_instance(tag);
+        let log = std::env::temp_dir().join(format!("{instance}.log"));
+        let log_file = std::fs::File::create(&log).expect("engine log file");
+        let model = "gemma-3-270m".to_owned();
+        let child = Command::new(workspace_bin("ringside-engine"))
+            .args([
+                "serve",
+                "--port",
+                &port.to_string(),
+                "--instance",
+                &instance,
+            ])
+            .args(["--served-model-name", &model])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn ringside-engine");
+        let engine = Engine {
+            child,
+            port,
+            instance,
+            model,
+            log,
+        };
+        engine.wait_ready(Duration::from_secs(120));
+        engine
+    }
+
+    fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if http(self.port, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engine not ready; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The engine's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the engine process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `http://127.0.0.1:<port>/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    /// What the engine logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a scenario of `tests/e2e/openai_client.py` against this engine and
+    /// returns the JSON objects it printed, one per request.
+    pub fn openai_client(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let script = repo_root().join("tests/e2e/openai_client.py");
+        let output = Command::new(python())
+            .arg(script)
+            .args([&self.base_url(), &self.model])
+            .args(args)
+            .output()
+            .expect("run openai_client.py");
+        assert!(
+            output.status.success(),
+            "openai_client.py {args:?} failed:\n{}\nengine log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line from openai_client.py"))
+            .collect()
+    }
+
+    /// Opens the engine's segment as the agent would.
+    pub fn segment(&self) -> AttachedSegment {
+        AttachedSegment::open(&self.instance, &OpenOptions::default()).expect("open segment")
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // SIGTERM first, so the engine removes its segment.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every record the ring still holds, decoded (a bad record fails the test).
+pub fn records(segment: &AttachedSegment) -> Vec<RequestRecord> {
+    let mut consumer = segment.ring().consumer(StartAt::Oldest);
+    let model_count = segment.info().model_count();
+    let mut out = Vec::new();
+    consumer
+        .poll(usize::MAX, |_, record: &Record| {
+            out.push(
+                record
+                    .decode(model_count)
+                    .expect("engine wrote an invalid record"),
+            );
+        })
+        .expect("poll");
+    out
+}
+
+/// Lowercase hex of bytes, as the engine prints ids.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A raw HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header lines, lowercased names.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request with `Connection: close` and reads the whole response:
+/// raw on purpose, so tests control every byte (bad content types, broken
+/// JSON, oversized bodies).
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    // The server may answer (413) before reading a large body; ignore a reset.
+    let _ = stream.write_all(body);
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    let mut chunked = false;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            let name = name.trim().to_ascii_lowercase();
+            let value = value.trim().to_owned();
+            chunked |= name == "transfer-encoding" && value.contains("chunked");
+            headers.push((name, value));
+        }
+    }
+    let mut raw = Vec::new();
+    reader.read_to_end(&mut raw)?;
+    let body = if chunked { dechunk(&raw) } else { raw };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(pos) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[..pos])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
+            .unwrap_or(0);
+        raw = &raw[pos + 2..];
+        if size == 0 || raw.len() < size {
+            break;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = raw.get(size + 2..).unwrap_or(&[]);
+    }
+    out
+}

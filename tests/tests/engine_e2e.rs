@@ -1,0 +1,384 @@
+//! The real engine on the real default model, driven by the official OpenAI
+//! Python client and by raw HTTP; every response is checked against the
+//! record the engine wrote into its ring. Needs `RINGSIDE_E2E=1`.
+
+use ringside_shm_protocol::{ErrorType, FinishReason, Operation, RecordKind, RequestRecord};
+use ringside_tests::harness::{Engine, e2e_enabled, hex, http, records};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One engine at a time: they share two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn by_request_id(records: &[RequestRecord]) -> HashMap<String, RequestRecord> {
+    records.iter().map(|r| (hex(&r.request_id), *r)).collect()
+}
+
+fn id_hex(response_id: &str) -> &str {
+    response_id.rsplit('-').next().unwrap_or(response_id)
+}
+
+#[test]
+fn openai_client_responses_match_the_records_in_the_ring() {
+    if !e2e_enabled("openai_client_responses_match_the_records_in_the_ring") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let engine = Engine::start("basic", &["--parallel", "2"]);
+    let responses = engine.openai_client(&["basic"]);
+    assert_eq!(responses.len(), 10);
+    let segment = engine.segment();
+    let ring = by_request_id(&records(&segment));
+    let mut traced = 0;
+    for response in &responses {
+        let id = response["id"].as_str().expect("id");
+        let record = ring
+            .get(id_hex(id))
+            .unwrap_or_else(|| panic!("no record for {id}"));
+        assert_eq!(record.kind, RecordKind::RequestFinished, "{id}");
+        assert_eq!(record.http_status, 200, "{id}");
+        assert_eq!(record.error_type, ErrorType::None, "{id}");
+        let operation = match response["operation"].as_str() {
+            Some("chat") => Operation::Chat,
+            _ => Operation::TextCompletion,
+        };
+        assert_eq!(record.operation, operation, "{id}");
+        assert_eq!(
+            u64::from(record.prompt_tokens),
+            response["prompt_tokens"].as_u64().unwrap()
+        );
+        assert_eq!(
+            u64::from(record.completion_tokens),
+            response["completion_tokens"].as_u64().unwrap(),
+            "{id}: the record counts the tokens the client got"
+        );
+        assert_eq!(
+            record.finish_reason.as_str(),
+            response["finish_reason"].as_str(),
+            "{id}"
+        );
+        assert_eq!(record.stream, response["stream"].as_bool().unwrap(), "{id}");
+        let t = record.timestamps;
+        let scheduled = t.scheduled_ns.expect("scheduled");
+        let first = t.first_token_ns.expect("first token");
+        let last = t.last_token_ns.expect("last token");
+        assert!(t.arrival_ns <= scheduled && scheduled <= first && first <= last);
+        assert!(last <= t.finished_ns);
+        if let Some(traceparent) = response["traceparent"].as_str() {
+            let parts: Vec<&str> = traceparent.split('-').collect();
+            assert_eq!(
+                hex(&record.trace_id),
+                parts[1],
+                "trace id from the traceparent"
+            );
+            assert_eq!(
+                record.parent_span_id.map(|p| hex(&p)).as_deref(),
+                Some(parts[2])
+            );
+            assert_eq!(record.trace_flags, 1);
+            traced += 1;
+        } else {
+            assert_eq!(
+                record.parent_span_id, None,
+                "{id}: no caller span without traceparent"
+            );
+        }
+        assert_ne!(record.span_id, [0; 8]);
+    }
+    assert_eq!(traced, 1);
+    let trace_ids: std::collections::HashSet<_> = ring.values().map(|r| r.trace_id).collect();
+    assert_eq!(
+        trace_ids.len(),
+        ring.len(),
+        "each untraced request starts its own trace"
+    );
+}
+
+#[test]
+fn eight_clients_on_four_slots_all_finish_and_decode_together() {
+    if !e2e_enabled("eight_clients_on_four_slots_all_finish_and_decode_together") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let engine = Engine::start("batch", &["--parallel", "4"]);
+    let responses = engine.openai_client(&["concurrent", "8"]);
+    assert_eq!(responses.len(), 8);
+    let segment = engine.segment();
+    let recs = records(&segment);
+    assert_eq!(recs.len(), 8);
+    assert!(
+        recs.iter()
+            .all(|r| r.http_status == 200 && r.completion_tokens == 24)
+    );
+    // Sweep the decode intervals: how many sequences were decoding at once.
+    let mut events: Vec<(u64, i32)> = recs
+        .iter()
+        .flat_map(|r| {
+            let t = r.timestamps;
+            [
+                (t.first_token_ns.unwrap(), 1),
+                (t.last_token_ns.unwrap(), -1),
+            ]
+        })
+        .collect();
+    events.sort_by_key(|&(at, delta)| (at, -delta));
+    let (mut now, mut most) = (0, 0);
+    for (_, delta) in events {
+        now += delta;
+        most = most.max(now);
+    }
+    eprintln!("decode intervals overlapping at most: {most}");
+    assert!(
+        most >= 2,
+        "continuous batching: decode intervals must overlap"
+    );
+    assert!(most <= 4, "never more sequences than --parallel");
+    let most_running = recs.iter().map(|r| r.running).max().unwrap_or(0);
+    assert!(most_running <= 4);
+}
+
+#[test]
+fn tracing_switched_off_in_the_segment_stops_records_and_on_brings_them_back() {
+    if !e2e_enabled("tracing_switched_off_in_the_segment_stops_records_and_on_brings_them_back") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut engine = Engine::start("toggle", &["--parallel", "1"]);
+    let pid = engine.pid();
+    let segment = engine.segment();
+    let control = segment.ring().control();
+    engine.openai_client(&["one"]);
+    assert_eq!(segment.ring().counters().head, 1);
+    control.set_tracing_enabled(false);
+    engine.openai_client(&["one"]);
+    engine.openai_client(&["one"]);
+    assert_eq!(
+        segment.ring().counters().head,
+        1,
+        "no records while tracing is off"
+    );
+    control.set_tracing_enabled(true);
+    let responses = engine.openai_client(&["one"]);
+    assert_eq!(segment.ring().counters().head, 2, "records again once on");
+    let recs = records(&segment);
+    assert_eq!(
+        hex(&recs[1].request_id),
+        id_hex(responses[0]["id"].as_str().unwrap())
+    );
+    assert!(engine.running());
+    assert_eq!(engine.pid(), pid, "same engine process throughout");
+}
+
+#[test]
+fn bad_input_gets_the_right_status_and_a_record_and_the_engine_keeps_serving() {
+    if !e2e_enabled("bad_input_gets_the_right_status_and_a_record_and_the_engine_keeps_serving") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let engine = Engine::start(
+        "badinput",
+        &[
+            "--parallel",
+            "1",
+            "--ctx-size",
+            "256",
+            "--api-key",
+            "sk-test",
+        ],
+    );
+    let auth = ("authorization", "Bearer sk-test");
+    let json = ("content-type", "application/json");
+    let chat = "/v1/chat/completions";
+    let model = engine.model.clone();
+    let body = |extra: &str| {
+        format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#)
+    };
+    let long_prompt = format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "hello ".repeat(600)
+    );
+    let oversized = vec![b' '; 5 * 1024 * 1024];
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "invalid json",
+            vec![auth, json],
+            b"{not json".to_vec(),
+            400,
+            "",
+        ),
+        (
+            "wrong content type",
+            vec![auth, ("content-type", "text/plain")],
+            body("").into(),
+            415,
+            "",
+        ),
+        ("oversized body", vec![auth, json], oversized, 413, ""),
+        (
+            "unknown model",
+            vec![auth, json],
+            br#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#.to_vec(),
+            404,
+            "model",
+        ),
+        (
+            "empty messages",
+            vec![auth, json],
+            format!(r#"{{"model":"{model}","messages":[]}}"#).into(),
+            400,
+            "messages",
+        ),
+        (
+            "negative max_tokens",
+            vec![auth, json],
+            body(r#","max_tokens":-1"#).into(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "temperature out of range",
+            vec![auth, json],
+            body(r#","temperature":5"#).into(),
+            400,
+            "temperature",
+        ),
+        (
+            "n other than 1",
+            vec![auth, json],
+            body(r#","n":2"#).into(),
+            400,
+            "n",
+        ),
+        (
+            "prompt over the context",
+            vec![auth, json],
+            long_prompt.into(),
+            400,
+            "context",
+        ),
+        (
+            "wrong api key",
+            vec![("authorization", "Bearer nope"), json],
+            body("").into(),
+            401,
+            "",
+        ),
+        ("missing api key", vec![json], body("").into(), 401, ""),
+    ];
+    let mut expected_statuses = Vec::new();
+    for (what, headers, payload, status, mention) in &cases {
+        let response = http(engine.port, "POST", chat, headers, payload).expect(what);
+        assert_eq!(
+            response.status,
+            *status,
+            "{what}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
+        let error = &response.json()["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {error}"
+        );
+        if !mention.is_empty() {
+            let text = format!("{} {}", error["param"], error["message"]);
+            assert!(
+                text.contains(mention),
+                "{what}: error should name {mention:?}: {error}"
+            );
+        }
+        expected_statuses.push(*status);
+    }
+    // A malformed traceparent does not fail the request: a new trace starts.
+    let bad_parent = (
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+    );
+    let ok = http(
+        engine.port,
+        "POST",
+        chat,
+        &[auth, json, bad_parent],
+        body(r#","max_tokens":2"#).as_bytes(),
+    )
+    .expect("request with a bad traceparent");
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    // And the engine still serves normally.
+    let after = http(
+        engine.port,
+        "POST",
+        "/v1/completions",
+        &[auth, json],
+        format!(r#"{{"model":"{model}","prompt":"Hi","max_tokens":2}}"#).as_bytes(),
+    )
+    .expect("after");
+    assert_eq!(after.status, 200);
+
+    let recs = records(&engine.segment());
+    let rejected: Vec<u16> = recs
+        .iter()
+        .filter(|r| r.kind == RecordKind::RequestRejected)
+        .map(|r| r.http_status)
+        .collect();
+    let mut want = expected_statuses.clone();
+    want.sort_unstable();
+    let mut got = rejected.clone();
+    got.sort_unstable();
+    assert_eq!(
+        got, want,
+        "one rejection record per refused request, with its status"
+    );
+    let traced = recs
+        .iter()
+        .find(|r| r.http_status == 200)
+        .expect("the bad-traceparent request");
+    assert_eq!(traced.parent_span_id, None);
+    assert_ne!(hex(&traced.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_slot_at_once() {
+    if !e2e_enabled("a_client_that_disconnects_frees_its_slot_at_once") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let engine = Engine::start("abort", &["--parallel", "1"]);
+    let body = format!(
+        r#"{{"model":"{}","prompt":"Tell me a very long story.","max_tokens":3000,"stream":true}}"#,
+        engine.model
+    );
+    {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", engine.port)).unwrap();
+        write!(
+            stream,
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        // Wait until tokens are flowing, then hang up.
+        let mut buf = [0u8; 2048];
+        let mut seen = 0;
+        while seen < 1500 {
+            seen += stream.read(&mut buf).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let responses = engine.openai_client(&["one"]);
+    let recs = records(&engine.segment());
+    let aborted = recs
+        .iter()
+        .find(|r| r.finish_reason == FinishReason::Abort)
+        .expect("abort record");
+    assert_eq!(aborted.error_type, ErrorType::ClientDisconnected);
+    assert!(aborted.completion_tokens < 3000);
+    let next = by_request_id(&recs)[id_hex(responses[0]["id"].as_str().unwrap())];
+    let waited_ms = next.queue_ns().unwrap() / 1_000_000;
+    // The aborted request had ~3000 tokens to go (over a minute here): the
+    // next one got the slot without waiting for them.
+    assert!(
+        waited_ms < 5_000,
+        "next request waited {waited_ms} ms for the slot"
+    );
+}
