@@ -16,9 +16,13 @@ skipped=()
 
 step "setup"
 scripts/setup.sh --tests
+source scripts/cpu-flags.sh
 
 # One profile for everything: llama.cpp is compiled once, and the engine runs
 # at a usable speed in the end-to-end tests.
+step "build (the end-to-end tests start the workspace's binaries)"
+cargo build --workspace --release --locked --bins
+
 step "cargo test --workspace (unit, property, cross-process, end-to-end)"
 RINGSIDE_E2E=1 cargo test --workspace --release --locked
 

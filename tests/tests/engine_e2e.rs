@@ -316,6 +316,17 @@ fn bad_input_gets_the_right_status_and_a_record_and_the_engine_keeps_serving() {
     .expect("after");
     assert_eq!(after.status, 200);
 
+    // /metrics counts them, in a form promtool accepts.
+    let metrics = http(engine.port, "GET", "/metrics", &[], b"").expect("/metrics");
+    assert_eq!(metrics.status, 200);
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        text.contains(r#"operation="chat",status="401"} 2"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"operation="chat",status="400"}"#), "{text}");
+    promtool_accepts(&text);
+
     let recs = records(&engine.segment());
     let rejected: Vec<u16> = recs
         .iter()
@@ -380,5 +391,29 @@ fn a_client_that_disconnects_frees_its_slot_at_once() {
     assert!(
         waited_ms < 5_000,
         "next request waited {waited_ms} ms for the slot"
+    );
+}
+
+/// `promtool check metrics` (Debian package prometheus) accepts the page.
+fn promtool_accepts(page: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus; scripts/setup.sh does)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(page.as_bytes())
+        .expect("write");
+    let output = child.wait_with_output().expect("promtool");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}\n{page}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
 }
