@@ -34,6 +34,13 @@ if ! .venv/bin/python -c 'import openai, rotel' 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
 fi
 
+# The rotel wheel ships its collector binary inside the package: put it on
+# the venv's PATH under its own name.
+if [[ ! -x .venv/bin/rotel-agent ]]; then
+    rotel_bin="$(.venv/bin/python -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')"
+    ln -sf "$rotel_bin" .venv/bin/rotel-agent
+fi
+
 # The default model (Gemma 3 270M Q4_K_M) into the cache, checksum-verified.
 scripts/install-model.sh >/dev/null
 

@@ -131,6 +131,9 @@ fn main() {
             [false, true]
         };
         for tracing in order {
+            // The engine writes a record just after the response: let the
+            // last one of the previous phase land before flipping.
+            std::thread::sleep(Duration::from_millis(100));
             segment.ring().control().set_tracing_enabled(tracing);
             for _ in 0..per_block {
                 let (seconds, tokens) = complete(port);
@@ -144,6 +147,7 @@ fn main() {
             }
         }
     }
+    std::thread::sleep(Duration::from_millis(100));
     let written = segment.ring().counters().head;
     let _ = Command::new("kill").arg(engine.id().to_string()).status();
     let _ = engine.wait();

@@ -209,6 +209,21 @@ impl Drop for Engine {
     }
 }
 
+/// Waits until the engine has written `count` records. The engine writes a
+/// request's record right after handing the response over, so a client can
+/// see its response a moment before the record is in the ring.
+pub fn wait_for_records(segment: &AttachedSegment, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while segment.ring().counters().head < count {
+        assert!(
+            Instant::now() < deadline,
+            "expected {count} records, the ring has {}",
+            segment.ring().counters().head
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Every record the ring still holds, decoded (a bad record fails the test).
 pub fn records(segment: &AttachedSegment) -> Vec<RequestRecord> {
     let mut consumer = segment.ring().consumer(StartAt::Oldest);

@@ -3,7 +3,7 @@
 //! record the engine wrote into its ring. Needs `RINGSIDE_E2E=1`.
 
 use ringside_shm_protocol::{ErrorType, FinishReason, Operation, RecordKind, RequestRecord};
-use ringside_tests::harness::{Engine, e2e_enabled, hex, http, records};
+use ringside_tests::harness::{Engine, e2e_enabled, hex, http, records, wait_for_records};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::Mutex;
@@ -30,6 +30,7 @@ fn openai_client_responses_match_the_records_in_the_ring() {
     let responses = engine.openai_client(&["basic"]);
     assert_eq!(responses.len(), 10);
     let segment = engine.segment();
+    wait_for_records(&segment, 10);
     let ring = by_request_id(&records(&segment));
     let mut traced = 0;
     for response in &responses {
@@ -106,6 +107,7 @@ fn eight_clients_on_four_slots_all_finish_and_decode_together() {
     let responses = engine.openai_client(&["concurrent", "8"]);
     assert_eq!(responses.len(), 8);
     let segment = engine.segment();
+    wait_for_records(&segment, 8);
     let recs = records(&segment);
     assert_eq!(recs.len(), 8);
     assert!(
@@ -150,10 +152,11 @@ fn tracing_switched_off_in_the_segment_stops_records_and_on_brings_them_back() {
     let segment = engine.segment();
     let control = segment.ring().control();
     engine.openai_client(&["one"]);
-    assert_eq!(segment.ring().counters().head, 1);
+    wait_for_records(&segment, 1);
     control.set_tracing_enabled(false);
     engine.openai_client(&["one"]);
     engine.openai_client(&["one"]);
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         segment.ring().counters().head,
         1,
@@ -161,7 +164,13 @@ fn tracing_switched_off_in_the_segment_stops_records_and_on_brings_them_back() {
     );
     control.set_tracing_enabled(true);
     let responses = engine.openai_client(&["one"]);
-    assert_eq!(segment.ring().counters().head, 2, "records again once on");
+    wait_for_records(&segment, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        segment.ring().counters().head,
+        2,
+        "exactly one record once on again"
+    );
     let recs = records(&segment);
     assert_eq!(
         hex(&recs[1].request_id),
@@ -327,7 +336,9 @@ fn bad_input_gets_the_right_status_and_a_record_and_the_engine_keeps_serving() {
     assert!(text.contains(r#"operation="chat",status="400"}"#), "{text}");
     promtool_accepts(&text);
 
-    let recs = records(&engine.segment());
+    let segment = engine.segment();
+    wait_for_records(&segment, cases.len() as u64 + 2);
+    let recs = records(&segment);
     let rejected: Vec<u16> = recs
         .iter()
         .filter(|r| r.kind == RecordKind::RequestRejected)
@@ -377,7 +388,9 @@ fn a_client_that_disconnects_frees_its_slot_at_once() {
     }
     std::thread::sleep(Duration::from_millis(200));
     let responses = engine.openai_client(&["one"]);
-    let recs = records(&engine.segment());
+    let segment = engine.segment();
+    wait_for_records(&segment, 2);
+    let recs = records(&segment);
     let aborted = recs
         .iter()
         .find(|r| r.finish_reason == FinishReason::Abort)

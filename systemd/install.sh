@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs (or with --uninstall removes) ringside on a systemd host:
+# binaries in /usr/local/bin, units in /etc/systemd/system, system users via
+# sysusers.d, default configuration in /etc/ringside (never overwritten).
+#
+#   systemd/install.sh [--bin-dir target/release] [--root /]      install
+#   systemd/install.sh --uninstall [--root /]                     remove (keeps /etc/ringside and /var/lib/ringside)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+root=/
+bin_dir=../target/release
+action=install
+while (($#)); do
+    case "$1" in
+        --uninstall) action=uninstall ;;
+        --root) root="$2"; shift ;;
+        --bin-dir) bin_dir="$2"; shift ;;
+        *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+root="${root%/}"
+
+units=(ringside-engine@.service ringside-agent.service)
+systemd_running() { [[ -z "$root" ]] && [[ -d /run/systemd/system ]]; }
+
+if [[ "$action" == uninstall ]]; then
+    if systemd_running; then
+        systemctl disable --now ringside-agent.service 'ringside-engine@*.service' 2>/dev/null || true
+    fi
+    for unit in "${units[@]}"; do rm -f "$root/etc/systemd/system/$unit"; done
+    rm -f "$root/usr/local/bin/ringside-engine" "$root/usr/local/bin/ringside-agent"
+    rm -f "$root/usr/lib/sysusers.d/ringside.conf"
+    systemd_running && systemctl daemon-reload
+    echo "removed ringside (kept $root/etc/ringside, $root/var/lib/ringside and the system users)"
+    exit 0
+fi
+
+for bin in ringside-engine ringside-agent; do
+    [[ -x "$bin_dir/$bin" ]] || { echo "install.sh: $bin_dir/$bin missing: cargo build --release" >&2; exit 1; }
+done
+install -d "$root/usr/local/bin" "$root/etc/systemd/system" "$root/usr/lib/sysusers.d" "$root/etc/ringside"
+install -m 0755 "$bin_dir/ringside-engine" "$bin_dir/ringside-agent" "$root/usr/local/bin/"
+install -m 0644 "${units[@]}" "$root/etc/systemd/system/"
+install -m 0644 ringside.sysusers "$root/usr/lib/sysusers.d/ringside.conf"
+if [[ -z "$root" ]]; then
+    systemd-sysusers /usr/lib/sysusers.d/ringside.conf
+else
+    systemd-sysusers --root="$root" "$root/usr/lib/sysusers.d/ringside.conf"
+fi
+install -d -m 0750 "$root/var/lib/ringside"
+[[ -e "$root/etc/ringside/engine.env" ]] || install -m 0644 engine.env "$root/etc/ringside/engine.env"
+if [[ ! -e "$root/etc/ringside/agent.env" ]]; then
+    engine_uid="$(awk -F: '$1 == "ringside-engine" { print $3 }' "$root/etc/passwd")"
+    sed "s/^RINGSIDE_AGENT_ARGS=.*/RINGSIDE_AGENT_ARGS=--trusted-uid ${engine_uid}/" agent.env \
+        >"$root/etc/ringside/agent.env"
+    chmod 0640 "$root/etc/ringside/agent.env"
+fi
+if systemd_running; then
+    systemctl daemon-reload
+fi
+echo "installed ringside; next: systemctl enable --now ringside-engine@<instance> ringside-agent"
