@@ -101,6 +101,18 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGSIDE_TRACING", value_enum, default_value_t = Switch::On)]
     pub tracing: Switch,
 
+    /// Export this engine's requests as OTLP spans to this collector (gRPC, e.g.
+    /// `http://collector:4317`): starts a companion `ringside-agent` attached to this engine.
+    /// Without it, an `OTEL_EXPORTER_OTLP_ENDPOINT` (or `_TRACES_ENDPOINT`) in the environment
+    /// does the same, with the agent configured by the OTEL_* variables.
+    #[arg(long, env = "RINGSIDE_OTLP_TRACES_ENDPOINT", value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
+
+    /// Never start a companion agent, even with OTEL_EXPORTER_OTLP_* set (a host-wide
+    /// `ringside-agent` attaches by itself).
+    #[arg(long, env = "RINGSIDE_NO_COMPANION_AGENT")]
+    pub no_companion_agent: bool,
+
     /// Chat template: `gemma`, `chatml`, or a name/template llama.cpp knows (e.g. `llama3`).
     /// Default: the model's own template, else the built-in one for its architecture.
     #[arg(long, env = "RINGSIDE_CHAT_TEMPLATE")]

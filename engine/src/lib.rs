@@ -11,6 +11,7 @@ pub mod api;
 pub mod chat_template;
 pub mod cli;
 pub mod clock;
+pub mod companion;
 pub mod metrics;
 pub mod model;
 pub mod omp;

@@ -23,6 +23,9 @@ pub enum ServeError {
     /// The telemetry segment could not be created.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    /// `--otlp-traces-endpoint` was given but the companion agent could not be started.
+    #[error(transparent)]
+    Companion(#[from] crate::companion::CompanionError),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -97,6 +100,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         tracing::info!(%segment, tracing = ?args.tracing, capacity = args.ring_capacity,
             "telemetry ring created");
     }
+    let companion = match crate::companion::wanted(&args, |name| std::env::var(name).ok()) {
+        None => None,
+        Some(target) => match crate::companion::Companion::start(&args.instance_name(), &target) {
+            Ok(companion) => Some(companion),
+            // Asked for on the command line: refuse to run without it.
+            Err(e) if matches!(target, crate::companion::Target::Endpoint(_)) => {
+                return Err(e.into());
+            }
+            Err(e) => {
+                tracing::warn!("OTEL_EXPORTER_OTLP_* is set but {e}; not exporting");
+                None
+            }
+        },
+    };
     let heartbeat = telemetry.clone();
     let heartbeat_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -189,6 +206,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let _ = stop_tx.send(());
     if let Some(e) = fatal {
         heartbeat_task.abort();
+        if let Some(companion) = companion {
+            let _ = tokio::task::spawn_blocking(move || companion.stop()).await;
+        }
         return Err(e);
     }
     let served = match server.await {
@@ -206,5 +226,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
     heartbeat_task.abort();
     let _ = heartbeat_task.await;
+    // Last: the companion drains what the engine wrote, flushes, and exits.
+    if let Some(companion) = companion {
+        let _ = tokio::task::spawn_blocking(move || companion.stop()).await;
+    }
     served
 }

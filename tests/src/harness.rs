@@ -344,3 +344,132 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// The `rotel-agent` collector binary (PyPI `rotel`; `scripts/setup.sh` links
+/// it into the venv).
+pub fn rotel_binary() -> PathBuf {
+    let venv =
+        std::env::var_os("RINGSIDE_VENV").map_or_else(|| repo_root().join(".venv"), PathBuf::from);
+    let path = venv.join("bin/rotel-agent");
+    assert!(
+        path.exists(),
+        "{} not found: run scripts/setup.sh",
+        path.display()
+    );
+    path
+}
+
+/// A real OpenTelemetry collector (`rotel-agent`) on loopback, printing every
+/// span it receives.
+#[derive(Debug)]
+pub struct Collector {
+    child: Child,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+    /// OTLP/gRPC port.
+    pub grpc_port: u16,
+    /// OTLP/HTTP port.
+    pub http_port: u16,
+}
+
+impl Collector {
+    /// Starts rotel and waits until its gRPC port accepts connections.
+    pub fn start() -> Collector {
+        let (grpc_port, http_port) = (free_port(), free_port());
+        let mut child = Command::new(rotel_binary())
+            .args(["start", "--exporter", "blackhole"])
+            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+            .args(["--debug-log", "traces", "--debug-log-verbosity", "detailed"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start rotel-agent");
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let streams: Vec<Box<dyn Read + Send>> = vec![
+            Box::new(child.stdout.take().expect("stdout")),
+            Box::new(child.stderr.take().expect("stderr")),
+        ];
+        for stream in streams {
+            let output = std::sync::Arc::clone(&output);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut text = output.lock().unwrap_or_else(|e| e.into_inner());
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", grpc_port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "rotel did not listen on {grpc_port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Collector {
+            child,
+            output,
+            grpc_port,
+            http_port,
+        }
+    }
+
+    /// Everything rotel printed so far.
+    pub fn text(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until a span with `span_id` (hex) was received, and returns its
+    /// printed block (up to the next span).
+    pub fn wait_for_span(&self, span_id: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(block) = span_block(&self.text(), span_id) {
+                return block;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "span {span_id} never reached the collector; it printed:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The block rotel printed for the span whose `ID` is `span_id`.
+pub fn span_block(text: &str, span_id: &str) -> Option<String> {
+    text.split("Span #")
+        .skip(1)
+        .map(|block| {
+            // A block ends where the next resource or scope starts.
+            let end = ["ResourceSpans #", "ScopeSpans #", "ResourceMetrics #"]
+                .iter()
+                .filter_map(|m| block.find(m))
+                .min()
+                .unwrap_or(block.len());
+            &block[..end]
+        })
+        .find(|block| span_field(block, "ID") == Some(span_id))
+        .map(str::to_owned)
+}
+
+/// A `Name : value` field of a printed span block.
+pub fn span_field<'a>(block: &'a str, name: &str) -> Option<&'a str> {
+    block.lines().find_map(|line| {
+        let (key, value) = line.split_once(" : ")?;
+        (key.trim() == name).then(|| value.trim())
+    })
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
