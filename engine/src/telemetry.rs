@@ -23,68 +23,9 @@ pub enum OutcomeKind {
     Rejected,
 }
 
-/// The OpenAI operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    /// `POST /v1/chat/completions`.
-    Chat,
-    /// `POST /v1/completions`.
-    TextCompletion,
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// No generation took place.
-    None,
-    /// End of sequence or a stop string.
-    Stop,
-    /// `max_tokens` or the context was exhausted.
-    Length,
-    /// The client went away.
-    Abort,
-    /// The engine failed the request.
-    Error,
-}
-
-impl FinishReason {
-    /// OpenAI's spelling, for `finish_reason`.
-    #[must_use]
-    pub fn as_str(self) -> Option<&'static str> {
-        match self {
-            Self::None => None,
-            Self::Stop => Some("stop"),
-            Self::Length => Some("length"),
-            Self::Abort => Some("abort"),
-            Self::Error => Some("error"),
-        }
-    }
-}
-
-/// The class of failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Success.
-    None,
-    /// 400 (or 415): malformed body or invalid parameter.
-    InvalidRequest,
-    /// 401: missing or wrong API key.
-    Unauthorized,
-    /// 404: unknown model.
-    ModelNotFound,
-    /// 413: body over the size cap.
-    PayloadTooLarge,
-    /// 429: the queue was full.
-    QueueFull,
-    /// 400: the prompt does not fit the context.
-    ContextLengthExceeded,
-    /// The client disconnected before the response was complete.
-    ClientDisconnected,
-    /// 500: the engine failed.
-    Internal,
-    /// 503: loading or shutting down.
-    Unavailable,
-}
+/// The OpenAI operation, the reason generation ended and the class of failure are the ring
+/// ABI's own types: the record stores them as they are.
+pub use shm::{ErrorType as ErrorKind, FinishReason, Operation};
 
 /// Effective sampling parameters as recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -107,23 +48,8 @@ pub struct SamplingRecord {
     pub params_set: u16,
 }
 
-/// Bits of [`SamplingRecord::params_set`] (same values as the ring ABI).
-pub mod params_set {
-    /// `max_tokens` / `max_completion_tokens`.
-    pub const MAX_TOKENS: u16 = 1 << 0;
-    /// `temperature`.
-    pub const TEMPERATURE: u16 = 1 << 1;
-    /// `top_p`.
-    pub const TOP_P: u16 = 1 << 2;
-    /// `top_k`.
-    pub const TOP_K: u16 = 1 << 3;
-    /// `seed`.
-    pub const SEED: u16 = 1 << 4;
-    /// `frequency_penalty`.
-    pub const FREQUENCY_PENALTY: u16 = 1 << 5;
-    /// `presence_penalty`.
-    pub const PRESENCE_PENALTY: u16 = 1 << 6;
-}
+/// Bits of [`SamplingRecord::params_set`]: the ring ABI's.
+pub use shm::params as params_set;
 
 /// Everything the engine knows about one request when it ends. Plain data, `Copy`.
 /// Timestamps are `CLOCK_MONOTONIC` nanoseconds; 0 means "did not happen".
@@ -305,29 +231,9 @@ pub fn to_record(o: &RequestOutcome) -> shm::Record {
             OutcomeKind::Finished => shm::RecordKind::RequestFinished,
             OutcomeKind::Rejected => shm::RecordKind::RequestRejected,
         } as u8,
-        operation: match o.operation {
-            Operation::Chat => shm::Operation::Chat,
-            Operation::TextCompletion => shm::Operation::TextCompletion,
-        } as u8,
-        finish_reason: match o.finish_reason {
-            FinishReason::None => shm::FinishReason::None,
-            FinishReason::Stop => shm::FinishReason::Stop,
-            FinishReason::Length => shm::FinishReason::Length,
-            FinishReason::Abort => shm::FinishReason::Abort,
-            FinishReason::Error => shm::FinishReason::Error,
-        } as u8,
-        error_type: match o.error {
-            ErrorKind::None => shm::ErrorType::None,
-            ErrorKind::InvalidRequest => shm::ErrorType::InvalidRequest,
-            ErrorKind::Unauthorized => shm::ErrorType::Unauthorized,
-            ErrorKind::ModelNotFound => shm::ErrorType::ModelNotFound,
-            ErrorKind::PayloadTooLarge => shm::ErrorType::PayloadTooLarge,
-            ErrorKind::QueueFull => shm::ErrorType::QueueFull,
-            ErrorKind::ContextLengthExceeded => shm::ErrorType::ContextLengthExceeded,
-            ErrorKind::ClientDisconnected => shm::ErrorType::ClientDisconnected,
-            ErrorKind::Internal => shm::ErrorType::Internal,
-            ErrorKind::Unavailable => shm::ErrorType::Unavailable,
-        } as u8,
+        operation: o.operation as u8,
+        finish_reason: o.finish_reason as u8,
+        error_type: o.error as u8,
         trace_flags: o.trace_flags,
         flags,
         params_set: o.sampling.params_set,
