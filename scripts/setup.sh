@@ -29,8 +29,8 @@ if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv"
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import openai, rotel' 2>/dev/null; then
-    say "pip install openai rotel"
+if ! .venv/bin/python -c 'import openai, rotel, kubernetes_validate' 2>/dev/null; then
+    say "pip install -r scripts/requirements.txt"
     .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
 fi
 

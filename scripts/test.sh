@@ -26,6 +26,10 @@ cargo build --workspace --release --locked --bins
 step "cargo test --workspace (unit, property, cross-process, end-to-end)"
 RINGSIDE_E2E=1 cargo test --workspace --release --locked
 
+step "deployment: systemd units (verify, security, two users + group) and Kubernetes manifests"
+systemd/check.sh
+.venv/bin/python deploy/kubernetes/check.py
+
 step "loom model of the commit protocol"
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \
     cargo test -p ringside-shm-protocol --release --lib --target-dir target/loom -- loom

@@ -6,10 +6,9 @@
 #   systemd/install.sh [--bin-dir target/release] [--root /]      install
 #   systemd/install.sh --uninstall [--root /]                     remove (keeps /etc/ringside and /var/lib/ringside)
 set -euo pipefail
-cd "$(dirname "$0")"
 
 root=/
-bin_dir=../target/release
+bin_dir="$(dirname "$0")/../target/release"
 action=install
 while (($#)); do
     case "$1" in
@@ -21,6 +20,9 @@ while (($#)); do
     shift
 done
 root="${root%/}"
+# Paths given are relative to where the command was run; the rest to here.
+bin_dir="$(realpath -m "$bin_dir")"
+cd "$(dirname "$0")"
 
 units=(ringside-engine@.service ringside-agent.service)
 systemd_running() { [[ -z "$root" ]] && [[ -d /run/systemd/system ]]; }
@@ -49,7 +51,9 @@ if [[ -z "$root" ]]; then
 else
     systemd-sysusers --root="$root" "$root/usr/lib/sysusers.d/ringside.conf"
 fi
+# The engine's state (the model cache); StateDirectory= also fixes this at start.
 install -d -m 0750 "$root/var/lib/ringside"
+if [[ -z "$root" ]]; then chown ringside-engine:ringside /var/lib/ringside; fi
 [[ -e "$root/etc/ringside/engine.env" ]] || install -m 0644 engine.env "$root/etc/ringside/engine.env"
 if [[ ! -e "$root/etc/ringside/agent.env" ]]; then
     engine_uid="$(awk -F: '$1 == "ringside-engine" { print $3 }' "$root/etc/passwd")"

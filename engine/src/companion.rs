@@ -64,11 +64,19 @@ pub fn wanted(args: &ServeArgs, env: impl Fn(&str) -> Option<String>) -> Option<
 /// The arguments the companion is started with.
 #[must_use]
 pub fn agent_args(instance: &str, target: &Target) -> Vec<String> {
-    // --backfill: requests served before the agent attached are exported too.
-    let mut args: Vec<String> = ["run", "--engine", instance, "--backfill"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    // --backfill: requests served before the agent attached are exported too. No admin API:
+    // that is the host agent's; companions of several engines would fight over its port.
+    let mut args: Vec<String> = [
+        "run",
+        "--engine",
+        instance,
+        "--backfill",
+        "--admin-listen",
+        "off",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
     if let Target::Endpoint(url) = target {
         args.extend([
             "--endpoint".to_owned(),
@@ -195,6 +203,8 @@ mod tests {
                 "--engine",
                 "engine-8000",
                 "--backfill",
+                "--admin-listen",
+                "off",
                 "--endpoint",
                 "http://c:4317",
                 "--protocol",
@@ -203,7 +213,14 @@ mod tests {
         );
         assert_eq!(
             agent_args("e", &Target::Environment),
-            ["run", "--engine", "e", "--backfill"]
+            [
+                "run",
+                "--engine",
+                "e",
+                "--backfill",
+                "--admin-listen",
+                "off"
+            ]
         );
     }
 }

@@ -1,0 +1,196 @@
+//! Drain + convert throughput: records/s from a segment's ring through
+//! validation, metrics, sampling and span conversion into the export queue.
+//!
+//! Two runs: a pre-filled ring drained in batches (the reader alone), and a
+//! producer thread writing at full speed while the reader keeps up.
+//!
+//! `cargo bench -p ringside-agent --bench drain_convert`
+
+use clap::Parser;
+use ringside_agent::attach::Reader;
+use ringside_agent::config::{Cli, Command, Settings};
+use ringside_agent::metrics::Metrics;
+use ringside_agent::queue::ExportQueue;
+use ringside_agent::resource::ResourceEnv;
+use ringside_agent::spans::SpanPool;
+use ringside_shm_protocol::{
+    CreateOptions, EngineSegment, FLAG_REMOTE_PARENT, FinishReason, Operation, OverflowMode,
+    Record, RecordKind, monotonic_ns,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CAPACITY: u32 = 1 << 16;
+
+// The same allocator as the binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn record(seq: u64, now: u64) -> Record {
+    let mut r: Record = bytemuck::Zeroable::zeroed();
+    r.request_id = u128::from(seq + 1).to_be_bytes();
+    r.trace_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
+    r.trace_id[8] = 1;
+    r.parent_span_id = [0x11; 8];
+    r.span_id = (seq + 1).to_be_bytes();
+    r.t_arrival_ns = now;
+    r.t_scheduled_ns = now + 1_000;
+    r.t_first_token_ns = now + 2_000;
+    r.t_last_token_ns = now + 3_000;
+    r.t_finished_ns = now + 4_000;
+    r.prompt_tokens = 12;
+    r.completion_tokens = 7;
+    r.max_tokens = 16;
+    r.temperature = 0.7;
+    r.top_p = 0.95;
+    r.http_status = 200;
+    r.kind = RecordKind::RequestFinished as u8;
+    r.operation = Operation::Chat as u8;
+    r.finish_reason = FinishReason::Stop as u8;
+    r.trace_flags = 1;
+    r.flags = FLAG_REMOTE_PARENT;
+    r
+}
+
+/// CPU time this process has used (user + system), from /proc (10 ms ticks).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn reader(name: &str) -> (Reader, Arc<ExportQueue>, Arc<SpanPool>) {
+    let cli = Cli::try_parse_from([
+        "ringside-agent",
+        "run",
+        "--exporter",
+        "console",
+        "--engine",
+        name,
+        "--queue-max-items",
+        "10000000",
+        "--queue-max-mib",
+        "65536",
+    ])
+    .expect("bench flags");
+    let Command::Run(args) = cli.command else {
+        unreachable!("parsed as run")
+    };
+    let settings = Settings::resolve(&args, &|_| None).expect("bench settings");
+    let queue = Arc::new(ExportQueue::new(10_000_000, 1 << 36, 512));
+    let pool = Arc::new(SpanPool::new(4096));
+    let r = Reader::new(
+        settings,
+        ResourceEnv::from_env(&|_| None, "bench".into()),
+        Arc::clone(&queue),
+        Arc::new(Mutex::new(Metrics::new(0))),
+        Arc::default(),
+        Arc::clone(&pool),
+    );
+    (r, queue, pool)
+}
+
+fn main() {
+    let name = format!("agent-bench-{}", std::process::id());
+    let mut options = CreateOptions::new(name.clone(), vec!["bench-model".into()]);
+    options.capacity = CAPACITY;
+    options.control.overflow_mode = OverflowMode::Discard;
+    let segment = EngineSegment::create(&options).expect("create the bench segment");
+    let producer = segment.ring().producer();
+    let (mut reader, queue, pool) = reader(&name);
+    // What the exporter does after sending: the spans go back to the pool.
+    let export = |queue: &ExportQueue| {
+        let items = queue.take(usize::MAX);
+        let n = items.len() as u64;
+        pool.give(items.into_iter().flat_map(|i| i.spans));
+        n
+    };
+    reader.scan();
+    assert_eq!(
+        reader.attached(),
+        1,
+        "the reader attaches to the bench segment"
+    );
+
+    // 1. Pre-filled ring, drained by the reader alone.
+    let rounds = 20u64;
+    let mut drained = 0u64;
+    let mut busy = Duration::ZERO;
+    let mut cpu = Duration::ZERO;
+    let mut seq = 0u64;
+    for _ in 0..rounds {
+        let now = monotonic_ns();
+        for _ in 0..CAPACITY {
+            let _ = producer.push(&record(seq, now));
+            seq += 1;
+        }
+        // The exporter takes what is queued after every poll, as in the
+        // agent; dropping the taken spans is part of the measured cost.
+        let start = Instant::now();
+        let cpu_start = cpu_time();
+        loop {
+            let more = reader.poll_all();
+            drained += export(&queue);
+            if !more {
+                break;
+            }
+        }
+        busy += start.elapsed();
+        cpu += cpu_time().saturating_sub(cpu_start);
+    }
+    let rate = drained as f64 / busy.as_secs_f64();
+    println!(
+        "drain+convert (pre-filled ring): {drained} records in {:.3} s = {:.0} records/s ({:.0} ns/record)",
+        busy.as_secs_f64(),
+        rate,
+        busy.as_nanos() as f64 / drained as f64
+    );
+    println!(
+        "  per CPU second (one thread; the wall figure above suffers from other load): {:.0} records/s",
+        drained as f64 / cpu.as_secs_f64().max(1e-3)
+    );
+
+    // 2. A producer at full speed (discard mode: it never overwrites unread
+    // records; what it cannot place is counted as dropped_full).
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer_thread = {
+        let stop = Arc::clone(&stop);
+        let producer = segment.ring().producer();
+        std::thread::spawn(move || {
+            let mut seq = 1u64 << 40;
+            while !stop.load(Ordering::Relaxed) {
+                let now = monotonic_ns();
+                for _ in 0..256 {
+                    let _ = producer.push(&record(seq, now));
+                    seq += 1;
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut delivered = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        if !reader.poll_all() {
+            std::thread::yield_now();
+        }
+        delivered += export(&queue);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = producer_thread.join();
+    let elapsed = start.elapsed().as_secs_f64();
+    let counters = segment.ring().counters();
+    println!(
+        "drain+convert (live producer): {delivered} records in {elapsed:.3} s = {:.0} records/s; producer dropped_full {}",
+        delivered as f64 / elapsed,
+        counters.dropped_full
+    );
+}

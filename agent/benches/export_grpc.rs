@@ -1,0 +1,171 @@
+//! OTLP/gRPC export throughput into a real collector: `rotel-agent
+//! --exporter blackhole` on a loopback port (found on PATH, under
+//! `$RINGSIDE_VENV` or in the workspace's `.venv`; skipped if absent).
+//!
+//! `cargo bench -p ringside-agent --bench export_grpc`
+
+use ringside_agent::config::{Compression, ExportTarget, OtlpSettings, Protocol};
+use ringside_agent::export::{Exporter, Transport};
+use ringside_agent::metrics::{ExportCounters, Metrics};
+use ringside_agent::queue::{ExportQueue, Item};
+use ringside_agent::resource::ResourceEnv;
+use ringside_agent::spans::{SpanContext, convert};
+use ringside_agent::stats::{EngineHandle, EngineStats};
+use ringside_shm_protocol::{
+    ClockPair, Detail, FLAG_REMOTE_PARENT, FinishReason, Operation, Record, RecordKind,
+};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn rotel() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("rotel-agent"))
+                .collect()
+        })
+        .unwrap_or_default();
+    for venv in [
+        std::env::var_os("RINGSIDE_VENV").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        candidates.push(venv.join("bin/rotel-agent"));
+        if let Ok(entries) = std::fs::read_dir(venv.join("lib")) {
+            for e in entries.flatten() {
+                candidates.push(e.path().join("site-packages/rotel/rotel-agent"));
+            }
+        }
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+fn record(seq: u64) -> Record {
+    let mut r: Record = bytemuck::Zeroable::zeroed();
+    r.request_id = u128::from(seq + 1).to_be_bytes();
+    r.trace_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
+    r.trace_id[8] = 1;
+    r.parent_span_id = [0x11; 8];
+    r.span_id = (seq + 1).to_be_bytes();
+    r.t_arrival_ns = 1_000_000;
+    r.t_scheduled_ns = 2_000_000;
+    r.t_first_token_ns = 3_000_000;
+    r.t_last_token_ns = 4_000_000;
+    r.t_finished_ns = 5_000_000;
+    r.prompt_tokens = 12;
+    r.completion_tokens = 7;
+    r.max_tokens = 16;
+    r.temperature = 0.7;
+    r.top_p = 0.95;
+    r.http_status = 200;
+    r.kind = RecordKind::RequestFinished as u8;
+    r.operation = Operation::Chat as u8;
+    r.finish_reason = FinishReason::Stop as u8;
+    r.trace_flags = 1;
+    r.flags = FLAG_REMOTE_PARENT;
+    r
+}
+
+fn main() {
+    let Some(binary) = rotel() else {
+        println!("export_grpc: rotel-agent not found; skipped");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let http_port = port.wrapping_add(1);
+    let mut collector = Command::new(binary)
+        .args([
+            "start",
+            "--otlp-grpc-endpoint",
+            &format!("127.0.0.1:{port}"),
+            "--otlp-http-endpoint",
+            &format!("127.0.0.1:{http_port}"),
+            "--exporter",
+            "blackhole",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rotel-agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let requests = 100_000u64;
+    let engine = Arc::new(EngineHandle {
+        id: 0,
+        instance: "bench".into(),
+        pid: 1,
+        resource: ResourceEnv::from_env(&|_| None, "bench".into()).engine_resource("bench", 1),
+        stats: EngineStats::default(),
+    });
+    let ctx = SpanContext {
+        clock: ClockPair {
+            realtime_ns: 1_700_000_000_000_000_000,
+            monotonic_ns: 0,
+        },
+        models: vec!["bench-model".into()],
+        attributes: ringside_agent::config::AttributeSet::Both,
+        server_address: "bench".into(),
+        server_port: None,
+    };
+    let queue = Arc::new(ExportQueue::new(usize::MAX, usize::MAX, 512));
+    for seq in 0..requests {
+        let decoded = record(seq).decode(1).expect("valid bench record");
+        let mut spans = Vec::with_capacity(4);
+        convert(&ctx, &decoded, Detail::Phases, &mut spans);
+        queue.push(Item::new(Arc::clone(&engine), spans));
+    }
+    let spans = queue.spans();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let elapsed = runtime.block_on(async {
+        let target = ExportTarget::Otlp(OtlpSettings {
+            protocol: Protocol::Grpc,
+            traces_endpoint: format!("http://127.0.0.1:{port}"),
+            metrics_endpoint: format!("http://127.0.0.1:{port}"),
+            headers: vec![],
+            compression: Compression::None,
+            timeout: Duration::from_secs(10),
+        });
+        let mut exporter = Exporter::new(
+            Transport::new(&target).expect("transport"),
+            Arc::clone(&queue),
+            Arc::new(Mutex::new(Metrics::new(0))),
+            Arc::new(ExportCounters::default()),
+            512,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            Duration::from_secs(3600),
+        );
+        let start = Instant::now();
+        let report = exporter
+            .flush(Instant::now() + Duration::from_secs(120))
+            .await;
+        assert_eq!(report.left_in_queue + report.failed, 0, "{report:?}");
+        start.elapsed()
+    });
+    let _ = collector.kill();
+    let _ = collector.wait();
+    let exported = engine.stats.snapshot().spans_exported;
+    assert_eq!(exported as usize, spans);
+    println!(
+        "export over OTLP/gRPC into rotel (blackhole), batches of 512 spans: {exported} spans in {:.3} s = {:.0} spans/s",
+        elapsed.as_secs_f64(),
+        exported as f64 / elapsed.as_secs_f64()
+    );
+}

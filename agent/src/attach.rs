@@ -1,0 +1,455 @@
+//! Finding engines and reading their rings.
+//!
+//! A reader thread scans `/dev/shm` about once a second. It attaches to new
+//! segments; notices restarted engines (the name now refers to another file,
+//! i.e. a new generation / pid / start time) and dead ones (liveness), drains
+//! what they left and detaches. Between scans it polls every attached ring,
+//! validates each record (`Record::decode`), feeds the metrics, applies the
+//! head sampler, converts to spans and hands them to the export queue; only
+//! then is the cursor committed to the segment, so a restarted agent resumes
+//! exactly after the last request it handed on.
+//!
+//! Where a new consumer starts:
+//! * a stored cursor, or a segment an agent attached to before: that cursor
+//!   (no duplicates; a gap is counted as overwritten);
+//! * otherwise, with `--backfill` or for an engine that appeared while the
+//!   agent runs: the oldest record the ring holds;
+//! * otherwise: the newest (only requests from now on).
+
+use crate::config::{DetailArg, Settings};
+use crate::metrics::Metrics;
+use crate::queue::{ExportQueue, Item};
+use crate::resource::ResourceEnv;
+use crate::sampling::{Sampler, TailSampler, keep_by_ppm};
+use crate::spans::{self, SpanContext, SpanPool};
+use crate::stats::{EngineHandle, EngineStats};
+use ringside_shm_protocol::{
+    AttachedSegment, Consumer, Detail, EngineIdentity, Liveness, OpenError, OpenOptions, PollError,
+    Record, StartAt, list_segments, monotonic_ns,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Records taken from one ring per poll.
+const POLL_BATCH: usize = 1024;
+/// An agent heartbeat younger than this marks another live agent.
+const AGENT_STALE_NS: u64 = 5_000_000_000;
+
+struct Attached {
+    segment: AttachedSegment,
+    consumer: Consumer,
+    handle: Arc<EngineHandle>,
+    ctx: SpanContext,
+    tail: TailSampler,
+}
+
+/// The reader: owns every attached segment and its consumer.
+pub struct Reader {
+    settings: Settings,
+    resource_env: ResourceEnv,
+    queue: Arc<ExportQueue>,
+    metrics: Arc<Mutex<Metrics>>,
+    registry: Arc<Mutex<Vec<Arc<EngineHandle>>>>,
+    pool: Arc<SpanPool>,
+    attached: BTreeMap<String, Attached>,
+    /// Engines drained after they died, not to be re-attached.
+    finished: HashMap<String, EngineIdentity>,
+    /// Open errors already logged, not to repeat them every second.
+    reported: HashMap<String, String>,
+    initial_scan_done: bool,
+    next_id: u64,
+    buffer: Vec<(u64, Record)>,
+    spans: Vec<opentelemetry_proto::tonic::trace::v1::Span>,
+    my_pid: u32,
+    sampler_update: Arc<Mutex<Option<Sampler>>>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("attached", &self.attached.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// A reader feeding `queue` and `metrics`; every engine it attaches to is
+    /// added to `registry` (for the final accounting). Spans are built from
+    /// those the exporter returns to `pool` where it can.
+    pub fn new(
+        settings: Settings,
+        resource_env: ResourceEnv,
+        queue: Arc<ExportQueue>,
+        metrics: Arc<Mutex<Metrics>>,
+        registry: Arc<Mutex<Vec<Arc<EngineHandle>>>>,
+        pool: Arc<SpanPool>,
+    ) -> Self {
+        Self {
+            settings,
+            resource_env,
+            queue,
+            metrics,
+            registry,
+            pool,
+            attached: BTreeMap::new(),
+            finished: HashMap::new(),
+            reported: HashMap::new(),
+            initial_scan_done: false,
+            next_id: 0,
+            buffer: Vec::with_capacity(POLL_BATCH),
+            spans: Vec::with_capacity(8),
+            my_pid: std::process::id(),
+            sampler_update: Arc::default(),
+        }
+    }
+
+    /// Where a configuration reload leaves a new head sampler; the reader
+    /// takes it before its next poll.
+    pub fn sampler_update(&self) -> Arc<Mutex<Option<Sampler>>> {
+        Arc::clone(&self.sampler_update)
+    }
+
+    /// Polls until `stop` is set, then drains every ring once more and
+    /// commits the cursors.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let mut next_scan = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(mut update) = self.sampler_update.try_lock()
+                && let Some(sampler) = update.take()
+            {
+                self.settings.sampler = sampler;
+            }
+            if Instant::now() >= next_scan {
+                self.scan();
+                next_scan = Instant::now() + self.settings.discover_interval;
+            }
+            let busy = self.poll_all();
+            if !busy {
+                std::thread::sleep(self.settings.poll_interval);
+            }
+        }
+        // Final drain: what the engines wrote up to now goes to the queue.
+        for _ in 0..64 {
+            if !self.poll_all() {
+                break;
+            }
+        }
+    }
+
+    /// Number of attached engines.
+    pub fn attached(&self) -> usize {
+        self.attached.len()
+    }
+
+    /// One discovery pass: attach new segments, detach dead or replaced ones.
+    pub fn scan(&mut self) {
+        let names = match list_segments() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list engine segments");
+                Vec::new()
+            }
+        };
+        let filter = self.settings.engines.clone();
+        let wanted = |name: &str| filter.is_empty() || filter.iter().any(|e| e == name);
+        // Detach what is gone, replaced or dead (after draining it).
+        let now_mono = monotonic_ns();
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter_map(|(name, a)| {
+                a.segment.ring().control().set_agent(self.my_pid, now_mono);
+                let replaced = a.segment.replaced();
+                let dead = a.segment.liveness() == Liveness::Dead;
+                (replaced || dead).then(|| name.clone())
+            })
+            .collect();
+        for name in gone {
+            self.detach(&name);
+        }
+        for name in names.iter().filter(|n| wanted(n)) {
+            if !self.attached.contains_key(name) {
+                self.try_attach(name);
+            }
+        }
+        self.finished.retain(|name, _| names.contains(name));
+        self.initial_scan_done = true;
+    }
+
+    fn try_attach(&mut self, name: &str) {
+        let options = OpenOptions {
+            trusted_uids: self.settings.trusted_uids.clone(),
+        };
+        let segment = match AttachedSegment::open(name, &options) {
+            Ok(s) => s,
+            Err(e) => {
+                let text = e.to_string();
+                if self.reported.get(name) != Some(&text) {
+                    match e {
+                        OpenError::NotInitialized(_) | OpenError::NotFound(_) => {
+                            tracing::debug!(engine = name, error = %text, "segment not ready");
+                        }
+                        _ => tracing::warn!(engine = name, error = %text, "not attaching"),
+                    }
+                    self.reported.insert(name.to_owned(), text);
+                }
+                return;
+            }
+        };
+        self.reported.remove(name);
+        let info = segment.info().clone();
+        if self.finished.get(name) == Some(&info.identity) {
+            return;
+        }
+        let control = segment.ring().control();
+        let (agent_pid, agent_beat) = control.agent();
+        if agent_pid != 0
+            && agent_pid != self.my_pid
+            && std::path::Path::new(&format!("/proc/{agent_pid}")).exists()
+            && monotonic_ns().saturating_sub(agent_beat) < AGENT_STALE_NS
+        {
+            let text = format!("another agent (pid {agent_pid}) reads this engine");
+            if self.reported.get(name) != Some(&text) {
+                tracing::warn!(engine = name, "{text}; not attaching");
+                self.reported.insert(name.to_owned(), text);
+            }
+            return;
+        }
+        let stored = control.read_cursor();
+        let start = if stored != 0 || agent_pid != 0 {
+            StartAt::Ticket(stored)
+        } else if self.settings.backfill || self.initial_scan_done {
+            StartAt::Oldest
+        } else {
+            StartAt::Newest
+        };
+        let consumer = segment.ring().consumer(start);
+        control.set_agent(self.my_pid, monotonic_ns());
+        let totals = consumer.totals();
+        if totals.cursor_clamped {
+            tracing::warn!(
+                engine = name,
+                stored,
+                "stored cursor is beyond the ring head; starting at the head"
+            );
+        }
+        let handle = Arc::new(EngineHandle {
+            id: self.next_id,
+            instance: info.instance.clone(),
+            pid: info.identity.pid,
+            resource: self
+                .resource_env
+                .engine_resource(&info.instance, info.identity.pid),
+            stats: EngineStats::default(),
+        });
+        self.next_id += 1;
+        EngineStats::add(&handle.stats.skipped_at_attach, consumer.cursor());
+        tracing::info!(
+            engine = name,
+            pid = info.identity.pid,
+            generation = info.identity.generation,
+            models = ?info.models,
+            start = ?start,
+            cursor = consumer.cursor(),
+            "attached"
+        );
+        if let Ok(mut registry) = self.registry.lock() {
+            registry.push(Arc::clone(&handle));
+        }
+        if let Ok(mut m) = self.metrics.lock() {
+            m.attach(&handle);
+        }
+        let ctx = SpanContext {
+            clock: info.clock,
+            models: info.models.clone(),
+            attributes: self.settings.attributes,
+            server_address: self.resource_env.host_name.clone(),
+            server_port: None,
+        };
+        self.attached.insert(
+            name.to_owned(),
+            Attached {
+                segment,
+                consumer,
+                handle,
+                ctx,
+                tail: TailSampler::new(self.settings.tail_above_p99, self.settings.tail_window),
+            },
+        );
+    }
+
+    fn detach(&mut self, name: &str) {
+        // Drain: everything committed goes out; tickets stuck past the
+        // abandon timeout are skipped and counted.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            let Some(a) = self.attached.get_mut(name) else {
+                return;
+            };
+            let Ok((delivered, stalled)) = Self::poll_one(
+                a,
+                &mut self.buffer,
+                &mut self.spans,
+                &self.pool,
+                &self.settings,
+                &self.queue,
+                &self.metrics,
+            ) else {
+                break;
+            };
+            if delivered == 0 && !stalled {
+                break;
+            }
+            if delivered == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(a) = self.attached.remove(name) {
+            let dead = a.segment.liveness() == Liveness::Dead;
+            if dead && !a.segment.replaced() {
+                self.finished
+                    .insert(name.to_owned(), a.segment.info().identity);
+            }
+            let s = a.handle.stats.snapshot();
+            tracing::info!(
+                engine = name,
+                pid = a.handle.pid,
+                reason = if dead {
+                    "engine exited"
+                } else {
+                    "segment replaced"
+                },
+                read = s.read,
+                invalid = s.invalid,
+                lost_overwritten = s.lost_overwritten,
+                lost_abandoned = s.lost_abandoned,
+                "detached"
+            );
+        }
+    }
+
+    /// Polls every ring once; true if any delivered a full batch (more may
+    /// be waiting).
+    pub fn poll_all(&mut self) -> bool {
+        let mut busy = false;
+        let names: Vec<String> = self.attached.keys().cloned().collect();
+        for name in names {
+            let Some(a) = self.attached.get_mut(&name) else {
+                continue;
+            };
+            match Self::poll_one(
+                a,
+                &mut self.buffer,
+                &mut self.spans,
+                &self.pool,
+                &self.settings,
+                &self.queue,
+                &self.metrics,
+            ) {
+                Ok((delivered, _)) => busy |= delivered >= POLL_BATCH as u64,
+                Err(e) => {
+                    // The mapping cannot be read safely any more: let go of
+                    // it; the next scan re-attaches if the segment is valid.
+                    tracing::warn!(engine = %name, error = %e, "cannot read the ring; detaching");
+                    self.attached.remove(&name);
+                }
+            }
+        }
+        busy
+    }
+
+    /// Reads up to one batch from one ring, hands it on and commits the
+    /// cursor. Returns (delivered, stalled).
+    fn poll_one(
+        a: &mut Attached,
+        buffer: &mut Vec<(u64, Record)>,
+        spare: &mut Vec<opentelemetry_proto::tonic::trace::v1::Span>,
+        pool: &SpanPool,
+        settings: &Settings,
+        queue: &ExportQueue,
+        metrics: &Mutex<Metrics>,
+    ) -> Result<(u64, bool), PollError> {
+        buffer.clear();
+        let report = a
+            .consumer
+            .poll(POLL_BATCH, |ticket, record| buffer.push((ticket, *record)))?;
+        let stats = &a.handle.stats;
+        EngineStats::add(&stats.read, report.delivered);
+        EngineStats::add(&stats.lost_overwritten, report.lost_overwritten);
+        EngineStats::add(&stats.lost_abandoned, report.lost_abandoned);
+        if report.lost_overwritten + report.lost_abandoned > 0 {
+            tracing::warn!(
+                engine = %a.handle.instance,
+                overwritten = report.lost_overwritten,
+                abandoned = report.lost_abandoned,
+                "records lost in the ring"
+            );
+        }
+        if !buffer.is_empty() {
+            let ring = a.segment.ring();
+            let detail = match settings.detail {
+                Some(DetailArg::Request) => Detail::Request,
+                Some(DetailArg::Phases) => Detail::Phases,
+                None => ring.control().detail().unwrap_or_default(),
+            };
+            let head_ppm = ring.control().head_sample_ppm();
+            let tail_rules = ring.control().tail_sampling();
+            let model_count = a.segment.info().model_count();
+            let mut items = Vec::with_capacity(buffer.len());
+            pool.take_into(buffer.len() * 4, spare);
+            let mut metrics = metrics
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut invalid = 0u64;
+            let mut first_error = None;
+            for (ticket, raw) in buffer.iter() {
+                let record = match raw.decode(model_count) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        invalid += 1;
+                        first_error.get_or_insert((*ticket, e));
+                        continue;
+                    }
+                };
+                let model = a
+                    .ctx
+                    .models
+                    .get(usize::from(record.model_index))
+                    .map_or("unknown", String::as_str);
+                metrics.record(&a.handle, model, &record);
+                let parent_sampled = record.parent_span_id.map(|_| record.trace_flags & 1 == 1);
+                // Head (the configured sampler and the control block's
+                // ratio) and tail rules must both keep a request.
+                let head = settings
+                    .sampler
+                    .should_sample(&record.trace_id, parent_sampled)
+                    && keep_by_ppm(&record.trace_id, head_ppm);
+                if !head || a.tail.decide(&tail_rules, &record).is_none() {
+                    EngineStats::add(&stats.sampled_out, 1);
+                    continue;
+                }
+                let mut spans = Vec::with_capacity(4);
+                spans::convert_reusing(&a.ctx, &record, detail, spare, &mut spans);
+                items.push(Item::new(Arc::clone(&a.handle), spans));
+            }
+            drop(metrics);
+            queue.push_all(items);
+            pool.give(spare.drain(..));
+            if let Some((ticket, error)) = first_error {
+                EngineStats::add(&stats.invalid, invalid);
+                tracing::warn!(engine = %a.handle.instance, invalid, first_ticket = ticket, %error, "invalid records skipped");
+            }
+        }
+        // Handed on: a restarted agent resumes after these.
+        a.consumer.commit_cursor(a.consumer.cursor());
+        let counters = a.segment.ring().counters();
+        stats.lag.store(a.consumer.backlog(), Ordering::Relaxed);
+        stats.engine_written.store(counters.head, Ordering::Relaxed);
+        stats
+            .engine_dropped
+            .store(counters.dropped_before_ticket(), Ordering::Relaxed);
+        Ok((report.delivered, report.stalled))
+    }
+}

@@ -1,0 +1,186 @@
+//! The `console` exporter's output: one readable tree per trace.
+//!
+//! ```text
+//! trace 4bf92f3577b34da6a3ce929d0e0e4736  engine gemma-1 (pid 4242)
+//! └─ chat gemma-3-270m  SERVER  1.234 s  OK
+//!    │  in 12 tok (4 cached) → out 11 tok  finish length  ttft 0.500 s  queue 0.250 s
+//!    ├─ queue    0.250 s  +0.000
+//!    ├─ prefill  0.250 s  +0.250
+//!    └─ decode   1.000 s  +0.500
+//! ```
+
+use crate::queue::Item;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::{Span, status};
+use std::fmt::Write as _;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|a: &&KeyValue| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+fn int(span: &Span, key: &str) -> Option<i64> {
+    match attr(span, key)? {
+        Value::IntValue(i) => Some(*i),
+        _ => None,
+    }
+}
+
+fn float(span: &Span, key: &str) -> Option<f64> {
+    match attr(span, key)? {
+        Value::DoubleValue(f) => Some(*f),
+        _ => None,
+    }
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// Renders the requests of a batch, one tree per request span.
+pub fn render(items: &[Item]) -> String {
+    let mut out = String::new();
+    for item in items {
+        let Some((root, children)) = item.spans.split_first() else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "trace {}  engine {} (pid {})",
+            hex(&root.trace_id),
+            item.engine.instance,
+            item.engine.pid
+        );
+        let status = match &root.status {
+            Some(s) if s.code == status::StatusCode::Error as i32 => format!("ERROR {}", s.message),
+            _ => "OK".to_owned(),
+        };
+        let parent = if root.parent_span_id.is_empty() {
+            String::new()
+        } else {
+            format!("  parent {}", hex(&root.parent_span_id))
+        };
+        let duration = secs(
+            root.end_time_unix_nano
+                .saturating_sub(root.start_time_unix_nano),
+        );
+        let _ = writeln!(
+            out,
+            "└─ {}  SERVER  {duration:.3} s  {status}  span {}{parent}",
+            root.name,
+            hex(&root.span_id)
+        );
+        let input =
+            int(root, "gen_ai.usage.input_tokens").or(int(root, "gen_ai.usage.prompt_tokens"));
+        let output =
+            int(root, "gen_ai.usage.output_tokens").or(int(root, "gen_ai.usage.completion_tokens"));
+        let mut line = String::new();
+        if let (Some(i), Some(o)) = (input, output) {
+            let _ = write!(line, "in {i} tok");
+            if let Some(c) = int(root, "gen_ai.usage.cache_read.input_tokens").filter(|c| *c > 0) {
+                let _ = write!(line, " ({c} cached)");
+            }
+            let _ = write!(line, " → out {o} tok");
+        }
+        if let Some(Value::ArrayValue(reasons)) = attr(root, "gen_ai.response.finish_reasons")
+            && let Some(Value::StringValue(r)) =
+                reasons.values.first().and_then(|v| v.value.as_ref())
+        {
+            let _ = write!(line, "  finish {r}");
+        }
+        if let Some(t) = float(root, "gen_ai.latency.time_to_first_token") {
+            let _ = write!(line, "  ttft {t:.3} s");
+        }
+        if let Some(Value::DoubleValue(t)) = attr(root, "gen_ai.request.temperature") {
+            let _ = write!(line, "  temperature {t}");
+        }
+        if !line.is_empty() {
+            let bar = if children.is_empty() { " " } else { "│" };
+            let _ = writeln!(out, "   {bar}  {}", line.trim_start());
+        }
+        for (i, child) in children.iter().enumerate() {
+            let branch = if i + 1 == children.len() {
+                "└─"
+            } else {
+                "├─"
+            };
+            let _ = writeln!(
+                out,
+                "   {branch} {:<8} {:.3} s  +{:.3}",
+                child.name,
+                secs(
+                    child
+                        .end_time_unix_nano
+                        .saturating_sub(child.start_time_unix_nano)
+                ),
+                secs(
+                    child
+                        .start_time_unix_nano
+                        .saturating_sub(root.start_time_unix_nano)
+                ),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AttributeSet;
+    use crate::spans::tests::{ctx, raw_record};
+    use crate::stats::{EngineHandle, EngineStats};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use ringside_shm_protocol::Detail;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_request_renders_as_a_tree_with_its_phases() {
+        let mut spans = Vec::new();
+        crate::spans::convert(
+            &ctx(AttributeSet::Both),
+            &raw_record(1).decode(1).unwrap(),
+            Detail::Phases,
+            &mut spans,
+        );
+        let engine = Arc::new(EngineHandle {
+            id: 0,
+            instance: "eng".into(),
+            pid: 42,
+            resource: Resource::default(),
+            stats: EngineStats::default(),
+        });
+        let text = render(&[Item::new(engine, spans)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("trace 0000000000000001abababababababab  engine eng (pid 42)")
+        );
+        assert!(
+            lines[1].starts_with("└─ chat gemma  SERVER  1.600 s  OK"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("in 12 tok (4 cached) → out 11 tok  finish length"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[2].contains("temperature 0"), "{}", lines[2]);
+        assert_eq!(lines[3], "   ├─ queue    0.250 s  +0.000");
+        assert_eq!(lines[4], "   ├─ prefill  0.250 s  +0.250");
+        assert_eq!(lines[5], "   └─ decode   1.000 s  +0.500");
+    }
+}

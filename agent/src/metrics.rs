@@ -1,0 +1,533 @@
+//! GenAI server metrics computed from every valid record (sampled out or
+//! not), and the agent's own health counters, as OTLP metrics with
+//! cumulative temporality.
+
+use crate::resource::{kv_int, kv_str};
+use crate::stats::EngineHandle;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+    ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
+};
+use ringside_shm_protocol::RequestRecord;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Boundaries of `gen_ai.server.request.duration` (seconds), semconv v1.41.
+pub const DURATION_BOUNDS: &[f64] = &[
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+/// Boundaries of `gen_ai.server.time_per_output_token` (seconds).
+pub const TPOT_BOUNDS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+/// Boundaries of `gen_ai.server.time_to_first_token` (seconds).
+pub const TTFT_BOUNDS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// Boundaries of token usage (tokens).
+pub const TOKEN_BOUNDS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+
+/// An explicit-bucket histogram.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hist {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Hist {
+    /// An empty histogram over `bounds`.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+
+    /// Adds one value. Buckets are upper-inclusive, as OTLP defines them.
+    pub fn record(&mut self, value: f64) {
+        let index = self.bounds.partition_point(|b| *b < value);
+        if let Some(c) = self.counts.get_mut(index) {
+            *c += 1;
+        }
+        self.count += 1;
+        self.sum += value;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+
+    /// Values recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    fn point(&self, attributes: Vec<KeyValue>, start: u64, now: u64) -> HistogramDataPoint {
+        HistogramDataPoint {
+            attributes,
+            start_time_unix_nano: start,
+            time_unix_nano: now,
+            count: self.count,
+            sum: Some(self.sum),
+            bucket_counts: self.counts.clone(),
+            explicit_bounds: self.bounds.to_vec(),
+            min: (self.count > 0).then_some(self.min),
+            max: (self.count > 0).then_some(self.max),
+            ..HistogramDataPoint::default()
+        }
+    }
+}
+
+/// A series, keyed without allocating: model index, operation, error class
+/// and (for an error without a class) the HTTP status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct SeriesKey {
+    model_index: u16,
+    operation: u8,
+    error_type: u8,
+    error_status: u16,
+}
+
+#[derive(Clone, Debug)]
+struct Series {
+    model: String,
+    operation: &'static str,
+    error: Option<String>,
+    duration: Hist,
+    ttft: Hist,
+    tpot: Hist,
+    input_tokens: Hist,
+    output_tokens: Hist,
+}
+
+impl Series {
+    fn new(model: &str, record: &RequestRecord) -> Self {
+        Self {
+            model: model.to_owned(),
+            operation: record.operation.as_str(),
+            error: crate::spans::error_type(record),
+            duration: Hist::new(DURATION_BOUNDS),
+            ttft: Hist::new(TTFT_BOUNDS),
+            tpot: Hist::new(TPOT_BOUNDS),
+            input_tokens: Hist::new(TOKEN_BOUNDS),
+            output_tokens: Hist::new(TOKEN_BOUNDS),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct EngineSeries {
+    engine: Arc<EngineHandle>,
+    series: BTreeMap<SeriesKey, Series>,
+}
+
+/// Agent-wide export counters.
+#[derive(Debug, Default)]
+pub struct ExportCounters {
+    /// Export requests that failed (each attempt).
+    pub failures: AtomicU64,
+    /// Retries scheduled.
+    pub retries: AtomicU64,
+    /// Spans the collector rejected in partial successes.
+    pub rejected_spans: AtomicU64,
+}
+
+/// All metric state of the agent.
+#[derive(Debug)]
+pub struct Metrics {
+    start_unix_ns: u64,
+    engines: BTreeMap<u64, EngineSeries>,
+}
+
+fn ns(value: u64) -> f64 {
+    value as f64 / 1e9
+}
+
+impl Metrics {
+    /// Empty state; cumulative series start at `start_unix_ns`.
+    pub fn new(start_unix_ns: u64) -> Self {
+        Self {
+            start_unix_ns,
+            engines: BTreeMap::new(),
+        }
+    }
+
+    /// Registers an engine so its health counters are exported even before
+    /// its first request.
+    pub fn attach(&mut self, engine: &Arc<EngineHandle>) {
+        self.engines
+            .entry(engine.id)
+            .or_insert_with(|| EngineSeries {
+                engine: Arc::clone(engine),
+                series: BTreeMap::new(),
+            });
+    }
+
+    /// Records one request.
+    pub fn record(&mut self, engine: &Arc<EngineHandle>, model: &str, record: &RequestRecord) {
+        let entry = self
+            .engines
+            .entry(engine.id)
+            .or_insert_with(|| EngineSeries {
+                engine: Arc::clone(engine),
+                series: BTreeMap::new(),
+            });
+        let key = SeriesKey {
+            model_index: record.model_index,
+            operation: record.operation as u8,
+            error_type: record.error_type as u8,
+            error_status: if record.http_status >= 400 {
+                record.http_status
+            } else {
+                0
+            },
+        };
+        let series = entry
+            .series
+            .entry(key)
+            .or_insert_with(|| Series::new(model, record));
+        series.duration.record(ns(record.e2e_ns()));
+        series.input_tokens.record(f64::from(record.prompt_tokens));
+        series
+            .output_tokens
+            .record(f64::from(record.completion_tokens));
+        if !record.is_error() {
+            if let Some(ttft) = record.ttft_ns() {
+                series.ttft.record(ns(ttft));
+            }
+            if let Some(tpot) = record.tpot_ns() {
+                series.tpot.record(ns(tpot));
+            }
+        }
+    }
+
+    /// Requests recorded for an engine (tests and status).
+    pub fn requests(&self, engine_id: u64) -> u64 {
+        self.engines
+            .get(&engine_id)
+            .map_or(0, |e| e.series.values().map(|s| s.duration.count()).sum())
+    }
+
+    /// The export request of everything, stamped `now_unix_ns`.
+    pub fn to_request(
+        &self,
+        now_unix_ns: u64,
+        queue_depth: u64,
+        export: &ExportCounters,
+    ) -> ExportMetricsServiceRequest {
+        let start = self.start_unix_ns;
+        let mut resource_metrics = Vec::new();
+        for engine in self.engines.values() {
+            let mut duration = Vec::new();
+            let mut ttft = Vec::new();
+            let mut tpot = Vec::new();
+            let mut tokens = Vec::new();
+            for s in engine.series.values() {
+                let mut attrs = vec![
+                    kv_str("gen_ai.operation.name", s.operation),
+                    kv_str("gen_ai.provider.name", crate::spans::PROVIDER_NAME),
+                    kv_str("gen_ai.request.model", s.model.clone()),
+                    kv_str("gen_ai.response.model", s.model.clone()),
+                ];
+                if let Some(e) = &s.error {
+                    attrs.push(kv_str("error.type", e.clone()));
+                }
+                duration.push(s.duration.point(attrs.clone(), start, now_unix_ns));
+                if s.ttft.count() > 0 {
+                    ttft.push(s.ttft.point(attrs.clone(), start, now_unix_ns));
+                }
+                if s.tpot.count() > 0 {
+                    tpot.push(s.tpot.point(attrs.clone(), start, now_unix_ns));
+                }
+                for (kind, hist) in [("input", &s.input_tokens), ("output", &s.output_tokens)] {
+                    let mut a = attrs.clone();
+                    a.push(kv_str("gen_ai.token.type", kind));
+                    tokens.push(hist.point(a, start, now_unix_ns));
+                }
+            }
+            let mut metrics = Vec::new();
+            let hist = |name: &str, unit: &str, description: &str, points| Metric {
+                name: name.to_owned(),
+                description: description.to_owned(),
+                unit: unit.to_owned(),
+                data: Some(metric::Data::Histogram(Histogram {
+                    data_points: points,
+                    aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                })),
+                ..Metric::default()
+            };
+            if !duration.is_empty() {
+                metrics.push(hist(
+                    "gen_ai.server.request.duration",
+                    "s",
+                    "Generative AI server request duration.",
+                    duration,
+                ));
+                metrics.push(hist(
+                    "gen_ai.server.token.usage",
+                    "{token}",
+                    "Number of input and output tokens per request.",
+                    tokens,
+                ));
+            }
+            if !ttft.is_empty() {
+                metrics.push(hist(
+                    "gen_ai.server.time_to_first_token",
+                    "s",
+                    "Time to generate first token for successful responses.",
+                    ttft,
+                ));
+            }
+            if !tpot.is_empty() {
+                metrics.push(hist(
+                    "gen_ai.server.time_per_output_token",
+                    "s",
+                    "Time per output token generated after the first token for successful responses.",
+                    tpot,
+                ));
+            }
+            metrics.extend(health_metrics(&engine.engine, start, now_unix_ns));
+            resource_metrics.push(ResourceMetrics {
+                resource: Some(engine.engine.resource.clone()),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: Some(scope()),
+                    metrics,
+                    ..ScopeMetrics::default()
+                }],
+                ..ResourceMetrics::default()
+            });
+        }
+        // Agent-wide: queue depth and export failures / retries, on the
+        // first engine's resource (there is no engine-less resource).
+        if let Some(first) = resource_metrics.first_mut()
+            && let Some(scope_metrics) = first.scope_metrics.first_mut()
+        {
+            let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            scope_metrics.metrics.push(sum(
+                "ringside.agent.export.failures",
+                "Failed export attempts (all engines).",
+                vec![(vec![], load(&export.failures))],
+                start,
+                now_unix_ns,
+            ));
+            scope_metrics.metrics.push(sum(
+                "ringside.agent.export.retries",
+                "Export retries scheduled (all engines).",
+                vec![(vec![], load(&export.retries))],
+                start,
+                now_unix_ns,
+            ));
+            scope_metrics.metrics.push(sum(
+                "ringside.agent.spans.rejected",
+                "Spans the collector rejected in partial successes (all engines).",
+                vec![(vec![], load(&export.rejected_spans))],
+                start,
+                now_unix_ns,
+            ));
+            scope_metrics.metrics.push(gauge(
+                "ringside.agent.queue.depth",
+                "{request}",
+                "Requests waiting in the export queue (all engines).",
+                queue_depth,
+                now_unix_ns,
+            ));
+        }
+        ExportMetricsServiceRequest { resource_metrics }
+    }
+}
+
+/// The instrumentation scope of everything the agent emits.
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "ringside-agent".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..InstrumentationScope::default()
+    }
+}
+
+fn sum(
+    name: &str,
+    description: &str,
+    points: Vec<(Vec<KeyValue>, u64)>,
+    start: u64,
+    now: u64,
+) -> Metric {
+    Metric {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        unit: "1".to_owned(),
+        data: Some(metric::Data::Sum(Sum {
+            data_points: points
+                .into_iter()
+                .map(|(attributes, value)| NumberDataPoint {
+                    attributes,
+                    start_time_unix_nano: start,
+                    time_unix_nano: now,
+                    value: Some(number_data_point::Value::AsInt(
+                        i64::try_from(value).unwrap_or(i64::MAX),
+                    )),
+                    ..NumberDataPoint::default()
+                })
+                .collect(),
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: true,
+        })),
+        ..Metric::default()
+    }
+}
+
+fn gauge(name: &str, unit: &str, description: &str, value: u64, now: u64) -> Metric {
+    Metric {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        unit: unit.to_owned(),
+        data: Some(metric::Data::Gauge(Gauge {
+            data_points: vec![NumberDataPoint {
+                time_unix_nano: now,
+                value: Some(number_data_point::Value::AsInt(
+                    i64::try_from(value).unwrap_or(i64::MAX),
+                )),
+                ..NumberDataPoint::default()
+            }],
+        })),
+        ..Metric::default()
+    }
+}
+
+fn health_metrics(engine: &EngineHandle, start: u64, now: u64) -> Vec<Metric> {
+    let s = engine.stats.snapshot();
+    let cause = |c: &str| vec![kv_str("cause", c)];
+    vec![
+        sum(
+            "ringside.agent.records.read",
+            "Records read from the engine's ring.",
+            vec![(vec![], s.read)],
+            start,
+            now,
+        ),
+        sum(
+            "ringside.agent.records.lost",
+            "Records lost, by cause.",
+            vec![
+                (cause("overwritten"), s.lost_overwritten),
+                (cause("abandoned"), s.lost_abandoned),
+                (cause("invalid"), s.invalid),
+                (cause("queue_full"), s.queue_dropped),
+                (cause("export_failed"), s.export_failed),
+            ],
+            start,
+            now,
+        ),
+        sum(
+            "ringside.agent.records.sampled_out",
+            "Records left out by the head sampler.",
+            vec![(vec![], s.sampled_out)],
+            start,
+            now,
+        ),
+        sum(
+            "ringside.agent.spans.exported",
+            "Spans accepted by the collector.",
+            vec![(
+                vec![kv_int("process.pid", i64::from(engine.pid))],
+                s.spans_exported,
+            )],
+            start,
+            now,
+        ),
+        gauge(
+            "ringside.agent.lag",
+            "{record}",
+            "Records the engine wrote that the agent has not read yet.",
+            engine.stats.lag.load(Ordering::Relaxed),
+            now,
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spans::tests::raw_record;
+    use crate::stats::EngineStats;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    #[test]
+    fn buckets_are_upper_inclusive_and_complete() {
+        let mut h = Hist::new(DURATION_BOUNDS);
+        for v in [0.0, 0.01, 0.0100001, 81.92, 100.0] {
+            h.record(v);
+        }
+        assert_eq!(h.counts.len(), DURATION_BOUNDS.len() + 1);
+        assert_eq!(h.counts[0], 2);
+        assert_eq!(h.counts[1], 1);
+        assert_eq!(h.counts[13], 1);
+        assert_eq!(h.counts[14], 1);
+        assert_eq!(h.count, 5);
+    }
+
+    #[test]
+    fn records_become_semconv_histograms_with_the_spec_boundaries() {
+        let engine = Arc::new(EngineHandle {
+            id: 7,
+            instance: "e".into(),
+            pid: 1,
+            resource: Resource::default(),
+            stats: EngineStats::default(),
+        });
+        let mut m = Metrics::new(1);
+        let rec = raw_record(1).decode(1).unwrap();
+        m.record(&engine, "gemma", &rec);
+        m.record(&engine, "gemma", &rec);
+        assert_eq!(m.requests(7), 2);
+        let req = m.to_request(2, 0, &ExportCounters::default());
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        let find = |name: &str| {
+            metrics
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name}"))
+        };
+        let points = |name: &str| match &find(name).data {
+            Some(metric::Data::Histogram(h)) => h.data_points.clone(),
+            other => panic!("{other:?}"),
+        };
+        let d = points("gen_ai.server.request.duration");
+        assert_eq!(d[0].explicit_bounds, DURATION_BOUNDS);
+        assert_eq!(d[0].count, 2);
+        assert_eq!(d[0].sum, Some(3.2));
+        assert_eq!(
+            points("gen_ai.server.time_to_first_token")[0].explicit_bounds,
+            TTFT_BOUNDS
+        );
+        let tpot = points("gen_ai.server.time_per_output_token");
+        assert_eq!(tpot[0].explicit_bounds, TPOT_BOUNDS);
+        // 1 s of decode over 10 steps.
+        assert_eq!(tpot[0].sum, Some(0.2));
+        let tokens = points("gen_ai.server.token.usage");
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens[0].sum, Some(24.0));
+        assert_eq!(tokens[1].sum, Some(22.0));
+        for name in [
+            "ringside.agent.records.read",
+            "ringside.agent.records.lost",
+            "ringside.agent.lag",
+            "ringside.agent.queue.depth",
+            "ringside.agent.export.retries",
+        ] {
+            find(name);
+        }
+    }
+}
