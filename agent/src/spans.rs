@@ -311,27 +311,28 @@ fn write_request_attributes(ctx: &SpanContext, record: &RequestRecord, attrs: &m
             "gen_ai.usage.completion_tokens",
             i64::from(record.completion_tokens),
         );
-        let prefill = record.prefill_ns().unwrap_or(0);
-        let decode = record.decode_ns().unwrap_or(0);
-        let inference = match (
+        // Each latency only when its phase happened: a rejected request has no
+        // queue time and a request aborted in prefill no time to first token;
+        // a 0 there would pull every percentile down.
+        a.f64("gen_ai.latency.e2e", secs(record.e2e_ns()));
+        if let Some(ttft) = record.ttft_ns() {
+            a.f64("gen_ai.latency.time_to_first_token", secs(ttft));
+        }
+        if let Some(queue) = record.queue_ns() {
+            a.f64("gen_ai.latency.time_in_queue", secs(queue));
+        }
+        if let Some(prefill) = record.prefill_ns() {
+            a.f64("gen_ai.latency.time_in_model_prefill", secs(prefill));
+        }
+        if let Some(decode) = record.decode_ns() {
+            a.f64("gen_ai.latency.time_in_model_decode", secs(decode));
+        }
+        if let (Some(start), Some(end)) = (
             record.timestamps.scheduled_ns,
             record.timestamps.last_token_ns,
         ) {
-            (Some(start), Some(end)) => end - start,
-            _ => 0,
-        };
-        a.f64("gen_ai.latency.e2e", secs(record.e2e_ns()));
-        a.f64(
-            "gen_ai.latency.time_to_first_token",
-            secs(record.ttft_ns().unwrap_or(0)),
-        );
-        a.f64(
-            "gen_ai.latency.time_in_queue",
-            secs(record.queue_ns().unwrap_or(0)),
-        );
-        a.f64("gen_ai.latency.time_in_model_prefill", secs(prefill));
-        a.f64("gen_ai.latency.time_in_model_decode", secs(decode));
-        a.f64("gen_ai.latency.time_in_model_inference", secs(inference));
+            a.f64("gen_ai.latency.time_in_model_inference", secs(end - start));
+        }
     }
     if let Some(class) = record.error_type.as_str() {
         a.str("error.type", class);
@@ -719,10 +720,17 @@ pub(crate) mod tests {
         );
         assert!(s.parent_span_id.is_empty());
         assert_eq!(s.flags, 1 | FLAG_HAS_IS_REMOTE);
-        assert_eq!(
-            attr(&s.attributes, "gen_ai.latency.time_in_queue"),
-            Some(&Value::DoubleValue(0.0))
-        );
+        // Phases that never happened get no latency (a 0 would skew percentiles).
+        assert!(attr(&s.attributes, "gen_ai.latency.e2e").is_some());
+        for phase in [
+            "gen_ai.latency.time_in_queue",
+            "gen_ai.latency.time_to_first_token",
+            "gen_ai.latency.time_in_model_prefill",
+            "gen_ai.latency.time_in_model_decode",
+            "gen_ai.latency.time_in_model_inference",
+        ] {
+            assert_eq!(attr(&s.attributes, phase), None, "{phase}");
+        }
         match attr(&s.attributes, "gen_ai.response.finish_reasons") {
             Some(Value::ArrayValue(arr)) => assert!(arr.values.is_empty()),
             other => panic!("{other:?}"),
