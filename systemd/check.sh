@@ -41,9 +41,17 @@ install -o ringside-engine -g ringside -m 0640 "$model_src" /var/lib/ringside/mo
 instance="systemd-check-$$"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 engine_log="$(mktemp)"
+# MemoryDenyWriteExecute=yes as the unit sets it, through the kernel's own
+# per-process switch (prctl PR_SET_MDWE, Linux 6.3+, inherited across exec):
+# llama.cpp must serve without ever mapping memory writable and executable.
+mdwe='import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    print("[systemd-check] note: PR_SET_MDWE unavailable, engine runs without it", file=sys.stderr)
+os.execv(sys.argv[1], sys.argv[1:])'
 setpriv --reuid=ringside-engine --regid=ringside --init-groups --inh-caps=-all \
     env -i PATH=/usr/bin:/bin RINGSIDE_CACHE_DIR=/var/lib/ringside OMP_WAIT_POLICY=passive \
-    /usr/local/bin/ringside-engine serve --port "$port" --instance "$instance" \
+    python3 -c "$mdwe" /usr/local/bin/ringside-engine serve --port "$port" --instance "$instance" \
     --served-model-name gemma-3-270m >"$engine_log" 2>&1 &
 engine_pid=$!
 cleanup_engine() { kill "$engine_pid" 2>/dev/null || true; wait "$engine_pid" 2>/dev/null || true; }
@@ -57,6 +65,7 @@ segment="/dev/shm/ringside.$instance"
 stat -c '%U:%G %a' "$segment" | grep -qx 'ringside-engine:ringside 660' \
     || fail "segment is $(stat -c '%U:%G %a' "$segment"), expected ringside-engine:ringside 660"
 say "engine runs as ringside-engine; segment $segment is ringside-engine:ringside 0660"
+
 
 engine_uid="$(id -u ringside-engine)"
 as_agent() {
@@ -93,6 +102,7 @@ grep -q 22222222222222222222222222222222 "$out_dir/spans.jsonl" 2>/dev/null \
 ! grep -q 11111111111111111111111111111111 "$out_dir/spans.jsonl" \
     || fail "a request made while tracing was off was exported"
 say "agent runs as ringside-agent: toggled tracing and exported the engine's spans"
+say "the engine served under PR_SET_MDWE (no writable+executable memory), as MemoryDenyWriteExecute=yes runs it"
 
 # A user outside the group cannot open the segment at all.
 if outsider="$(setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all \

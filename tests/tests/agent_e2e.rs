@@ -284,3 +284,97 @@ fn tracing_off_in_the_control_word_means_no_spans_and_on_brings_them_back() {
     assert!(engine.running());
     assert_eq!(engine.pid(), pid, "same engine process throughout");
 }
+
+/// Runs a `ringside-agent` subcommand to completion; panics with its output on failure.
+fn agent_command(args: &[&str]) -> String {
+    let output = Command::new(workspace_bin("ringside-agent"))
+        .args(args)
+        .output()
+        .expect("agent");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "ringside-agent {args:?} failed:\n{text}"
+    );
+    text
+}
+
+#[test]
+fn the_tracing_cli_and_the_admin_api_switch_a_serving_engine_without_a_restart() {
+    if !e2e_enabled("the_tracing_cli_and_the_admin_api_switch_a_serving_engine_without_a_restart") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let collector = Collector::start();
+    let mut engine = Engine::start("cli-toggle", &[]);
+    let pid = engine.pid();
+    let admin_port = ringside_tests::harness::free_port();
+    let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
+    let admin = format!("127.0.0.1:{admin_port}");
+    let _agent = Agent::start(&[
+        "--engine",
+        &engine.instance,
+        "--endpoint",
+        &endpoint,
+        "--batch-delay-ms",
+        "100",
+        "--admin-listen",
+        &admin,
+    ]);
+    let segment = engine.segment();
+    let head = || segment.ring().counters().head;
+    let settle = || std::thread::sleep(Duration::from_millis(300));
+
+    // Through the CLI, with no daemon involvement.
+    agent_command(&["tracing", "off", "--engine", &engine.instance]);
+    traced_chat(&engine);
+    settle();
+    assert_eq!(head(), 0, "no record while switched off by the CLI");
+    let status = agent_command(&["tracing", "status", "--engine", &engine.instance]);
+    assert!(status.contains(&engine.instance), "{status}");
+    agent_command(&["tracing", "on", "--engine", &engine.instance]);
+    let response = traced_chat(&engine);
+    assert_request_spans(&collector, &engine, &response);
+
+    // Through the agent's admin API.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http(admin_port, "GET", "/healthz", &[], b"").map_or(true, |r| r.status != 200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "admin API did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let put = |enabled: bool| {
+        let body = format!(r#"{{"engine":"{}","enabled":{enabled}}}"#, engine.instance);
+        let r = http(
+            admin_port,
+            "PUT",
+            "/v1/tracing",
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        )
+        .expect("PUT /v1/tracing");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    };
+    put(false);
+    traced_chat(&engine);
+    settle();
+    assert_eq!(
+        head(),
+        1,
+        "no record while switched off through the admin API"
+    );
+    put(true);
+    traced_chat(&engine);
+    wait_for_records(&segment, 2);
+    let second = hex(&records(&segment)[1].span_id);
+    collector.wait_for_span(&second, Duration::from_secs(30));
+
+    assert!(engine.running());
+    assert_eq!(engine.pid(), pid, "same engine process throughout");
+}
