@@ -87,7 +87,11 @@ request 11111111111111111111111111111111
 as_agent "${agent[@]}" tracing on "${select[@]}" >/dev/null || fail "agent user could not switch tracing on"
 out_dir="$(mktemp -d)"
 chown ringside-agent "$out_dir"
-as_agent "${agent[@]}" run "${select[@]}" --backfill --exporter file --output "$out_dir/spans.jsonl" \
+# Not through as_agent: a backgrounded shell function is a subshell, and $!
+# would be its pid rather than the agent's.
+setpriv --reuid=ringside-agent --regid=ringside-agent --init-groups --inh-caps=-all \
+    env -i PATH=/usr/bin:/bin HOME=/nonexistent \
+    "${agent[@]}" run "${select[@]}" --backfill --exporter file --output "$out_dir/spans.jsonl" \
     --batch-delay-ms 100 --state-file "$out_dir/state.json" --admin-listen off >"$out_dir/agent.log" 2>&1 &
 agent_pid=$!
 trap 'kill "$agent_pid" 2>/dev/null || true; cleanup_engine; systemd/install.sh --uninstall >/dev/null' EXIT
@@ -112,4 +116,5 @@ fi
 grep -qi "permission denied" <<<"$outsider" || fail "expected a permission error, got: $outsider"
 say "user nobody is refused: $(grep -i -m1 'permission denied' <<<"$outsider")"
 kill "$agent_pid"
+wait "$agent_pid" || fail "the agent did not exit cleanly on SIGTERM: $(cat "$out_dir/agent.log")"
 say "ok"
