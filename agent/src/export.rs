@@ -8,10 +8,14 @@ use crate::metrics::{ExportCounters, Metrics, scope};
 use crate::queue::{ExportQueue, Item};
 use crate::retry::{self, Jitter, Verdict};
 use crate::stats::EngineStats;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse as MetricsResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse as TraceResponse,
+};
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use prost::Message;
 use std::io::Write;
@@ -238,19 +242,9 @@ impl Transport {
                 let url = h.traces_url.clone();
                 match http_post(h, &url, request).await {
                     Ok(body) => {
-                        let p = if h.json {
-                            serde_json::from_slice::<
-                                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
-                            >(&body)
-                            .ok()
-                        } else {
-                            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::decode(
-                                body.as_slice(),
-                            )
-                            .ok()
-                        }
-                        .and_then(|r| r.partial_success)
-                        .unwrap_or_default();
+                        let p = decode_response::<TraceResponse>(h, &body)
+                            .and_then(|r| r.partial_success)
+                            .unwrap_or_default();
                         Attempt::Accepted {
                             rejected: p.rejected_spans,
                             message: p.error_message,
@@ -302,10 +296,15 @@ impl Transport {
                 let h = &h.0;
                 let url = h.metrics_url.clone();
                 match http_post(h, &url, request).await {
-                    Ok(_) => Attempt::Accepted {
-                        rejected: 0,
-                        message: String::new(),
-                    },
+                    Ok(body) => {
+                        let p = decode_response::<MetricsResponse>(h, &body)
+                            .and_then(|r| r.partial_success)
+                            .unwrap_or_default();
+                        Attempt::Accepted {
+                            rejected: p.rejected_data_points,
+                            message: p.error_message,
+                        }
+                    }
                     Err(failed) => failed,
                 }
             }
@@ -315,6 +314,19 @@ impl Transport {
             },
             Self::File(file) => write_json_line(file, request),
         }
+    }
+}
+
+/// Decodes an OTLP/HTTP response body in the protocol's encoding; an
+/// undecodable body counts as full success (the status code already said so).
+fn decode_response<R: Message + Default + serde::de::DeserializeOwned>(
+    h: &Http,
+    body: &[u8],
+) -> Option<R> {
+    if h.json {
+        serde_json::from_slice(body).ok()
+    } else {
+        R::decode(body).ok()
     }
 }
 

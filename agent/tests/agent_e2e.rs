@@ -13,190 +13,21 @@ use ringside_shm_protocol::{
     CreateOptions, EngineSegment, ErrorType, FLAG_REMOTE_PARENT, FinishReason, Operation, Record,
     RecordKind, monotonic_ns, params,
 };
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use ringside_tests::harness::{self, Collector as Rotel, free_port, hex, span_field as field};
 
 const MODEL: &str = "gemma-test";
 
 fn e2e_enabled() -> bool {
-    let on = std::env::var("RINGSIDE_E2E").is_ok_and(|v| v == "1");
-    if !on {
-        eprintln!("skipped: set RINGSIDE_E2E=1 to run the collector tests");
-    }
-    on
-}
-
-fn venv_candidates(venv: PathBuf) -> Vec<PathBuf> {
-    let mut out = vec![venv.join("bin/rotel-agent")];
-    if let Ok(entries) = std::fs::read_dir(venv.join("lib")) {
-        for e in entries.flatten() {
-            out.push(e.path().join("site-packages/rotel/rotel-agent"));
-        }
-    }
-    out
-}
-
-fn rotel_binary() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("rotel-agent")));
-    }
-    if let Some(venv) = std::env::var_os("RINGSIDE_VENV") {
-        candidates.extend(venv_candidates(PathBuf::from(venv)));
-    }
-    candidates.extend(venv_candidates(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"),
-    ));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .expect("rotel-agent not found on PATH, in $RINGSIDE_VENV or in .venv (pip install rotel)")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running `rotel-agent` printing every span it receives.
-struct Rotel {
-    child: Child,
-    output: Arc<Mutex<String>>,
-    grpc: u16,
-    http: u16,
-}
-
-impl Rotel {
-    fn start(grpc: u16, http: u16) -> Self {
-        let mut child = Command::new(rotel_binary())
-            .args([
-                "start",
-                "--otlp-grpc-endpoint",
-                &format!("127.0.0.1:{grpc}"),
-                "--otlp-http-endpoint",
-                &format!("127.0.0.1:{http}"),
-                "--exporter",
-                "blackhole",
-                "--debug-log",
-                "traces",
-                "--debug-log",
-                "metrics",
-                "--debug-log-verbosity",
-                "detailed",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start rotel-agent");
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let output = Arc::clone(&output);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    let mut o = output.lock().unwrap();
-                    o.push_str(&line);
-                    o.push('\n');
-                }
-            });
-        }
-        let rotel = Self {
-            child,
-            output,
-            grpc,
-            http,
-        };
-        rotel.wait_for("rotel to listen", Duration::from_secs(10), |o| {
-            o.contains("Starting Rotel")
-        });
-        // The banner comes before the sockets are bound: wait for the port.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
-            assert!(Instant::now() < deadline, "rotel did not listen on {grpc}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        rotel
-    }
-
-    fn text(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.text();
-            if pred(&text) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; collector output:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The printed blocks of the spans received so far.
-    fn spans(&self) -> Vec<String> {
-        span_blocks(&self.text())
-    }
-}
-
-impl Drop for Rotel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn span_blocks(text: &str) -> Vec<String> {
-    text.split("Span #")
-        .skip(1)
-        .map(|b| {
-            // A block ends where the next resource or scope starts.
-            let end = ["ResourceSpans #", "ResourceMetrics #"]
-                .iter()
-                .filter_map(|m| b.find(m))
-                .min()
-                .unwrap_or(b.len());
-            b[..end].to_owned()
-        })
-        .collect()
-}
-
-fn field<'a>(block: &'a str, name: &str) -> Option<&'a str> {
-    block.lines().find_map(|l| {
-        let (k, v) = l.split_once(" : ")?;
-        (k.trim() == name).then(|| v.trim())
-    })
+    harness::e2e_enabled("collector tests")
 }
 
 fn block_with_id<'a>(blocks: &'a [String], span_id: &str) -> Option<&'a String> {
     blocks.iter().find(|b| field(b, "ID") == Some(span_id))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(1);
@@ -325,7 +156,7 @@ impl Agent {
     }
 
     fn grpc(engine: &FakeEngine, rotel: &Rotel, extra: &[&str]) -> Self {
-        let endpoint = format!("http://127.0.0.1:{}", rotel.grpc);
+        let endpoint = format!("http://127.0.0.1:{}", rotel.grpc_port);
         let mut args = vec!["--endpoint", endpoint.as_str()];
         args.extend_from_slice(extra);
         Self::start(engine, &args)
@@ -457,7 +288,7 @@ fn grpc_export_delivers_the_request_span_its_phases_and_every_attribute() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("grpc");
     let mut agent = Agent::grpc(&engine, &rotel, &[]);
     let record = engine.record();
@@ -476,9 +307,9 @@ fn http_protobuf_export_delivers_the_same_spans() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("http");
-    let endpoint = format!("http://127.0.0.1:{}", rotel.http);
+    let endpoint = format!("http://127.0.0.1:{}", rotel.http_port);
     let mut agent = Agent::start(
         &engine,
         &[
@@ -502,7 +333,7 @@ fn backfill_exports_what_the_engine_wrote_before_the_agent_started() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("backfill");
     let early: Vec<String> = (0..3).map(|_| engine.push_new()).collect();
     let mut agent = Agent::grpc(&engine, &rotel, &["--backfill"]);
@@ -518,7 +349,7 @@ fn without_backfill_only_new_requests_are_exported() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("nobackfill");
     let early = engine.push_new();
     let mut agent = Agent::grpc(&engine, &rotel, &[]);
@@ -537,7 +368,7 @@ fn a_killed_and_restarted_agent_resumes_without_duplicates_or_loss() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("restart");
     let agent = Agent::grpc(&engine, &rotel, &[]);
     let first: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
@@ -569,7 +400,7 @@ fn spans_arrive_after_the_collector_comes_back() {
     let ids: Vec<String> = (0..3).map(|_| engine.push_new()).collect();
     // Let the first attempts fail against the closed port.
     std::thread::sleep(Duration::from_millis(1500));
-    let rotel = Rotel::start(grpc, http);
+    let rotel = Rotel::start_on(grpc, http);
     wait_for_spans(&rotel, &ids, Duration::from_secs(20));
     assert!(agent.terminate().success());
 }
@@ -579,7 +410,7 @@ fn an_error_record_becomes_an_error_span_with_error_type() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("error");
     let mut agent = Agent::grpc(&engine, &rotel, &[]);
     let mut r = engine.record();
@@ -610,7 +441,7 @@ fn tracing_switched_off_in_the_control_word_exports_nothing_new() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("toggle");
     let mut agent = Agent::grpc(&engine, &rotel, &[]);
     let before = engine.push_new();
@@ -650,9 +481,9 @@ fn http_json_export_delivers_spans() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("json");
-    let endpoint = format!("http://127.0.0.1:{}/v1/traces", rotel.http);
+    let endpoint = format!("http://127.0.0.1:{}/v1/traces", rotel.http_port);
     let mut agent = Agent::start(
         &engine,
         &["--protocol", "http/json", "--traces-endpoint", &endpoint],
@@ -669,7 +500,7 @@ fn an_invalid_record_is_skipped_counted_and_reading_goes_on() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("invalid");
     let mut agent = Agent::grpc(&engine, &rotel, &[]);
     let mut bad = engine.record();
@@ -706,7 +537,7 @@ fn a_restarted_engine_is_noticed_and_its_new_segment_read() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let name = format!("agent-e2e-{}-engine-restart", std::process::id());
     let engine = FakeEngine::named(name.clone());
     let mut agent = Agent::grpc(&engine, &rotel, &[]);
@@ -835,7 +666,7 @@ fn metrics_reach_the_collector_over_otlp() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("metrics");
     let mut agent = Agent::grpc(&engine, &rotel, &[]);
     engine.push_new();
@@ -972,7 +803,7 @@ fn a_restarted_agent_that_was_lapped_reports_exactly_what_it_lost() {
     if !e2e_enabled() {
         return;
     }
-    let rotel = Rotel::start(free_port(), free_port());
+    let rotel = Rotel::start_on(free_port(), free_port());
     let engine = FakeEngine::new("lapped");
     let capacity = engine.segment.info().capacity as usize;
     let agent = Agent::grpc(&engine, &rotel, &[]);

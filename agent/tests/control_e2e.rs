@@ -11,112 +11,32 @@ use ringside_shm_protocol::{
     CreateOptions, EngineSegment, ErrorType, FLAG_REMOTE_PARENT, FinishReason, Operation, Record,
     RecordKind, monotonic_ns, params,
 };
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use ringside_tests::harness::{self, Collector, free_port, hex};
 
 const MODEL: &str = "gemma-test";
 
 fn e2e_enabled() -> bool {
-    let on = std::env::var("RINGSIDE_E2E").is_ok_and(|v| v == "1");
-    if !on {
-        eprintln!("skipped: set RINGSIDE_E2E=1 to run the collector tests");
-    }
-    on
+    harness::e2e_enabled("collector tests")
 }
 
-fn rotel_binary() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("rotel-agent")));
-    }
-    let mut venvs = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv")];
-    if let Some(v) = std::env::var_os("RINGSIDE_VENV") {
-        venvs.insert(0, PathBuf::from(v));
-    }
-    for venv in venvs {
-        candidates.push(venv.join("bin/rotel-agent"));
-        if let Ok(entries) = std::fs::read_dir(venv.join("lib")) {
-            for e in entries.flatten() {
-                candidates.push(e.path().join("site-packages/rotel/rotel-agent"));
-            }
-        }
-    }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .expect("rotel-agent not found on PATH, in $RINGSIDE_VENV or in .venv (pip install rotel)")
-}
+/// The shared collector harness, read here as (instance, span id) pairs.
+struct Rotel(Collector);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running `rotel-agent` printing every span it receives.
-struct Rotel {
-    child: Child,
-    output: Arc<Mutex<String>>,
-    grpc: u16,
+impl std::ops::Deref for Rotel {
+    type Target = Collector;
+    fn deref(&self) -> &Collector {
+        &self.0
+    }
 }
 
 impl Rotel {
     fn start() -> Self {
-        let (grpc, http) = (free_port(), free_port());
-        let mut child = Command::new(rotel_binary())
-            .args([
-                "start",
-                "--otlp-grpc-endpoint",
-                &format!("127.0.0.1:{grpc}"),
-                "--otlp-http-endpoint",
-                &format!("127.0.0.1:{http}"),
-                "--exporter",
-                "blackhole",
-                "--debug-log",
-                "traces",
-                "--debug-log-verbosity",
-                "detailed",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start rotel-agent");
-        let output = Arc::new(Mutex::new(String::new()));
-        let streams: Vec<Box<dyn std::io::Read + Send>> = vec![
-            Box::new(child.stdout.take().unwrap()),
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        for stream in streams {
-            let output = Arc::clone(&output);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    let mut o = output.lock().unwrap();
-                    o.push_str(&line);
-                    o.push('\n');
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
-            assert!(Instant::now() < deadline, "rotel did not listen on {grpc}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            output,
-            grpc,
-        }
-    }
-
-    fn text(&self) -> String {
-        self.output.lock().unwrap().clone()
+        Self(Collector::start())
     }
 
     /// (service.instance.id, span ID) of every span received so far.
@@ -159,17 +79,6 @@ impl Rotel {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
-
-impl Drop for Rotel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(1);
@@ -275,7 +184,7 @@ struct Agent {
 
 impl Agent {
     fn start(engines: &[&FakeEngine], rotel: &Rotel, extra: &[&str]) -> Self {
-        let endpoint = format!("http://127.0.0.1:{}", rotel.grpc);
+        let endpoint = format!("http://127.0.0.1:{}", rotel.grpc_port);
         let mut args = vec!["--endpoint", endpoint.as_str()];
         args.extend_from_slice(extra);
         Self::start_with(engines, &args, &[])
@@ -849,7 +758,7 @@ fn sighup_rereads_the_config_file_without_dropping_queued_spans() {
         )
         .unwrap();
     };
-    write_config(first.grpc, 100);
+    write_config(first.grpc_port, 100);
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringside-agent"))
         .args([
             "run",
@@ -878,7 +787,7 @@ fn sighup_rereads_the_config_file_without_dropping_queued_spans() {
     let one = engine.push(false).unwrap();
     first.wait_for_span(&one);
     // A long batch delay: the next span waits in the queue.
-    write_config(first.grpc, 60_000);
+    write_config(first.grpc_port, 60_000);
     let hup = |child: &Child| {
         assert!(
             Command::new("kill")
@@ -902,7 +811,7 @@ fn sighup_rereads_the_config_file_without_dropping_queued_spans() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(!first.has_span(&queued), "held by the 60 s batch delay");
     // Now to the second collector, promptly: the queued span goes there.
-    write_config(second.grpc, 100);
+    write_config(second.grpc_port, 100);
     hup(&child);
     wait_log(2);
     second.wait_for_span(&queued);

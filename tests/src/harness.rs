@@ -345,22 +345,35 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The `rotel-agent` collector binary (PyPI `rotel`; `scripts/setup.sh` links
-/// it into the venv).
+/// The `rotel-agent` collector binary (PyPI `rotel`): on `PATH`, in
+/// `$RINGSIDE_VENV`, or in the project's `.venv` (`scripts/setup.sh` links it
+/// into `bin/`; the wheel keeps it under `site-packages/rotel/`).
 pub fn rotel_binary() -> PathBuf {
-    let venv =
-        std::env::var_os("RINGSIDE_VENV").map_or_else(|| repo_root().join(".venv"), PathBuf::from);
-    let path = venv.join("bin/rotel-agent");
-    assert!(
-        path.exists(),
-        "{} not found: run scripts/setup.sh",
-        path.display()
-    );
-    path
+    let mut candidates = Vec::new();
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("rotel-agent")));
+    }
+    let venvs = std::env::var_os("RINGSIDE_VENV")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([repo_root().join(".venv")]);
+    for venv in venvs {
+        candidates.push(venv.join("bin/rotel-agent"));
+        if let Ok(entries) = std::fs::read_dir(venv.join("lib")) {
+            candidates.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path().join("site-packages/rotel/rotel-agent")),
+            );
+        }
+    }
+    candidates.into_iter().find(|p| p.is_file()).expect(
+        "rotel-agent not found on PATH, in $RINGSIDE_VENV or in .venv: run scripts/setup.sh",
+    )
 }
 
 /// A real OpenTelemetry collector (`rotel-agent`) on loopback, printing every
-/// span it receives.
+/// span and metric it receives.
 #[derive(Debug)]
 pub struct Collector {
     child: Child,
@@ -372,14 +385,21 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Starts rotel and waits until its gRPC port accepts connections.
+    /// Starts rotel on two free ports.
     pub fn start() -> Collector {
-        let (grpc_port, http_port) = (free_port(), free_port());
+        Self::start_on(free_port(), free_port())
+    }
+
+    /// Starts rotel on the given ports (a test that stops a collector and
+    /// starts another where the first was) and waits until gRPC accepts
+    /// connections.
+    pub fn start_on(grpc_port: u16, http_port: u16) -> Collector {
         let mut child = Command::new(rotel_binary())
             .args(["start", "--exporter", "blackhole"])
             .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
             .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
-            .args(["--debug-log", "traces", "--debug-log-verbosity", "detailed"])
+            .args(["--debug-log", "traces", "--debug-log", "metrics"])
+            .args(["--debug-log-verbosity", "detailed"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -424,6 +444,27 @@ impl Collector {
             .clone()
     }
 
+    /// Waits until `pred` holds for everything printed so far, and returns it.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.text();
+            if pred(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; collector printed:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The printed blocks of the spans received so far.
+    pub fn spans(&self) -> Vec<String> {
+        span_blocks(&self.text())
+    }
+
     /// Waits until a span with `span_id` (hex) was received, and returns its
     /// printed block (up to the next span).
     pub fn wait_for_span(&self, span_id: &str, timeout: Duration) -> String {
@@ -442,8 +483,8 @@ impl Collector {
     }
 }
 
-/// The block rotel printed for the span whose `ID` is `span_id`.
-pub fn span_block(text: &str, span_id: &str) -> Option<String> {
+/// The blocks rotel printed, one per span.
+pub fn span_blocks(text: &str) -> Vec<String> {
     text.split("Span #")
         .skip(1)
         .map(|block| {
@@ -453,10 +494,16 @@ pub fn span_block(text: &str, span_id: &str) -> Option<String> {
                 .filter_map(|m| block.find(m))
                 .min()
                 .unwrap_or(block.len());
-            &block[..end]
+            block[..end].to_owned()
         })
+        .collect()
+}
+
+/// The block rotel printed for the span whose `ID` is `span_id`.
+pub fn span_block(text: &str, span_id: &str) -> Option<String> {
+    span_blocks(text)
+        .into_iter()
         .find(|block| span_field(block, "ID") == Some(span_id))
-        .map(str::to_owned)
 }
 
 /// A `Name : value` field of a printed span block.
