@@ -14,6 +14,7 @@ source scripts/cpu-flags.sh
 echo "[demo] building (first time: llama.cpp compiles for a few minutes)" >&2
 cargo build --release --locked -p ringside-engine -p ringside-agent --bins
 
+bin="${CARGO_TARGET_DIR:-target}/release"
 port="${PORT:-8000}"
 instance="demo-${port}"
 model="gemma-3-270m"
@@ -21,7 +22,7 @@ log="$(mktemp -t ringside-engine.XXXXXX.log)"
 agent_out="$(mktemp -t ringside-agent.XXXXXX.out)"
 agent_log="$(mktemp -t ringside-agent.XXXXXX.log)"
 
-target/release/ringside-engine serve --port "$port" --instance "$instance" \
+"$bin/ringside-engine" serve --port "$port" --instance "$instance" \
     --served-model-name "$model" --parallel 2 >"$log" 2>&1 &
 engine_pid=$!
 agent_pid=""
@@ -40,7 +41,7 @@ for _ in $(seq 1 600); do
 done
 
 # The agent attaches to the running engine (no restart) and prints spans.
-target/release/ringside-agent run --engine "$instance" --exporter console \
+"$bin/ringside-agent" run --engine "$instance" --exporter console \
     --batch-delay-ms 200 >"$agent_out" 2>"$agent_log" &
 agent_pid=$!
 echo "[demo] agent pid $agent_pid attached to $instance (log: $agent_log)" >&2

@@ -8,14 +8,14 @@
 #     group, as the units run them: the agent attaches, toggles tracing and
 #     exports; a third user outside the group cannot open the segment;
 #  5. install.sh --uninstall removes what it installed.
-# Needs release binaries in target/release and the default model.
+# Needs release binaries (in $CARGO_TARGET_DIR/release, default target/release) and the default model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '[systemd-check] %s\n' "$*" >&2; }
 fail() { say "FAIL: $*"; exit 1; }
 
-systemd/install.sh --bin-dir target/release >/dev/null
+systemd/install.sh --bin-dir "${CARGO_TARGET_DIR:-target}/release" >/dev/null
 trap 'systemd/install.sh --uninstall >/dev/null' EXIT
 
 units=(/etc/systemd/system/ringside-engine@.service /etc/systemd/system/ringside-agent.service)
