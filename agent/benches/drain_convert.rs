@@ -12,7 +12,6 @@ use ringside_agent::config::{Cli, Command, Settings};
 use ringside_agent::metrics::Metrics;
 use ringside_agent::queue::ExportQueue;
 use ringside_agent::resource::ResourceEnv;
-use ringside_agent::spans::SpanPool;
 use ringside_shm_protocol::{
     CreateOptions, EngineSegment, FLAG_REMOTE_PARENT, FinishReason, Operation, OverflowMode,
     Record, RecordKind, monotonic_ns,
@@ -68,7 +67,7 @@ fn cpu_time() -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
-fn reader(name: &str) -> (Reader, Arc<ExportQueue>, Arc<SpanPool>) {
+fn reader(name: &str) -> (Reader, Arc<ExportQueue>) {
     let cli = Cli::try_parse_from([
         "ringside-agent",
         "run",
@@ -87,16 +86,14 @@ fn reader(name: &str) -> (Reader, Arc<ExportQueue>, Arc<SpanPool>) {
     };
     let settings = Settings::resolve(&args, &|_| None).expect("bench settings");
     let queue = Arc::new(ExportQueue::new(10_000_000, 1 << 36, 512));
-    let pool = Arc::new(SpanPool::new(4096));
     let r = Reader::new(
         settings,
         ResourceEnv::from_env(&|_| None, "bench".into()),
         Arc::clone(&queue),
         Arc::new(Mutex::new(Metrics::new(0))),
         Arc::default(),
-        Arc::clone(&pool),
     );
-    (r, queue, pool)
+    (r, queue)
 }
 
 fn main() {
@@ -106,14 +103,9 @@ fn main() {
     options.control.overflow_mode = OverflowMode::Discard;
     let segment = EngineSegment::create(&options).expect("create the bench segment");
     let producer = segment.ring().producer();
-    let (mut reader, queue, pool) = reader(&name);
-    // What the exporter does after sending: the spans go back to the pool.
-    let export = |queue: &ExportQueue| {
-        let items = queue.take(usize::MAX);
-        let n = items.len() as u64;
-        pool.give(items.into_iter().flat_map(|i| i.spans));
-        n
-    };
+    let (mut reader, queue) = reader(&name);
+    // The exporter's side: take what is queued and free it.
+    let export = |queue: &ExportQueue| queue.take(usize::MAX).len() as u64;
     reader.scan();
     assert_eq!(
         reader.attached(),

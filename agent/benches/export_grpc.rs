@@ -9,7 +9,7 @@ use ringside_agent::export::{Exporter, Transport};
 use ringside_agent::metrics::{ExportCounters, Metrics};
 use ringside_agent::queue::{ExportQueue, Item};
 use ringside_agent::resource::ResourceEnv;
-use ringside_agent::spans::{SpanContext, convert};
+use ringside_agent::spans::{EncodedSpans, SpanContext, encode};
 use ringside_agent::stats::{EngineHandle, EngineStats};
 use ringside_shm_protocol::{
     ClockPair, Detail, FLAG_REMOTE_PARENT, FinishReason, Operation, Record, RecordKind,
@@ -73,6 +73,21 @@ fn record(seq: u64) -> Record {
     r
 }
 
+/// CPU time (user + system) a process has used, from /proc (10 ms ticks).
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat: 11 and 12 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 fn main() {
     let Some(binary) = rotel() else {
         println!("export_grpc: rotel-agent not found; skipped");
@@ -103,6 +118,16 @@ fn main() {
     }
 
     let requests = 100_000u64;
+    // Spans per export request (the agent's --batch-size; default 512).
+    let batch: usize = std::env::var("EXPORT_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    // Export requests in flight (the agent's --max-in-flight; default 8).
+    let in_flight: usize = std::env::var("EXPORT_BENCH_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     let engine = Arc::new(EngineHandle {
         id: 0,
         instance: "bench".into(),
@@ -123,11 +148,13 @@ fn main() {
     let queue = Arc::new(ExportQueue::new(usize::MAX, usize::MAX, 512));
     for seq in 0..requests {
         let decoded = record(seq).decode(1).expect("valid bench record");
-        let mut spans = Vec::with_capacity(4);
-        convert(&ctx, &decoded, Detail::Phases, &mut spans);
+        let mut spans = EncodedSpans::default();
+        encode(&ctx, &decoded, Detail::Phases, &mut spans);
         queue.push(Item::new(Arc::clone(&engine), spans));
     }
     let spans = queue.spans();
+    let collector_pid = collector.id().to_string();
+    let mut cpu_start = (Duration::ZERO, Duration::ZERO);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -139,7 +166,11 @@ fn main() {
             traces_endpoint: format!("http://127.0.0.1:{port}"),
             metrics_endpoint: format!("http://127.0.0.1:{port}"),
             headers: vec![],
-            compression: Compression::None,
+            compression: if std::env::var_os("EXPORT_BENCH_GZIP").is_some() {
+                Compression::Gzip
+            } else {
+                Compression::None
+            },
             timeout: Duration::from_secs(10),
         });
         let mut exporter = Exporter::new(
@@ -147,25 +178,36 @@ fn main() {
             Arc::clone(&queue),
             Arc::new(Mutex::new(Metrics::new(0))),
             Arc::new(ExportCounters::default()),
-            512,
+            batch,
             Duration::from_millis(100),
             Duration::from_secs(30),
             Duration::from_secs(3600),
         );
+        exporter.max_in_flight = in_flight;
         let start = Instant::now();
+        cpu_start = (cpu_time("self"), cpu_time(&collector_pid));
         let report = exporter
             .flush(Instant::now() + Duration::from_secs(120))
             .await;
         assert_eq!(report.left_in_queue + report.failed, 0, "{report:?}");
         start.elapsed()
     });
+    let agent_cpu = cpu_time("self").saturating_sub(cpu_start.0);
+    let collector_cpu = cpu_time(&collector_pid).saturating_sub(cpu_start.1);
     let _ = collector.kill();
     let _ = collector.wait();
     let exported = engine.stats.snapshot().spans_exported;
     assert_eq!(exported as usize, spans);
     println!(
-        "export over OTLP/gRPC into rotel (blackhole), batches of 512 spans: {exported} spans in {:.3} s = {:.0} spans/s",
+        "export over OTLP/gRPC into rotel (blackhole), batches of {batch} spans, {in_flight} in flight: {exported} spans in {:.3} s = {:.0} spans/s",
         elapsed.as_secs_f64(),
         exported as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  CPU: exporter {:.2} s ({:.0} k spans per CPU second), rotel {:.2} s; machine: {} cores",
+        agent_cpu.as_secs_f64(),
+        exported as f64 / agent_cpu.as_secs_f64().max(1e-3) / 1e3,
+        collector_cpu.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, usize::from),
     );
 }

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::queue::{ExportQueue, Item};
 use crate::resource::ResourceEnv;
 use crate::sampling::{Sampler, TailSampler, keep_by_ppm};
-use crate::spans::{self, SpanContext, SpanPool};
+use crate::spans::{self, EncodedSpans, SpanContext};
 use crate::stats::{EngineHandle, EngineStats};
 use ringside_shm_protocol::{
     AttachedSegment, Consumer, Detail, EngineIdentity, Liveness, OpenError, OpenOptions, PollError,
@@ -34,6 +34,10 @@ use std::time::{Duration, Instant};
 
 /// Records taken from one ring per poll.
 const POLL_BATCH: usize = 1024;
+/// Bytes reserved per request's encoded spans: a request span with both
+/// attribute sets and three children takes about 1.4 KiB, so one
+/// allocation, never a regrowth.
+const SPANS_CAPACITY: usize = 2048;
 /// An agent heartbeat younger than this marks another live agent.
 const AGENT_STALE_NS: u64 = 5_000_000_000;
 
@@ -52,7 +56,6 @@ pub struct Reader {
     queue: Arc<ExportQueue>,
     metrics: Arc<Mutex<Metrics>>,
     registry: Arc<Mutex<Vec<Arc<EngineHandle>>>>,
-    pool: Arc<SpanPool>,
     attached: BTreeMap<String, Attached>,
     /// Engines drained after they died, not to be re-attached.
     finished: HashMap<String, EngineIdentity>,
@@ -61,7 +64,6 @@ pub struct Reader {
     initial_scan_done: bool,
     next_id: u64,
     buffer: Vec<(u64, Record)>,
-    spans: Vec<opentelemetry_proto::tonic::trace::v1::Span>,
     my_pid: u32,
     sampler_update: Arc<Mutex<Option<Sampler>>>,
 }
@@ -76,15 +78,13 @@ impl std::fmt::Debug for Reader {
 
 impl Reader {
     /// A reader feeding `queue` and `metrics`; every engine it attaches to is
-    /// added to `registry` (for the final accounting). Spans are built from
-    /// those the exporter returns to `pool` where it can.
+    /// added to `registry` (for the final accounting).
     pub fn new(
         settings: Settings,
         resource_env: ResourceEnv,
         queue: Arc<ExportQueue>,
         metrics: Arc<Mutex<Metrics>>,
         registry: Arc<Mutex<Vec<Arc<EngineHandle>>>>,
-        pool: Arc<SpanPool>,
     ) -> Self {
         Self {
             settings,
@@ -92,14 +92,12 @@ impl Reader {
             queue,
             metrics,
             registry,
-            pool,
             attached: BTreeMap::new(),
             finished: HashMap::new(),
             reported: HashMap::new(),
             initial_scan_done: false,
             next_id: 0,
             buffer: Vec::with_capacity(POLL_BATCH),
-            spans: Vec::with_capacity(8),
             my_pid: std::process::id(),
             sampler_update: Arc::default(),
         }
@@ -291,8 +289,6 @@ impl Reader {
             let Ok((delivered, stalled)) = Self::poll_one(
                 a,
                 &mut self.buffer,
-                &mut self.spans,
-                &self.pool,
                 &self.settings,
                 &self.queue,
                 &self.metrics,
@@ -342,8 +338,6 @@ impl Reader {
             match Self::poll_one(
                 a,
                 &mut self.buffer,
-                &mut self.spans,
-                &self.pool,
                 &self.settings,
                 &self.queue,
                 &self.metrics,
@@ -365,8 +359,6 @@ impl Reader {
     fn poll_one(
         a: &mut Attached,
         buffer: &mut Vec<(u64, Record)>,
-        spare: &mut Vec<opentelemetry_proto::tonic::trace::v1::Span>,
-        pool: &SpanPool,
         settings: &Settings,
         queue: &ExportQueue,
         metrics: &Mutex<Metrics>,
@@ -398,7 +390,6 @@ impl Reader {
             let tail_rules = ring.control().tail_sampling();
             let model_count = a.segment.info().model_count();
             let mut items = Vec::with_capacity(buffer.len());
-            pool.take_into(buffer.len() * 4, spare);
             let mut metrics = metrics
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -430,13 +421,12 @@ impl Reader {
                     EngineStats::add(&stats.sampled_out, 1);
                     continue;
                 }
-                let mut spans = Vec::with_capacity(4);
-                spans::convert_reusing(&a.ctx, &record, detail, spare, &mut spans);
+                let mut spans = EncodedSpans::with_capacity(SPANS_CAPACITY);
+                spans::encode(&a.ctx, &record, detail, &mut spans);
                 items.push(Item::new(Arc::clone(&a.handle), spans));
             }
             drop(metrics);
             queue.push_all(items);
-            pool.give(spare.drain(..));
             if let Some((ticket, error)) = first_error {
                 EngineStats::add(&stats.invalid, invalid);
                 tracing::warn!(engine = %a.handle.instance, invalid, first_ticket = ticket, %error, "invalid records skipped");

@@ -262,6 +262,11 @@ pub struct RunArgs {
     /// Longest a span waits for its batch to fill, in milliseconds.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub batch_delay_ms: u64,
+    /// OTLP export requests in flight at once (1 to 64). With one, throughput
+    /// is one batch per round trip to the collector; while the collector is
+    /// down, this many batches are held (retrying) beyond the queue's limits.
+    #[arg(long, default_value_t = 8, value_name = "REQUESTS")]
+    pub max_in_flight: usize,
     /// Most requests held in the export queue; beyond it the oldest are dropped.
     #[arg(long, default_value_t = 65_536, value_name = "REQUESTS")]
     pub queue_max_items: usize,
@@ -536,6 +541,8 @@ pub struct Settings {
     pub batch_size: usize,
     /// Batch delay.
     pub batch_delay: Duration,
+    /// OTLP export requests in flight at once.
+    pub max_in_flight: usize,
     /// Queue limit in requests.
     pub queue_max_items: usize,
     /// Queue memory cap in bytes.
@@ -685,6 +692,13 @@ impl Settings {
         if args.batch_size == 0 {
             return Err(invalid("--batch-size", "0", "must be at least 1"));
         }
+        if !(1..=64).contains(&args.max_in_flight) {
+            return Err(invalid(
+                "--max-in-flight",
+                &args.max_in_flight.to_string(),
+                "must be between 1 and 64",
+            ));
+        }
         if args.queue_max_items == 0 {
             return Err(invalid("--queue-max-items", "0", "must be at least 1"));
         }
@@ -726,6 +740,7 @@ impl Settings {
             target,
             batch_size: args.batch_size,
             batch_delay: Duration::from_millis(args.batch_delay_ms),
+            max_in_flight: args.max_in_flight,
             queue_max_items: args.queue_max_items,
             queue_max_bytes: args.queue_max_mib.saturating_mul(1 << 20),
             retry_max_elapsed: Duration::from_millis(args.retry_max_elapsed_ms),
@@ -1033,6 +1048,8 @@ mod tests {
             (&["--exporter", "file"], &[], "--output"),
             (&["--engine", "../etc"], &[], "--engine"),
             (&["--batch-size", "0"], &[], "--batch-size"),
+            (&["--max-in-flight", "0"], &[], "--max-in-flight"),
+            (&["--max-in-flight", "65"], &[], "--max-in-flight"),
         ];
         for (args, env, setting) in cases {
             let err = resolve(args, env).expect_err(setting).to_string();

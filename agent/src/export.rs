@@ -7,23 +7,24 @@ use crate::config::{Compression, ExportTarget, OtlpSettings, Protocol};
 use crate::metrics::{ExportCounters, Metrics, scope};
 use crate::queue::{ExportQueue, Item};
 use crate::retry::{self, Jitter, Verdict};
-use crate::stats::EngineStats;
+use crate::stats::{EngineHandle, EngineStats};
+use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse as MetricsResponse,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse as TraceResponse,
 };
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use prost::Message;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::codec::CompressionEncoding;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -76,7 +77,8 @@ pub enum Attempt {
 
 #[derive(Debug)]
 struct Grpc {
-    traces: TraceServiceClient<Channel>,
+    /// Sends pre-encoded requests (see [`RawCodec`]).
+    traces: tonic::client::Grpc<Channel>,
     metrics: MetricsServiceClient<Channel>,
     metadata: MetadataMap,
     timeout: Duration,
@@ -162,7 +164,7 @@ impl Transport {
                     metadata.insert(k, v);
                 }
                 let mut traces =
-                    TraceServiceClient::new(grpc_channel(&o.traces_endpoint, o.timeout)?);
+                    tonic::client::Grpc::new(grpc_channel(&o.traces_endpoint, o.timeout)?);
                 let mut metrics =
                     MetricsServiceClient::new(grpc_channel(&o.metrics_endpoint, o.timeout)?);
                 if o.compression == Compression::Gzip {
@@ -214,19 +216,29 @@ impl Transport {
         matches!(self, Self::Console)
     }
 
-    /// One attempt to send spans.
-    pub async fn send_traces(
-        &mut self,
-        request: &ExportTraceServiceRequest,
-        console_text: &str,
-    ) -> Attempt {
+    /// One attempt to send spans: `body` is an encoded
+    /// `ExportTraceServiceRequest` (see [`encode_trace_request`]).
+    pub async fn send_traces(&self, body: &Bytes, console_text: &str) -> Attempt {
         match self {
             Self::Grpc(g) => {
-                let g = &mut g.0;
-                let mut req = tonic::Request::new(request.clone());
+                let g = &g.0;
+                // A clone shares the channel (HTTP/2 multiplexes the batches
+                // in flight on one connection).
+                let mut client = g.traces.clone();
+                let mut req = tonic::Request::new(body.clone());
                 *req.metadata_mut() = g.metadata.clone();
                 req.set_timeout(g.timeout);
-                match g.traces.export(req).await {
+                if let Err(e) = client.ready().await {
+                    return Attempt::Failed {
+                        verdict: Verdict::Retry(None),
+                        error: format!("gRPC channel not ready: {e}"),
+                    };
+                }
+                let path = PathAndQuery::from_static(TRACE_EXPORT_PATH);
+                match client
+                    .unary(req, path, RawCodec::<TraceResponse>::default())
+                    .await
+                {
                     Ok(resp) => {
                         let p = resp.into_inner().partial_success.unwrap_or_default();
                         Attempt::Accepted {
@@ -239,8 +251,16 @@ impl Transport {
             }
             Self::Http(h) => {
                 let h = &h.0;
+                let body = if h.json {
+                    match decode_trace_request(body).and_then(|r| json_body(&r)) {
+                        Ok(json) => json,
+                        Err(failed) => return failed,
+                    }
+                } else {
+                    body.to_vec()
+                };
                 let url = h.traces_url.clone();
-                match http_post(h, &url, request).await {
+                match http_post(h, &url, body).await {
                     Ok(body) => {
                         let p = decode_response::<TraceResponse>(h, &body)
                             .and_then(|r| r.partial_success)
@@ -269,19 +289,22 @@ impl Transport {
                     },
                 }
             }
-            Self::File(file) => write_json_line(file, request),
+            Self::File(file) => match decode_trace_request(body) {
+                Ok(request) => write_json_line(file, &request),
+                Err(failed) => failed,
+            },
         }
     }
 
     /// One attempt to send metrics.
-    pub async fn send_metrics(&mut self, request: &ExportMetricsServiceRequest) -> Attempt {
+    pub async fn send_metrics(&self, request: &ExportMetricsServiceRequest) -> Attempt {
         match self {
             Self::Grpc(g) => {
-                let g = &mut g.0;
+                let g = &g.0;
                 let mut req = tonic::Request::new(request.clone());
                 *req.metadata_mut() = g.metadata.clone();
                 req.set_timeout(g.timeout);
-                match g.metrics.export(req).await {
+                match g.metrics.clone().export(req).await {
                     Ok(resp) => {
                         let p = resp.into_inner().partial_success.unwrap_or_default();
                         Attempt::Accepted {
@@ -294,8 +317,16 @@ impl Transport {
             }
             Self::Http(h) => {
                 let h = &h.0;
+                let body = if h.json {
+                    match json_body(request) {
+                        Ok(json) => json,
+                        Err(failed) => return failed,
+                    }
+                } else {
+                    request.encode_to_vec()
+                };
                 let url = h.metrics_url.clone();
-                match http_post(h, &url, request).await {
+                match http_post(h, &url, body).await {
                     Ok(body) => {
                         let p = decode_response::<MetricsResponse>(h, &body)
                             .and_then(|r| r.partial_success)
@@ -372,22 +403,94 @@ fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     enc.finish()
 }
 
-async fn http_post<T: Message + serde::Serialize>(
-    h: &Http,
-    url: &str,
-    request: &T,
-) -> Result<Vec<u8>, Attempt> {
+/// The gRPC method of trace export.
+const TRACE_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A gRPC codec sending bytes that already are an encoded request, and
+/// decoding the response `R` with prost: the batch is encoded once, not once
+/// per attempt, and never as owned structs.
+#[derive(Debug)]
+struct RawCodec<R>(std::marker::PhantomData<R>);
+
+impl<R> Default for RawCodec<R> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+#[derive(Debug)]
+struct RawEncoder;
+
+#[derive(Debug)]
+struct ProstDecoder<R>(std::marker::PhantomData<R>);
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl<R: Message + Default> tonic::codec::Decoder for ProstDecoder<R> {
+    type Item = R;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<R>, tonic::Status> {
+        R::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("undecodable response: {e}")))
+    }
+}
+
+impl<R: Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<R> {
+    type Encode = Bytes;
+    type Decode = R;
+    type Encoder = RawEncoder;
+    type Decoder = ProstDecoder<R>;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> ProstDecoder<R> {
+        ProstDecoder(std::marker::PhantomData)
+    }
+}
+
+/// An encoded trace request as structs, for the exporters that write JSON.
+fn decode_trace_request(body: &[u8]) -> Result<ExportTraceServiceRequest, Attempt> {
+    ExportTraceServiceRequest::decode(body).map_err(|e| Attempt::Failed {
+        verdict: Verdict::Permanent,
+        error: format!("the batch does not decode: {e}"),
+    })
+}
+
+fn json_body<T: serde::Serialize>(request: &T) -> Result<Vec<u8>, Attempt> {
+    serde_json::to_vec(request).map_err(|e| Attempt::Failed {
+        verdict: Verdict::Permanent,
+        error: format!("JSON encoding: {e}"),
+    })
+}
+
+async fn http_post(h: &Http, url: &str, mut body: Vec<u8>) -> Result<Vec<u8>, Attempt> {
     let permanent = |error: String| Attempt::Failed {
         verdict: Verdict::Permanent,
         error,
     };
-    let (mut body, content_type) = if h.json {
-        (
-            serde_json::to_vec(request).map_err(|e| permanent(format!("JSON encoding: {e}")))?,
-            "application/json",
-        )
+    let content_type = if h.json {
+        "application/json"
     } else {
-        (request.encode_to_vec(), "application/x-protobuf")
+        "application/x-protobuf"
     };
     let mut builder = h
         .client
@@ -428,55 +531,50 @@ async fn http_post<T: Message + serde::Serialize>(
     })
 }
 
-/// Builds one export request from whole requests, one `ResourceSpans` per
-/// engine, in queue order, moving the spans out of the items (no copy).
-pub fn take_trace_request(items: &mut [Item]) -> ExportTraceServiceRequest {
-    let mut resource_spans: Vec<(u64, ResourceSpans)> = Vec::new();
-    for item in items.iter_mut() {
-        let index = match resource_spans
-            .iter()
-            .position(|(id, _)| *id == item.engine.id)
-        {
-            Some(i) => i,
-            None => {
-                resource_spans.push((item.engine.id, empty_resource_spans(item)));
-                resource_spans.len() - 1
-            }
-        };
-        if let Some(scope_spans) = resource_spans[index].1.scope_spans.first_mut() {
-            scope_spans.spans.append(&mut item.spans);
+/// Encodes one export request from whole requests: one `ResourceSpans` per
+/// engine (in order of first appearance) with one `ScopeSpans`, whose spans
+/// are the items' encoded spans copied in queue order. The same bytes prost
+/// would write for the equivalent structs.
+pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
+    use crate::wire::{field_len, len_prefix};
+    let scope = scope().encode_to_vec();
+    let mut engines: Vec<&Arc<EngineHandle>> = Vec::new();
+    for item in items {
+        if !engines.iter().any(|e| e.id == item.engine.id) {
+            engines.push(&item.engine);
         }
     }
-    ExportTraceServiceRequest {
-        resource_spans: resource_spans.into_iter().map(|(_, r)| r).collect(),
+    let total: usize = items.iter().map(|i| i.spans.as_bytes().len()).sum();
+    let mut out = Vec::with_capacity(total + engines.len() * 512);
+    for engine in engines {
+        let resource = engine.resource.encode_to_vec();
+        let of_engine = || items.iter().filter(|i| i.engine.id == engine.id);
+        let spans_len: usize = of_engine().map(|i| i.spans.as_bytes().len()).sum();
+        let scope_spans_len = field_len(scope.len()) + spans_len;
+        // ExportTraceServiceRequest.resource_spans (1) → ResourceSpans {
+        // resource (1), scope_spans (2) → ScopeSpans { scope (1), spans (2)… } }
+        len_prefix(
+            &mut out,
+            1,
+            field_len(resource.len()) + field_len(scope_spans_len),
+        );
+        len_prefix(&mut out, 1, resource.len());
+        out.extend_from_slice(&resource);
+        len_prefix(&mut out, 2, scope_spans_len);
+        len_prefix(&mut out, 1, scope.len());
+        out.extend_from_slice(&scope);
+        for item in of_engine() {
+            out.extend_from_slice(item.spans.as_bytes());
+        }
     }
-}
-
-fn empty_resource_spans(item: &Item) -> ResourceSpans {
-    ResourceSpans {
-        resource: Some(item.engine.resource.clone()),
-        scope_spans: vec![ScopeSpans {
-            scope: Some(scope()),
-            ..ScopeSpans::default()
-        }],
-        ..ResourceSpans::default()
-    }
-}
-
-/// Builds one export request from whole requests (copying the spans).
-pub fn trace_request(items: &[Item]) -> ExportTraceServiceRequest {
-    let mut copies: Vec<Item> = items
-        .iter()
-        .map(|i| Item::new(Arc::clone(&i.engine), i.spans.clone()))
-        .collect();
-    take_trace_request(&mut copies)
+    out
 }
 
 /// What the exporter task needs.
 #[derive(Debug)]
 pub struct Exporter {
-    /// The transport.
-    pub transport: Transport,
+    /// The transport (shared with the batches in flight on it).
+    pub transport: Arc<Transport>,
     /// The queue it drains.
     pub queue: Arc<ExportQueue>,
     /// Metric state to export.
@@ -493,9 +591,14 @@ pub struct Exporter {
     pub metrics_interval: Duration,
     /// How long a batch in flight at shutdown may still be retried.
     pub shutdown_timeout: Duration,
-    /// Where sent spans go back for the reader to reuse.
-    pub span_pool: Option<Arc<crate::spans::SpanPool>>,
-    failed_at_shutdown: u64,
+    /// Export requests in flight at once over OTLP (the console and the file
+    /// write one batch at a time, in order). One request at a time caps
+    /// throughput at one batch per round trip to the collector.
+    pub max_in_flight: usize,
+    in_flight: tokio::task::JoinSet<u64>,
+    /// The engine of every request of each batch in flight, to count them
+    /// failed if the batch is cut off at the shutdown deadline.
+    in_flight_engines: HashMap<tokio::task::Id, Vec<Arc<EngineHandle>>>,
     jitter: Jitter,
 }
 
@@ -514,6 +617,8 @@ pub struct ExporterUpdate {
     pub retry_max_elapsed: Duration,
     /// Metrics interval.
     pub metrics_interval: Duration,
+    /// Export requests in flight at once.
+    pub max_in_flight: usize,
 }
 
 /// What the shutdown flush could not deliver.
@@ -531,8 +636,19 @@ fn unix_now_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// What sending one batch needs; cloned into each batch's task.
+#[derive(Clone, Debug)]
+struct BatchSender {
+    transport: Arc<Transport>,
+    counters: Arc<ExportCounters>,
+    retry_max_elapsed: Duration,
+    shutdown_timeout: Duration,
+    jitter: Jitter,
+}
+
 impl Exporter {
-    /// An exporter over `transport`.
+    /// An exporter over `transport`, one request in flight at a time until
+    /// [`max_in_flight`](Self::max_in_flight) is raised.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         transport: Transport,
@@ -545,7 +661,7 @@ impl Exporter {
         metrics_interval: Duration,
     ) -> Self {
         Self {
-            transport,
+            transport: Arc::new(transport),
             queue,
             metrics,
             counters,
@@ -554,8 +670,9 @@ impl Exporter {
             retry_max_elapsed,
             metrics_interval,
             shutdown_timeout: Duration::from_secs(5),
-            failed_at_shutdown: 0,
-            span_pool: None,
+            max_in_flight: 1,
+            in_flight: tokio::task::JoinSet::new(),
+            in_flight_engines: HashMap::new(),
             jitter: Jitter::new(),
         }
     }
@@ -567,59 +684,76 @@ impl Exporter {
     }
 
     fn apply(&mut self, update: ExporterUpdate) {
-        self.transport = update.transport;
+        // Batches in flight finish on the transport they started on.
+        self.transport = Arc::new(update.transport);
         self.batch_size = update.batch_size;
         self.batch_delay = update.batch_delay;
         self.retry_max_elapsed = update.retry_max_elapsed;
         self.metrics_interval = update.metrics_interval;
+        self.max_in_flight = update.max_in_flight;
+    }
+
+    /// Batches allowed in flight on the current transport.
+    fn in_flight_limit(&self) -> usize {
+        match *self.transport {
+            Transport::Grpc(_) | Transport::Http(_) => self.max_in_flight.max(1),
+            Transport::Console | Transport::File(_) => 1,
+        }
     }
 
     /// [`run`](Self::run), taking new settings from `updates` between
-    /// batches.
+    /// batches. Batches still in flight when `stop` turns true are left to
+    /// [`flush`](Self::flush).
     pub async fn run_with_updates(
         &mut self,
         mut stop: tokio::sync::watch::Receiver<bool>,
         mut updates: tokio::sync::mpsc::Receiver<ExporterUpdate>,
     ) {
         let mut next_metrics = Instant::now() + self.metrics_interval;
+        // A partial batch goes once the batch delay has passed since the
+        // last one (or since the queue was last found empty).
+        let mut last_partial = Instant::now();
         let queue = Arc::clone(&self.queue);
         let mut updates_open = true;
         loop {
             if *stop.borrow() {
                 return;
             }
-            let now = Instant::now();
-            let wait = self
-                .batch_delay
-                .min(next_metrics.saturating_duration_since(now));
+            let wait = (last_partial + self.batch_delay)
+                .min(next_metrics)
+                .saturating_duration_since(Instant::now());
             tokio::select! {
                 () = queue.ready.notified() => {}
                 () = tokio::time::sleep(wait) => {}
+                Some(joined) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
+                    self.settle(joined);
+                }
                 _ = stop.changed() => return,
                 update = updates.recv(), if updates_open => match update {
                     Some(update) => {
                         self.apply(update);
                         next_metrics = next_metrics.min(Instant::now() + self.metrics_interval);
-                        tracing::info!(batch_size = self.batch_size, queued = queue.len(), "exporter reconfigured; queued spans kept");
+                        tracing::info!(batch_size = self.batch_size, max_in_flight = self.max_in_flight, queued = queue.len(), "exporter reconfigured; queued spans kept");
                         continue;
                     }
                     None => updates_open = false,
                 },
             }
-            // Full batches as soon as they are full; the rest at each tick.
-            loop {
+            // Full batches as soon as they are full, while there is room in
+            // flight; a partial one once the batch delay has passed.
+            while self.in_flight.len() < self.in_flight_limit() {
                 let full = queue.spans() >= self.batch_size;
-                let batch = queue.take(self.batch_size);
-                if batch.is_empty() {
+                if !full && Instant::now() < last_partial + self.batch_delay {
                     break;
                 }
-                let failed = self.export_batch(batch, None, Some(&mut stop)).await;
-                if *stop.borrow() {
-                    // The batch in flight when the stop came: part of the
-                    // shutdown's count.
-                    self.failed_at_shutdown += failed;
+                let batch = queue.take(self.batch_size);
+                if batch.is_empty() {
+                    last_partial = Instant::now();
+                    break;
                 }
-                if !full || *stop.borrow() {
+                self.start(batch, None, Some(stop.clone()));
+                if !full {
+                    last_partial = Instant::now();
                     break;
                 }
             }
@@ -630,19 +764,82 @@ impl Exporter {
         }
     }
 
-    /// Drains the queue until it is empty or `deadline` passes, then sends
-    /// the metrics once more. Returns what was not delivered.
-    pub async fn flush(&mut self, deadline: Instant) -> FlushReport {
-        let mut report = FlushReport {
-            failed: std::mem::take(&mut self.failed_at_shutdown),
-            ..FlushReport::default()
+    /// Starts sending one batch in its own task.
+    fn start(
+        &mut self,
+        items: Vec<Item>,
+        deadline: Option<Instant>,
+        stop: Option<tokio::sync::watch::Receiver<bool>>,
+    ) {
+        let engines = items.iter().map(|i| Arc::clone(&i.engine)).collect();
+        let sender = BatchSender {
+            transport: Arc::clone(&self.transport),
+            counters: Arc::clone(&self.counters),
+            retry_max_elapsed: self.retry_max_elapsed,
+            shutdown_timeout: self.shutdown_timeout,
+            jitter: self.jitter.clone(),
         };
-        while Instant::now() < deadline {
-            let batch = self.queue.take(self.batch_size);
-            if batch.is_empty() {
+        // Each batch its own jitter sequence.
+        self.jitter.sample();
+        let task = self.in_flight.spawn(sender.send(items, deadline, stop));
+        self.in_flight_engines.insert(task.id(), engines);
+    }
+
+    /// Accounts for a finished batch task; returns its requests that failed.
+    fn settle(&mut self, joined: Result<(tokio::task::Id, u64), tokio::task::JoinError>) -> u64 {
+        match joined {
+            Ok((id, failed)) => {
+                self.in_flight_engines.remove(&id);
+                failed
+            }
+            Err(e) => {
+                // Cut off at the shutdown deadline (or a bug): its requests
+                // were neither exported nor counted yet.
+                let engines = self.in_flight_engines.remove(&e.id()).unwrap_or_default();
+                if e.is_panic() {
+                    tracing::error!(
+                        requests = engines.len(),
+                        "an export task panicked; its batch is counted failed"
+                    );
+                }
+                for engine in &engines {
+                    EngineStats::add(&engine.stats.export_failed, 1);
+                }
+                engines.len() as u64
+            }
+        }
+    }
+
+    /// Sends what is queued and waits for the batches in flight, until the
+    /// queue is empty or `deadline` passes (batches still in flight then are
+    /// cut off); then sends the metrics once more. Returns what was not
+    /// delivered.
+    pub async fn flush(&mut self, deadline: Instant) -> FlushReport {
+        let mut report = FlushReport::default();
+        loop {
+            while self.in_flight.len() < self.in_flight_limit() && Instant::now() < deadline {
+                let batch = self.queue.take(self.batch_size);
+                if batch.is_empty() {
+                    break;
+                }
+                self.start(batch, Some(deadline), None);
+            }
+            if self.in_flight.is_empty() {
                 break;
             }
-            report.failed += self.export_batch(batch, Some(deadline), None).await;
+            let next =
+                tokio::time::timeout_at(deadline.into(), self.in_flight.join_next_with_id()).await;
+            match next {
+                Ok(Some(joined)) => report.failed += self.settle(joined),
+                Ok(None) => break,
+                Err(_) => {
+                    self.in_flight.abort_all();
+                    while let Some(joined) = self.in_flight.join_next_with_id().await {
+                        report.failed += self.settle(joined);
+                    }
+                    break;
+                }
+            }
         }
         let left = self.queue.take(usize::MAX);
         report.left_in_queue = left.len() as u64;
@@ -688,58 +885,26 @@ impl Exporter {
             tracing::warn!(%error, "metrics export failed (the next interval sends cumulative values again)");
         }
     }
+}
 
+impl BatchSender {
     /// Sends one batch with retries; returns the number of requests whose
     /// export failed (0 on success). Every request ends counted as exported
     /// or failed.
-    async fn export_batch(
-        &mut self,
-        mut items: Vec<Item>,
-        deadline: Option<Instant>,
-        stop: Option<&mut tokio::sync::watch::Receiver<bool>>,
+    async fn send(
+        mut self,
+        items: Vec<Item>,
+        mut deadline: Option<Instant>,
+        mut stop: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> u64 {
         let console_text = if self.transport.is_console() {
             crate::console::render(&items)
         } else {
             String::new()
         };
-        let span_counts: Vec<u64> = items.iter().map(|i| i.spans.len() as u64).collect();
-        let total_spans: u64 = span_counts.iter().sum();
-        let request = take_trace_request(&mut items);
-        let result = self
-            .send_with_retry(
-                &request,
-                &items,
-                &span_counts,
-                total_spans,
-                &console_text,
-                deadline,
-                stop,
-            )
-            .await;
-        if let Some(pool) = &self.span_pool {
-            pool.give(
-                request
-                    .resource_spans
-                    .into_iter()
-                    .flat_map(|r| r.scope_spans)
-                    .flat_map(|s| s.spans),
-            );
-        }
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn send_with_retry(
-        &mut self,
-        request: &ExportTraceServiceRequest,
-        items: &[Item],
-        span_counts: &[u64],
-        total_spans: u64,
-        console_text: &str,
-        mut deadline: Option<Instant>,
-        mut stop: Option<&mut tokio::sync::watch::Receiver<bool>>,
-    ) -> u64 {
+        let total_spans: u64 = items.iter().map(|i| i.spans.len() as u64).sum();
+        // Encoded once; every attempt sends the same bytes.
+        let body = Bytes::from(encode_trace_request(&items));
         let started = Instant::now();
         let mut attempt_no = 0u32;
         loop {
@@ -747,7 +912,7 @@ impl Exporter {
                 // During the shutdown flush no attempt may outlast the deadline.
                 Some(dl) => match tokio::time::timeout(
                     dl.saturating_duration_since(Instant::now()),
-                    self.transport.send_traces(request, console_text),
+                    self.transport.send_traces(&body, &console_text),
                 )
                 .await
                 {
@@ -757,7 +922,7 @@ impl Exporter {
                         error: "the shutdown deadline passed during the export".to_owned(),
                     },
                 },
-                None => self.transport.send_traces(request, console_text).await,
+                None => self.transport.send_traces(&body, &console_text).await,
             };
             let (verdict, error) = match attempt {
                 Attempt::Accepted { rejected, message } => {
@@ -767,9 +932,12 @@ impl Exporter {
                             .fetch_add(u64::try_from(rejected).unwrap_or(0), Ordering::Relaxed);
                         tracing::warn!(rejected, %message, "collector rejected part of a batch (partial success, not retried)");
                     }
-                    for (item, spans) in items.iter().zip(span_counts) {
+                    for item in &items {
                         EngineStats::add(&item.engine.stats.exported, 1);
-                        EngineStats::add(&item.engine.stats.spans_exported, *spans);
+                        EngineStats::add(
+                            &item.engine.stats.spans_exported,
+                            item.spans.len() as u64,
+                        );
                     }
                     return 0;
                 }
@@ -794,7 +962,7 @@ impl Exporter {
             let Some(delay) = delay else {
                 let n = items.len() as u64;
                 tracing::error!(%error, requests = n, spans = total_spans, "export failed; dropping the batch");
-                for item in items {
+                for item in &items {
                     EngineStats::add(&item.engine.stats.export_failed, 1);
                 }
                 return n;
@@ -828,12 +996,12 @@ mod tests {
     use super::*;
     use crate::config::AttributeSet;
     use crate::spans::tests::{ctx, raw_record};
-    use crate::stats::EngineHandle;
     use ringside_shm_protocol::Detail;
+    use std::sync::atomic::AtomicUsize;
 
     fn item(id: u64, seq: u64) -> Item {
-        let mut spans = Vec::new();
-        crate::spans::convert(
+        let mut spans = crate::spans::EncodedSpans::default();
+        crate::spans::encode(
             &ctx(AttributeSet::Both),
             &raw_record(seq).decode(1).unwrap(),
             Detail::Phases,
@@ -854,13 +1022,32 @@ mod tests {
         Item::new(engine, spans)
     }
 
+    fn trace_request(items: &[Item]) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest::decode(encode_trace_request(items).as_slice()).unwrap()
+    }
+
     #[test]
     fn a_batch_groups_spans_by_engine_resource() {
         let a = item(1, 1);
         let b = item(2, 2);
         let mut a2 = item(1, 3);
         a2.engine = Arc::clone(&a.engine);
-        let req = trace_request(&[a, b, a2]);
+        let items = [a, b, a2];
+        let encoded = encode_trace_request(&items);
+        let req = trace_request(&items);
+        // Canonical: what prost writes for the same structs.
+        assert_eq!(req.encode_to_vec(), encoded);
+        assert_eq!(
+            req.resource_spans[0].resource.as_ref(),
+            Some(&items[0].engine.resource)
+        );
+        assert_eq!(
+            req.resource_spans[1].resource.as_ref(),
+            Some(&items[1].engine.resource)
+        );
+        let first = &req.resource_spans[0].scope_spans[0].spans;
+        assert_eq!(first[..4], items[0].spans.decode().unwrap()[..]);
+        assert_eq!(first[4..], items[2].spans.decode().unwrap()[..]);
         assert_eq!(req.resource_spans.len(), 2);
         assert_eq!(req.resource_spans[0].scope_spans[0].spans.len(), 8);
         assert_eq!(req.resource_spans[1].scope_spans[0].spans.len(), 4);
@@ -893,15 +1080,16 @@ mod tests {
         let path =
             std::env::temp_dir().join(format!("ringside-agent-test-{}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let mut t = Transport::new(&ExportTarget::File(path.clone())).unwrap();
+        let t = Transport::new(&ExportTarget::File(path.clone())).unwrap();
         let items = [item(1, 1)];
         let req = trace_request(&items);
+        let body = Bytes::from(encode_trace_request(&items));
         assert!(matches!(
-            t.send_traces(&req, "").await,
+            t.send_traces(&body, "").await,
             Attempt::Accepted { .. }
         ));
         assert!(matches!(
-            t.send_traces(&req, "").await,
+            t.send_traces(&body, "").await,
             Attempt::Accepted { .. }
         ));
         let text = std::fs::read_to_string(&path).unwrap();
@@ -912,12 +1100,43 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
+    /// Reads one HTTP/1.1 request (head, then content-length bytes) from
+    /// `conn`; returns its head, lower-cased, or `None` at the end.
+    async fn read_request(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_end + length);
+        Some(head)
+    }
+
     /// A minimal OTLP/HTTP collector answering with `statuses` in turn (then
     /// 200), recording each request's head.
     async fn fake_collector(
         statuses: Vec<(u16, Option<&'static str>)>,
     ) -> (String, Arc<Mutex<Vec<String>>>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
         let heads = Arc::new(Mutex::new(Vec::new()));
@@ -929,33 +1148,7 @@ mod tests {
                     return;
                 };
                 let mut buf = Vec::new();
-                loop {
-                    // Read one request: head, then content-length bytes.
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break Some(i + 4);
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => break None,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let Some(head_end) = head_end else { break };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < head_end + length {
-                        let mut chunk = [0u8; 4096];
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..head_end + length);
+                while let Some(head) = read_request(&mut conn, &mut buf).await {
                     seen.lock().unwrap().push(head);
                     let (status, retry_after) = statuses.next().unwrap_or((200, None));
                     let extra = retry_after
@@ -971,6 +1164,102 @@ mod tests {
             }
         });
         (url, heads)
+    }
+
+    /// An OTLP/HTTP collector that answers every request with 200 after
+    /// `delay` (never, if `None`), serving connections concurrently;
+    /// returns the most requests it ever held at once.
+    async fn slow_collector(delay: Option<Duration>) -> (String, Arc<AtomicUsize>) {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let most = Arc::new(AtomicUsize::new(0));
+        let now = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&most);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (most, now) = (Arc::clone(&seen), Arc::clone(&now));
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while read_request(&mut conn, &mut buf).await.is_some() {
+                        let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(held, Ordering::SeqCst);
+                        match delay {
+                            Some(d) => tokio::time::sleep(d).await,
+                            None => std::future::pending().await,
+                        }
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        let response = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if conn.write_all(response.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (url, most)
+    }
+
+    #[tokio::test]
+    async fn batches_go_out_concurrently_up_to_the_limit_and_all_are_counted() {
+        let (url, most) = slow_collector(Some(Duration::from_millis(200))).await;
+        let (mut exporter, _) = http_exporter(&url, Duration::from_secs(10));
+        exporter.max_in_flight = 3;
+        let queue = Arc::new(ExportQueue::new(10_000, 1 << 30, 512));
+        exporter.queue = Arc::clone(&queue);
+        // 4 spans per request, 512 per batch: 128 requests a batch, 8 batches.
+        let engine = Arc::clone(&item(1, 0).engine);
+        for seq in 0..1024 {
+            let mut i = item(1, seq);
+            i.engine = Arc::clone(&engine);
+            queue.push(i);
+        }
+        let started = Instant::now();
+        let report = exporter
+            .flush(Instant::now() + Duration::from_secs(10))
+            .await;
+        assert_eq!(report, FlushReport::default());
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            3,
+            "at most 3 in flight, and 3 used"
+        );
+        // 8 batches, 3 at a time: 3 rounds of 200 ms, not 8.
+        assert!(started.elapsed() < Duration::from_millis(1500));
+        let s = engine.stats.snapshot();
+        assert_eq!(
+            (s.exported, s.spans_exported, s.export_failed),
+            (1024, 4096, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn batches_in_flight_at_the_flush_deadline_are_cut_off_and_counted_failed() {
+        let (url, most) = slow_collector(None).await;
+        let (mut exporter, _) = http_exporter(&url, Duration::from_secs(10));
+        exporter.max_in_flight = 2;
+        let queue = Arc::new(ExportQueue::new(10_000, 1 << 30, 512));
+        exporter.queue = Arc::clone(&queue);
+        let engine = Arc::clone(&item(1, 0).engine);
+        for seq in 0..300 {
+            let mut i = item(1, seq);
+            i.engine = Arc::clone(&engine);
+            queue.push(i);
+        }
+        let report = exporter
+            .flush(Instant::now() + Duration::from_millis(500))
+            .await;
+        // Two batches of 128 requests in flight, never answered; 44 queued.
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            report,
+            FlushReport {
+                left_in_queue: 44,
+                failed: 256
+            }
+        );
+        let s = engine.stats.snapshot();
+        assert_eq!((s.exported, s.export_failed), (0, 300));
     }
 
     fn http_exporter(url: &str, max_elapsed: Duration) -> (Exporter, Arc<ExportQueue>) {

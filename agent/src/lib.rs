@@ -5,7 +5,7 @@
 //! ```text
 //!  /dev/shm/ringside.*  ──poll──►  attach (reader thread)
 //!                                   │ decode + validate, metrics, head sampling,
-//!                                   │ spans::convert, commit cursor
+//!                                   │ spans::encode (straight to protobuf), commit cursor
 //!                                   ▼
 //!                                 queue (bounded, memory cap, oldest dropped)
 //!                                   │
@@ -41,6 +41,7 @@ pub mod stats;
 pub mod status;
 pub mod table;
 pub mod top;
+mod wire;
 
 use crate::config::{Cli, Command, ConfigError, RunArgs, Settings};
 use crate::export::{ExportSetupError, Exporter, Transport};
@@ -51,9 +52,6 @@ use crate::stats::EngineHandle;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-
-/// Spans kept for reuse between the exporter and the reader (a few batches).
-const SPAN_POOL_SIZE: usize = 4096;
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +171,7 @@ fn reload(current: &Settings) -> Option<(export::ExporterUpdate, Settings)> {
         transport,
         batch_size: new.batch_size,
         batch_delay: new.batch_delay,
+        max_in_flight: new.max_in_flight,
         retry_max_elapsed: new.retry_max_elapsed,
         metrics_interval: new.metrics_interval,
     };
@@ -245,7 +244,6 @@ async fn serve(settings: Settings, resource_env: ResourceEnv) -> Result<(), RunE
     let counters = Arc::new(ExportCounters::default());
     let registry: Arc<Mutex<Vec<Arc<EngineHandle>>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let span_pool = Arc::new(spans::SpanPool::new(SPAN_POOL_SIZE));
     tracing::info!(exporter = %settings.target.describe(), engines = ?settings.engines, backfill = settings.backfill, "ringside-agent starting");
 
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
@@ -284,7 +282,6 @@ async fn serve(settings: Settings, resource_env: ResourceEnv) -> Result<(), RunE
             Arc::clone(&queue),
             Arc::clone(&metrics),
             Arc::clone(&registry),
-            Arc::clone(&span_pool),
         );
         sampler_update = reader.sampler_update();
         let stop = Arc::clone(&stop);
@@ -308,7 +305,7 @@ async fn serve(settings: Settings, resource_env: ResourceEnv) -> Result<(), RunE
         settings.metrics_interval,
     );
     exporter.shutdown_timeout = settings.shutdown_timeout;
-    exporter.span_pool = Some(span_pool);
+    exporter.max_in_flight = settings.max_in_flight;
     let export_task = tokio::spawn(async move {
         exporter.run_with_updates(stop_rx, update_rx).await;
         exporter

@@ -4,8 +4,8 @@
 //! the memory cap drops the oldest requests first and counts them (per engine
 //! and in total). One item is one request's spans.
 
+use crate::spans::EncodedSpans;
 use crate::stats::{EngineHandle, EngineStats};
-use opentelemetry_proto::tonic::trace::v1::Span;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,22 +15,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct Item {
     /// The engine.
     pub engine: Arc<EngineHandle>,
-    /// The request span and its children.
-    pub spans: Vec<Span>,
-    /// Estimated memory held (encoded size plus overhead).
+    /// The request span and its children, encoded.
+    pub spans: EncodedSpans,
+    /// Memory held: the encoded spans' buffer and the item itself.
     pub bytes: usize,
 }
 
 impl Item {
-    /// Wraps a request's spans, estimating the memory they hold (struct sizes
-    /// plus a typical heap size per attribute; cheap, no encoding).
-    pub fn new(engine: Arc<EngineHandle>, spans: Vec<Span>) -> Self {
-        const PER_SPAN: usize = std::mem::size_of::<Span>() + 64;
-        const PER_ATTRIBUTE: usize = 96;
-        let bytes = spans
-            .iter()
-            .map(|s| PER_SPAN + s.name.len() + s.attributes.len() * PER_ATTRIBUTE)
-            .sum();
+    /// Wraps a request's encoded spans.
+    pub fn new(engine: Arc<EngineHandle>, spans: EncodedSpans) -> Self {
+        let bytes = spans.capacity() + std::mem::size_of::<Self>();
         Self {
             engine,
             spans,
@@ -167,6 +161,7 @@ impl ExportQueue {
 mod tests {
     use super::*;
     use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::Span;
 
     fn engine(name: &str) -> Arc<EngineHandle> {
         Arc::new(EngineHandle {
@@ -179,14 +174,14 @@ mod tests {
     }
 
     fn item(engine: &Arc<EngineHandle>, n: usize, tag: u8) -> Item {
-        let spans = (0..n)
+        let spans: Vec<Span> = (0..n)
             .map(|_| Span {
                 name: "x".into(),
                 span_id: vec![tag; 8],
                 ..Span::default()
             })
             .collect();
-        Item::new(Arc::clone(engine), spans)
+        Item::new(Arc::clone(engine), EncodedSpans::from_spans(&spans))
     }
 
     #[test]
@@ -204,7 +199,10 @@ mod tests {
         assert_eq!(a.stats.snapshot().queue_dropped, 1);
         assert_eq!(b.stats.snapshot().queue_dropped, 1);
         let taken = q.take(usize::MAX);
-        let tags: Vec<u8> = taken.iter().map(|i| i.spans[0].span_id[0]).collect();
+        let tags: Vec<u8> = taken
+            .iter()
+            .map(|i| i.spans.decode().unwrap()[0].span_id[0])
+            .collect();
         assert_eq!(tags, [2, 3, 4]);
         assert_eq!(q.spans(), 0);
         assert_eq!(q.bytes(), 0);

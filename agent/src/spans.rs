@@ -8,8 +8,9 @@
 //! span id, so converting a record twice gives identical spans.
 
 use crate::config::AttributeSet;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::trace::v1::{Span, Status, span, status};
+use crate::wire;
+use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span, span, status};
+use prost::Message as _;
 use ringside_shm_protocol::{ClockPair, Detail, Operation, RequestRecord};
 use std::fmt::Write as _;
 
@@ -51,7 +52,9 @@ fn param(value: f32) -> f64 {
             const { std::cell::Cell::new([(0, 0.0); 16]) };
     }
     let bits = value.to_bits();
-    let index = ((bits ^ (bits >> 16)) & 15) as usize;
+    // Fibonacci hashing: the top bits of the product mix every input bit
+    // (0.7 and 0.95 differ only in their high half).
+    let index = (bits.wrapping_mul(0x9E37_79B9) >> 28) as usize;
     RECENT.with(|recent| {
         let mut table = recent.get();
         let (cached_bits, cached) = table[index];
@@ -67,14 +70,6 @@ fn param(value: f32) -> f64 {
 
 fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
-}
-
-/// The response id the engine returned to the client (`chatcmpl-<hex>` or
-/// `cmpl-<hex>`).
-pub fn response_id(record: &RequestRecord) -> String {
-    let mut id = String::with_capacity(41);
-    push_response_id(&mut id, record);
-    id
 }
 
 /// A child span id derived from the request span id (never zero, distinct
@@ -96,252 +91,249 @@ fn model_name<'a>(ctx: &'a SpanContext, record: &RequestRecord) -> &'a str {
         .map_or("unknown", String::as_str)
 }
 
-/// Spans handed back by the exporter after sending, reused by the converter
-/// so that a steady stream of requests converts without allocating: the
-/// attribute keys and string buffers of a recycled span are overwritten in
-/// place. Bounded; spans beyond the bound are freed.
-#[derive(Debug)]
-pub struct SpanPool {
-    spans: std::sync::Mutex<Vec<Span>>,
-    max: usize,
+/// One request's spans in protobuf wire format, ready to send: each span as
+/// a `ScopeSpans.spans` field (tag 2), back to back, which is exactly the
+/// body of a `ScopeSpans` holding only them. The export request is built by
+/// concatenating these.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncodedSpans {
+    bytes: Vec<u8>,
+    count: u32,
 }
 
-impl SpanPool {
-    /// A pool keeping at most `max` spans.
-    pub fn new(max: usize) -> Self {
+impl EncodedSpans {
+    /// Empty, with room for `bytes` bytes.
+    pub fn with_capacity(bytes: usize) -> Self {
         Self {
-            spans: std::sync::Mutex::new(Vec::new()),
-            max,
+            bytes: Vec::with_capacity(bytes),
+            count: 0,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Span>> {
-        self.spans
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Takes up to `n` recycled spans into `out`.
-    pub fn take_into(&self, n: usize, out: &mut Vec<Span>) {
-        let mut spans = self.lock();
-        let keep = spans.len().saturating_sub(n);
-        out.extend(spans.drain(keep..));
-    }
-
-    /// Gives spans back (beyond the bound they are dropped).
-    pub fn give(&self, spans: impl IntoIterator<Item = Span>) {
-        let mut pool = self.lock();
-        let room = self.max.saturating_sub(pool.len());
-        pool.extend(spans.into_iter().take(room));
-    }
-
-    /// Spans held.
+    /// Number of spans.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.count as usize
     }
 
-    /// Whether the pool is empty.
+    /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.count == 0
+    }
+
+    /// The encoded `ScopeSpans.spans` fields.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Memory held.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// The spans as `opentelemetry-proto` structs (for the console, JSON
+    /// bodies and tests; the OTLP protobuf path never decodes).
+    pub fn decode(&self) -> Result<Vec<Span>, prost::DecodeError> {
+        ScopeSpans::decode(self.bytes.as_slice()).map(|s| s.spans)
+    }
+
+    /// Encodes spans built elsewhere (tests, tools).
+    pub fn from_spans(spans: &[Span]) -> Self {
+        let mut out = Self::default();
+        for span in spans {
+            out.span(|b| span.encode_raw(b));
+        }
+        out
+    }
+
+    /// One span, written by `write` as the body of a `Span` message.
+    fn span(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        wire::message(&mut self.bytes, SCOPE_SPANS_SPAN, write);
+        self.count += 1;
     }
 }
 
-/// Writes attributes into a (possibly recycled) vector in order, reusing
-/// keys and string buffers that are already there.
-struct Attrs<'a> {
-    attrs: &'a mut Vec<KeyValue>,
-    n: usize,
+/// `ScopeSpans.spans`.
+const SCOPE_SPANS_SPAN: u32 = 2;
+
+/// Field numbers of `opentelemetry.proto.trace.v1.Span` and `Status`.
+mod field {
+    pub(super) const TRACE_ID: u32 = 1;
+    pub(super) const SPAN_ID: u32 = 2;
+    pub(super) const PARENT_SPAN_ID: u32 = 4;
+    pub(super) const NAME: u32 = 5;
+    pub(super) const KIND: u32 = 6;
+    pub(super) const START_TIME: u32 = 7;
+    pub(super) const END_TIME: u32 = 8;
+    pub(super) const ATTRIBUTES: u32 = 9;
+    pub(super) const STATUS: u32 = 15;
+    pub(super) const FLAGS: u32 = 16;
+    pub(super) const STATUS_MESSAGE: u32 = 2;
+    pub(super) const STATUS_CODE: u32 = 3;
 }
 
-impl<'a> Attrs<'a> {
-    fn new(attrs: &'a mut Vec<KeyValue>) -> Self {
-        Self { attrs, n: 0 }
-    }
+/// A short string built on the stack (response ids, status codes), so that
+/// encoding a record allocates nothing but its output.
+struct Short {
+    buf: [u8; 48],
+    len: usize,
+}
 
-    fn slot(&mut self, key: &str) -> &mut Option<any_value::Value> {
-        if self.n == self.attrs.len() {
-            self.attrs.push(KeyValue {
-                key: key.to_owned(),
-                value: Some(AnyValue { value: None }),
-                ..KeyValue::default()
-            });
-        }
-        let kv = &mut self.attrs[self.n];
-        self.n += 1;
-        if kv.key != key {
-            kv.key.clear();
-            kv.key.push_str(key);
-        }
-        &mut kv.value.get_or_insert(AnyValue { value: None }).value
-    }
-
-    /// Sets a string attribute, written by `fill` into a cleared buffer
-    /// (the recycled one when there is one).
-    fn string_with(&mut self, key: &str, fill: impl FnOnce(&mut String)) {
-        let slot = self.slot(key);
-        let mut buf = match slot.take() {
-            Some(any_value::Value::StringValue(s)) => s,
-            _ => String::new(),
-        };
-        buf.clear();
-        fill(&mut buf);
-        *slot = Some(any_value::Value::StringValue(buf));
-    }
-
-    fn str(&mut self, key: &str, value: &str) {
-        self.string_with(key, |s| s.push_str(value));
-    }
-
-    fn int(&mut self, key: &str, value: i64) {
-        *self.slot(key) = Some(any_value::Value::IntValue(value));
-    }
-
-    fn f64(&mut self, key: &str, value: f64) {
-        *self.slot(key) = Some(any_value::Value::DoubleValue(value));
-    }
-
-    fn str_array(&mut self, key: &str, values: &[&str]) {
-        let slot = self.slot(key);
-        if !matches!(slot, Some(any_value::Value::ArrayValue(_))) {
-            *slot = Some(any_value::Value::ArrayValue(ArrayValue {
-                values: Vec::new(),
-            }));
-        }
-        if let Some(any_value::Value::ArrayValue(arr)) = slot {
-            arr.values.truncate(values.len());
-            for (i, v) in values.iter().enumerate() {
-                if i == arr.values.len() {
-                    arr.values.push(AnyValue { value: None });
-                }
-                match &mut arr.values[i].value {
-                    Some(any_value::Value::StringValue(s)) => {
-                        s.clear();
-                        s.push_str(v);
-                    }
-                    other => *other = Some(any_value::Value::StringValue((*v).to_owned())),
-                }
-            }
+impl Short {
+    fn new() -> Self {
+        Self {
+            buf: [0; 48],
+            len: 0,
         }
     }
 
-    fn finish(self) {
-        self.attrs.truncate(self.n);
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever appended.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
+impl std::fmt::Write for Short {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+fn push_hex(out: &mut impl std::fmt::Write, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        let _ = out.write_char(char::from(DIGITS[usize::from(b >> 4)]));
+        let _ = out.write_char(char::from(DIGITS[usize::from(b & 0xf)]));
     }
 }
 
-fn push_response_id(out: &mut String, record: &RequestRecord) {
-    out.push_str(match record.operation {
+fn push_response_id(out: &mut impl std::fmt::Write, record: &RequestRecord) {
+    let _ = out.write_str(match record.operation {
         Operation::Chat => "chatcmpl-",
         Operation::TextCompletion => "cmpl-",
     });
     push_hex(out, &record.request_id);
 }
 
-/// The request span's attributes.
-pub fn request_attributes(ctx: &SpanContext, record: &RequestRecord) -> Vec<KeyValue> {
-    let mut attrs = Vec::with_capacity(40);
-    write_request_attributes(ctx, record, &mut attrs);
-    attrs
+/// The `error.type` of a failed request whose record has no error class:
+/// its HTTP status code.
+fn status_code_text(record: &RequestRecord) -> Option<Short> {
+    (record.error_type.as_str().is_none() && record.http_status >= 400).then(|| {
+        let mut s = Short::new();
+        let _ = write!(s, "{}", record.http_status);
+        s
+    })
 }
 
-/// Writes the request span's attributes into `attrs`, reusing what it holds.
-fn write_request_attributes(ctx: &SpanContext, record: &RequestRecord, attrs: &mut Vec<KeyValue>) {
+/// Writes the request span's attributes (`Span.attributes`).
+fn write_request_attributes(ctx: &SpanContext, record: &RequestRecord, buf: &mut Vec<u8>) {
+    use wire::Value::{Double, Int, Str, StrArray};
+    let mut a = |key: &str, value: wire::Value<'_>| {
+        wire::key_value(buf, field::ATTRIBUTES, key, value);
+    };
     let model = model_name(ctx, record);
     let s = &record.sampling;
-    let mut a = Attrs::new(attrs);
-    let shared = |a: &mut Attrs<'_>| {
-        a.str("gen_ai.request.model", model);
-        a.int("gen_ai.request.max_tokens", i64::from(s.max_tokens));
-        a.f64("gen_ai.request.temperature", param(s.temperature));
-        a.f64("gen_ai.request.top_p", param(s.top_p));
+    let mut response_id = Short::new();
+    push_response_id(&mut response_id, record);
+    let shared = |a: &mut dyn FnMut(&str, wire::Value<'_>)| {
+        a("gen_ai.request.model", Str(model));
+        a("gen_ai.request.max_tokens", Int(i64::from(s.max_tokens)));
+        a("gen_ai.request.temperature", Double(param(s.temperature)));
+        a("gen_ai.request.top_p", Double(param(s.top_p)));
     };
     if ctx.attributes.semconv() {
-        a.str("gen_ai.operation.name", record.operation.as_str());
-        a.str("gen_ai.provider.name", PROVIDER_NAME);
+        a("gen_ai.operation.name", Str(record.operation.as_str()));
+        a("gen_ai.provider.name", Str(PROVIDER_NAME));
         shared(&mut a);
-        a.int("gen_ai.request.top_k", i64::from(s.top_k));
+        a("gen_ai.request.top_k", Int(i64::from(s.top_k)));
         // The seed is an opaque 64-bit value: keep its bits.
-        a.int(
+        a(
             "gen_ai.request.seed",
-            i64::from_ne_bytes(s.seed.to_ne_bytes()),
+            Int(i64::from_ne_bytes(s.seed.to_ne_bytes())),
         );
-        a.f64(
+        a(
             "gen_ai.request.frequency_penalty",
-            param(s.frequency_penalty),
+            Double(param(s.frequency_penalty)),
         );
-        a.f64("gen_ai.request.presence_penalty", param(s.presence_penalty));
-        a.string_with("gen_ai.response.id", |s| push_response_id(s, record));
-        a.str("gen_ai.response.model", model);
+        a(
+            "gen_ai.request.presence_penalty",
+            Double(param(s.presence_penalty)),
+        );
+        a("gen_ai.response.id", Str(response_id.as_str()));
+        a("gen_ai.response.model", Str(model));
         match record.finish_reason.as_str() {
-            Some(r) => a.str_array("gen_ai.response.finish_reasons", &[r]),
-            None => a.str_array("gen_ai.response.finish_reasons", &[]),
+            Some(r) => a("gen_ai.response.finish_reasons", StrArray(&[r])),
+            None => a("gen_ai.response.finish_reasons", StrArray(&[])),
         }
-        a.int("gen_ai.usage.input_tokens", i64::from(record.prompt_tokens));
-        a.int(
+        a(
+            "gen_ai.usage.input_tokens",
+            Int(i64::from(record.prompt_tokens)),
+        );
+        a(
             "gen_ai.usage.output_tokens",
-            i64::from(record.completion_tokens),
+            Int(i64::from(record.completion_tokens)),
         );
-        a.int(
+        a(
             "gen_ai.usage.cache_read.input_tokens",
-            i64::from(record.cached_prompt_tokens),
+            Int(i64::from(record.cached_prompt_tokens)),
         );
-        a.str("server.address", &ctx.server_address);
+        a("server.address", Str(&ctx.server_address));
         if let Some(port) = ctx.server_port {
-            a.int("server.port", i64::from(port));
+            a("server.port", Int(i64::from(port)));
         }
     }
     if ctx.attributes.vllm() {
-        a.string_with("gen_ai.request.id", |s| push_response_id(s, record));
+        a("gen_ai.request.id", Str(response_id.as_str()));
         if !ctx.attributes.semconv() {
             shared(&mut a);
         }
-        a.int(
+        a(
             "gen_ai.usage.prompt_tokens",
-            i64::from(record.prompt_tokens),
+            Int(i64::from(record.prompt_tokens)),
         );
-        a.int(
+        a(
             "gen_ai.usage.completion_tokens",
-            i64::from(record.completion_tokens),
+            Int(i64::from(record.completion_tokens)),
         );
         // Each latency only when its phase happened: a rejected request has no
         // queue time and a request aborted in prefill no time to first token;
         // a 0 there would pull every percentile down.
-        a.f64("gen_ai.latency.e2e", secs(record.e2e_ns()));
+        a("gen_ai.latency.e2e", Double(secs(record.e2e_ns())));
         if let Some(ttft) = record.ttft_ns() {
-            a.f64("gen_ai.latency.time_to_first_token", secs(ttft));
+            a("gen_ai.latency.time_to_first_token", Double(secs(ttft)));
         }
         if let Some(queue) = record.queue_ns() {
-            a.f64("gen_ai.latency.time_in_queue", secs(queue));
+            a("gen_ai.latency.time_in_queue", Double(secs(queue)));
         }
         if let Some(prefill) = record.prefill_ns() {
-            a.f64("gen_ai.latency.time_in_model_prefill", secs(prefill));
+            a(
+                "gen_ai.latency.time_in_model_prefill",
+                Double(secs(prefill)),
+            );
         }
         if let Some(decode) = record.decode_ns() {
-            a.f64("gen_ai.latency.time_in_model_decode", secs(decode));
+            a("gen_ai.latency.time_in_model_decode", Double(secs(decode)));
         }
         if let (Some(start), Some(end)) = (
             record.timestamps.scheduled_ns,
             record.timestamps.last_token_ns,
         ) {
-            a.f64("gen_ai.latency.time_in_model_inference", secs(end - start));
+            a(
+                "gen_ai.latency.time_in_model_inference",
+                Double(secs(end - start)),
+            );
         }
     }
     if let Some(class) = record.error_type.as_str() {
-        a.str("error.type", class);
-    } else if record.http_status >= 400 {
-        a.string_with("error.type", |s| {
-            let _ = write!(s, "{}", record.http_status);
-        });
+        a("error.type", Str(class));
+    } else if let Some(code) = status_code_text(record) {
+        a("error.type", Str(code.as_str()));
     }
-    a.finish();
 }
 
 /// The `error.type` of a failed, aborted or rejected request.
@@ -353,49 +345,38 @@ pub fn error_type(record: &RequestRecord) -> Option<String> {
     (record.http_status >= 400).then(|| record.http_status.to_string())
 }
 
-fn set_bytes(dst: &mut Vec<u8>, src: &[u8]) {
-    dst.clear();
-    dst.extend_from_slice(src);
+/// The fields every span starts with, in tag order up to the name.
+fn span_ids(buf: &mut Vec<u8>, trace_id: &[u8; 16], span_id: &[u8], parent: &[u8]) {
+    wire::bytes_field(buf, field::TRACE_ID, trace_id);
+    wire::bytes_field(buf, field::SPAN_ID, span_id);
+    wire::bytes_field(buf, field::PARENT_SPAN_ID, parent);
 }
 
-fn fill_span(
-    span: &mut Span,
-    trace_id: &[u8; 16],
-    span_id: &[u8],
-    parent: &[u8],
-    flags: u32,
-    kind: span::SpanKind,
-    start_end: (u64, u64),
-) {
-    set_bytes(&mut span.trace_id, trace_id);
-    set_bytes(&mut span.span_id, span_id);
-    set_bytes(&mut span.parent_span_id, parent);
-    span.trace_state.clear();
-    span.flags = flags;
-    span.kind = kind as i32;
-    span.start_time_unix_nano = start_end.0;
-    span.end_time_unix_nano = start_end.1;
-    span.dropped_attributes_count = 0;
-    span.events.clear();
-    span.dropped_events_count = 0;
-    span.links.clear();
-    span.dropped_links_count = 0;
+fn span_kind_and_times(buf: &mut Vec<u8>, kind: span::SpanKind, start: u64, end: u64) {
+    wire::varint_field(buf, field::KIND, kind as u64);
+    wire::fixed64_field(buf, field::START_TIME, start);
+    wire::fixed64_field(buf, field::END_TIME, end);
 }
 
-/// Converts one record into its spans (request span first), appended to `out`.
-pub fn convert(ctx: &SpanContext, record: &RequestRecord, detail: Detail, out: &mut Vec<Span>) {
-    convert_reusing(ctx, record, detail, &mut Vec::new(), out);
+/// `Span.status`, always present (an unset status is an empty message).
+fn span_status(buf: &mut Vec<u8>, message: &str, code: status::StatusCode) {
+    let code = code as u64;
+    let len = if message.is_empty() {
+        0
+    } else {
+        wire::field_len(message.len())
+    } + if code == 0 {
+        0
+    } else {
+        1 + wire::varint_len(code)
+    };
+    wire::len_prefix(buf, field::STATUS, len);
+    wire::bytes_field(buf, field::STATUS_MESSAGE, message.as_bytes());
+    wire::varint_field(buf, field::STATUS_CODE, code);
 }
 
-/// [`convert`], taking spans to overwrite from `spare` (recycled ones) before
-/// allocating new ones.
-pub fn convert_reusing(
-    ctx: &SpanContext,
-    record: &RequestRecord,
-    detail: Detail,
-    spare: &mut Vec<Span>,
-    out: &mut Vec<Span>,
-) {
+/// Encodes one record's spans (request span first) onto `out`.
+pub fn encode(ctx: &SpanContext, record: &RequestRecord, detail: Detail, out: &mut EncodedSpans) {
     let t = &record.timestamps;
     let trace_flags = u32::from(record.trace_flags);
     let (parent, remote): (&[u8], u32) = match &record.parent_span_id {
@@ -403,57 +384,50 @@ pub fn convert_reusing(
         None => (&[], 0),
     };
     let model = model_name(ctx, record);
-    let mut root = spare.pop().unwrap_or_default();
-    fill_span(
-        &mut root,
-        &record.trace_id,
-        &record.span_id,
-        parent,
-        trace_flags | FLAG_HAS_IS_REMOTE | remote,
-        span::SpanKind::Server,
-        (
+    out.span(|b| {
+        span_ids(b, &record.trace_id, &record.span_id, parent);
+        let operation = record.operation.as_str();
+        wire::len_prefix(b, field::NAME, operation.len() + 1 + model.len());
+        b.extend_from_slice(operation.as_bytes());
+        b.push(b' ');
+        b.extend_from_slice(model.as_bytes());
+        span_kind_and_times(
+            b,
+            span::SpanKind::Server,
             ctx.clock.to_unix_ns(t.arrival_ns),
             ctx.clock.to_unix_ns(t.finished_ns),
-        ),
-    );
-    root.name.clear();
-    root.name.push_str(record.operation.as_str());
-    root.name.push(' ');
-    root.name.push_str(model);
-    write_request_attributes(ctx, record, &mut root.attributes);
-    let status = root.status.get_or_insert_with(Status::default);
-    status.message.clear();
-    if let Some(class) = record.error_type.as_str() {
-        status.message.push_str(class);
-        status.code = status::StatusCode::Error as i32;
-    } else if record.http_status >= 400 {
-        let _ = write!(status.message, "{}", record.http_status);
-        status.code = status::StatusCode::Error as i32;
-    } else {
-        status.code = status::StatusCode::Unset as i32;
-    }
-    out.push(root);
+        );
+        write_request_attributes(ctx, record, b);
+        if let Some(class) = record.error_type.as_str() {
+            span_status(b, class, status::StatusCode::Error);
+        } else if let Some(code) = status_code_text(record) {
+            span_status(b, code.as_str(), status::StatusCode::Error);
+        } else {
+            span_status(b, "", status::StatusCode::Unset);
+        }
+        wire::fixed32_field(b, field::FLAGS, trace_flags | FLAG_HAS_IS_REMOTE | remote);
+    });
     if detail != Detail::Phases {
         return;
     }
     let mut child = |index: u64, name: &str, start: u64, end: u64| {
-        let mut span = spare.pop().unwrap_or_default();
-        fill_span(
-            &mut span,
-            &record.trace_id,
-            &child_span_id(record.span_id, index),
-            &record.span_id,
-            trace_flags | FLAG_HAS_IS_REMOTE,
-            span::SpanKind::Internal,
-            (ctx.clock.to_unix_ns(start), ctx.clock.to_unix_ns(end)),
-        );
-        span.name.clear();
-        span.name.push_str(name);
-        span.attributes.clear();
-        let status = span.status.get_or_insert_with(Status::default);
-        status.message.clear();
-        status.code = status::StatusCode::Unset as i32;
-        out.push(span);
+        out.span(|b| {
+            span_ids(
+                b,
+                &record.trace_id,
+                &child_span_id(record.span_id, index),
+                &record.span_id,
+            );
+            wire::bytes_field(b, field::NAME, name.as_bytes());
+            span_kind_and_times(
+                b,
+                span::SpanKind::Internal,
+                ctx.clock.to_unix_ns(start),
+                ctx.clock.to_unix_ns(end),
+            );
+            span_status(b, "", status::StatusCode::Unset);
+            wire::fixed32_field(b, field::FLAGS, trace_flags | FLAG_HAS_IS_REMOTE);
+        });
     };
     if let Some(scheduled) = t.scheduled_ns {
         child(1, "queue", t.arrival_ns, scheduled);
@@ -467,6 +441,15 @@ pub fn convert_reusing(
     if let (Some(first), Some(last)) = (t.first_token_ns, t.last_token_ns) {
         child(3, "decode", first, last);
     }
+}
+
+/// One record's spans as `opentelemetry-proto` structs: [`encode`], decoded.
+pub fn convert(ctx: &SpanContext, record: &RequestRecord, detail: Detail) -> Vec<Span> {
+    let mut out = EncodedSpans::default();
+    encode(ctx, record, detail, &mut out);
+    // What `encode` writes always decodes; an empty result would fail every
+    // test that looks at it.
+    out.decode().unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -526,9 +509,7 @@ pub(crate) mod tests {
     }
 
     fn spans_of(record: &Record, set: AttributeSet, detail: Detail) -> Vec<Span> {
-        let mut out = Vec::new();
-        convert(&ctx(set), &record.decode(1).unwrap(), detail, &mut out);
-        out
+        convert(&ctx(set), &record.decode(1).unwrap(), detail)
     }
 
     fn lower_hex(bytes: &[u8]) -> String {
@@ -778,13 +759,7 @@ pub(crate) mod tests {
             realtime_ns: 5_000_000_000,
             monotonic_ns: 2_000_000_000,
         };
-        let mut out = Vec::new();
-        convert(
-            &c,
-            &raw_record(0).decode(1).unwrap(),
-            Detail::Request,
-            &mut out,
-        );
+        let out = convert(&c, &raw_record(0).decode(1).unwrap(), Detail::Request);
         assert_eq!(out[0].start_time_unix_nano, 4_000_000_000);
         assert_eq!(out[0].end_time_unix_nano, 5_600_000_000);
     }
@@ -805,7 +780,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn converting_into_recycled_spans_equals_converting_fresh() {
+    fn the_encoding_is_canonical_protobuf_for_every_kind_of_record() {
         let mut rejected = raw_record(2);
         rejected.kind = RecordKind::RequestRejected as u8;
         rejected.error_type = ErrorType::QueueFull as u8;
@@ -821,27 +796,37 @@ pub(crate) mod tests {
         let mut text = raw_record(4);
         text.operation = Operation::TextCompletion as u8;
         text.temperature = 0.7;
+        text.seed = u64::MAX;
         let records = [raw_record(1), rejected, status_only, text];
-        let sets = [
-            AttributeSet::Both,
-            AttributeSet::Vllm,
-            AttributeSet::Semconv,
+        let mut long_name = ctx(AttributeSet::Both);
+        long_name.models = vec!["m".repeat(200)];
+        long_name.server_address = "a".repeat(300);
+        long_name.server_port = None;
+        let contexts = [
+            ctx(AttributeSet::Both),
+            ctx(AttributeSet::Vllm),
+            ctx(AttributeSet::Semconv),
+            long_name,
         ];
-        let details = [Detail::Phases, Detail::Request];
-        // Every conversion's spans are recycled into the next one.
-        let mut spare = Vec::new();
-        for set in sets {
-            for detail in details {
+        for c in &contexts {
+            for detail in [Detail::Phases, Detail::Request] {
+                // Several records in one buffer, as a batch holds them.
+                let mut out = EncodedSpans::default();
+                let mut expected = 0;
                 for record in &records {
-                    let decoded = record.decode(1).unwrap();
-                    let mut fresh = Vec::new();
-                    convert(&ctx(set), &decoded, detail, &mut fresh);
-                    let mut reused = Vec::new();
-                    convert_reusing(&ctx(set), &decoded, detail, &mut spare, &mut reused);
-                    assert_eq!(reused, fresh, "{set:?} {detail:?} {record:?}");
-                    spare.extend(reused);
-                    spare.reverse();
+                    encode(c, &record.decode(1).unwrap(), detail, &mut out);
+                    expected += convert(c, &record.decode(1).unwrap(), detail).len();
                 }
+                let spans = out.decode().unwrap();
+                assert_eq!((spans.len(), out.len()), (expected, expected));
+                // prost writes fields in tag order, omits proto3 defaults and
+                // uses the shortest varints: the same bytes mean we do too.
+                let reencoded = ScopeSpans {
+                    spans,
+                    ..ScopeSpans::default()
+                }
+                .encode_to_vec();
+                assert_eq!(reencoded, out.as_bytes(), "{:?} {detail:?}", c.attributes);
             }
         }
     }
@@ -856,18 +841,6 @@ pub(crate) mod tests {
             assert_eq!(param(2.0), 2.0);
             assert_eq!(param(1e-7), 1e-7);
         }
-    }
-
-    #[test]
-    fn the_pool_is_bounded() {
-        let pool = SpanPool::new(3);
-        pool.give((0..10).map(|_| Span::default()));
-        assert_eq!(pool.len(), 3);
-        let mut out = Vec::new();
-        pool.take_into(2, &mut out);
-        assert_eq!((out.len(), pool.len()), (2, 1));
-        pool.take_into(5, &mut out);
-        assert!(pool.is_empty());
     }
 
     #[test]

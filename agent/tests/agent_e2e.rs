@@ -755,6 +755,8 @@ fn with_the_collector_down_the_queue_stays_bounded_and_shutdown_counts_what_was_
             "200",
             "--queue-max-items",
             "100",
+            "--max-in-flight",
+            "2",
             "--shutdown-timeout-ms",
             "500",
         ],
@@ -782,9 +784,9 @@ fn with_the_collector_down_the_queue_stays_bounded_and_shutdown_counts_what_was_
     let failed = log_value(accounting, "export_failed");
     assert_eq!(read, 600);
     assert_eq!(log_value(accounting, "exported"), 0);
-    // At most 100 requests queued plus one batch (512 spans = 128 requests)
-    // in flight.
-    assert!(dropped >= 600 - 100 - 128, "{accounting}");
+    // At most 100 requests queued plus two batches (512 spans = 128
+    // requests each) in flight, retrying.
+    assert!(dropped >= 600 - 100 - 2 * 128, "{accounting}");
     assert_eq!(
         dropped + failed,
         read,
