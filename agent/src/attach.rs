@@ -264,7 +264,7 @@ impl Reader {
             models: info.models.clone(),
             attributes: self.settings.attributes,
             server_address: self.resource_env.host_name.clone(),
-            server_port: None,
+            server_port: segment.info().listen_port,
         };
         self.attached.insert(
             name.to_owned(),

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use ringside_tests::harness::{self, Collector as Rotel, free_port, hex, span_field as field};
 
 const MODEL: &str = "gemma-test";
+/// The API port the synthetic engine's header announces.
+const LISTEN_PORT: u16 = 8123;
 
 fn e2e_enabled() -> bool {
     harness::e2e_enabled("collector tests")
@@ -46,6 +48,7 @@ impl FakeEngine {
     fn named(name: String) -> Self {
         let mut options = CreateOptions::new(name.clone(), vec![MODEL.to_owned()]);
         options.capacity = 256;
+        options.listen_port = Some(LISTEN_PORT);
         let segment = EngineSegment::create(&options).expect("create segment");
         Self { segment, name }
     }
@@ -256,6 +259,7 @@ fn assert_full_request_span(blocks: &[String], record: &Record) {
         "-> gen_ai.usage.output_tokens: Int(9)".to_owned(),
         "-> gen_ai.usage.cache_read.input_tokens: Int(3)".to_owned(),
         "-> server.address:".to_owned(),
+        format!("-> server.port: Int({LISTEN_PORT})"),
         format!("-> gen_ai.request.id: Str({response_id})"),
         "-> gen_ai.usage.prompt_tokens: Int(17)".to_owned(),
         "-> gen_ai.usage.completion_tokens: Int(9)".to_owned(),

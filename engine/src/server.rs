@@ -90,11 +90,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let path = model::resolve_model_path(args.model.as_deref())?;
     let names = model_names(&args, &path);
     let threads = args.effective_threads();
+    let addr = SocketAddr::new(args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
     let telemetry = Telemetry::create(
         &args.instance_name(),
         &names,
         args.ring_capacity,
         args.tracing == crate::cli::Switch::On,
+        // The bound port: `--port 0` picks one.
+        listener.local_addr().map_or(args.port, |a| a.port()),
     )?;
     if let Some(segment) = telemetry.segment_path() {
         tracing::info!(%segment, tracing = ?args.tracing, capacity = args.ring_capacity,
@@ -136,10 +142,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             .map_or(0, |d| d.as_secs()),
     });
 
-    let addr = SocketAddr::new(args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
     tracing::info!(%addr, model = %path.display(), names = ?names, threads,
         parallel = args.parallel, ctx_size = args.ctx_size.get(), instance = %args.instance_name(),
         "listening; loading model");

@@ -138,7 +138,8 @@ impl Telemetry {
     }
 
     /// Creates `/dev/shm/ringside.<instance>` with the served model names as its model table,
-    /// `capacity` slots and the tracing control word initialised to `tracing`.
+    /// `capacity` slots, the tracing control word initialised to `tracing` and the API's
+    /// `listen_port` (the agent's `server.port`).
     ///
     /// # Errors
     /// [`TelemetryError::Create`] (bad name or capacity, live engine on that name, no room).
@@ -147,9 +148,11 @@ impl Telemetry {
         models: &[String],
         capacity: u32,
         tracing: bool,
+        listen_port: u16,
     ) -> Result<Self, TelemetryError> {
         let mut options = shm::CreateOptions::new(instance, models.to_vec());
         options.capacity = capacity;
+        options.listen_port = Some(listen_port);
         options.control.tracing_enabled = tracing;
         let segment =
             shm::EngineSegment::create(&options).map_err(|source| TelemetryError::Create {

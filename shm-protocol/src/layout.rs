@@ -12,7 +12,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"RINGSIDE");
 /// Incompatible layout changes bump the major version; readers refuse other majors.
 pub const ABI_MAJOR: u16 = 1;
 /// Additive changes (new fields carved out of reserved bytes) bump the minor version.
-pub const ABI_MINOR: u16 = 0;
+pub const ABI_MINOR: u16 = 1;
 
 /// Size of the header region at offset 0.
 pub const HEADER_SIZE: usize = 1024;
@@ -104,8 +104,13 @@ pub struct Header {
     pub instance: [u8; NAME_LEN],
     /// Served model names, UTF-8, NUL padded; a record's `model_index` points here.
     pub models: [[u8; NAME_LEN]; MAX_MODELS],
+    /// Since 1.1: the TCP port the engine serves its API on (`server.port`);
+    /// zero when unknown (and in 1.0 segments, where these bytes were reserved).
+    pub listen_port: u16,
+    /// Zero.
+    pub _pad1: [u8; 6],
     /// Zero; room for minor versions.
-    pub reserved: [u8; 352],
+    pub reserved: [u8; 344],
 }
 
 /// Offset of [`Header::abi_version`], the word published last.
@@ -521,7 +526,8 @@ mod tests {
         assert_eq!(offset_of!(Header, engine_uid), 88);
         assert_eq!(offset_of!(Header, instance), 96);
         assert_eq!(offset_of!(Header, models), 160);
-        assert_eq!(offset_of!(Header, reserved), 672);
+        assert_eq!(offset_of!(Header, listen_port), 672);
+        assert_eq!(offset_of!(Header, reserved), 680);
         assert_eq!(MAGIC.to_le_bytes(), *b"RINGSIDE");
     }
 

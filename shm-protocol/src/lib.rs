@@ -4,7 +4,7 @@
 //! shared memory; the agent reads it from another process. Everything
 //! `unsafe` about that memory lives in this crate.
 //!
-//! # Segment layout (`/dev/shm/ringside.<instance>`, ABI 1.0)
+//! # Segment layout (`/dev/shm/ringside.<instance>`, ABI 1.1)
 //!
 //! ```text
 //! offset  size                 region            written by            read by
@@ -17,7 +17,8 @@
 //!                              52 model_count         56 engine_start_time 64 generation
 //!                              72 created_realtime_ns 80 created_monotonic_ns
 //!                              88 engine_uid          96 instance[64]     160 models[8][64]
-//!                             672 reserved (zero)
+//!                             672 listen_port (u16, 1.1; 0 = unknown)
+//!                             680 reserved (zero)
 //!   1024  512                  ControlBlock      agent / CLI           engine, agent
 //!                               0 tracing_enabled     4 overflow_mode      8 detail
 //!                              12 head_sample_ppm    16 settings_epoch        (line 0: hot)

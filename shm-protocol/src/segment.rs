@@ -99,6 +99,8 @@ pub struct CreateOptions {
     /// Remove the segment's name when the [`EngineSegment`] is dropped. An
     /// attached agent keeps its mapping and drains what is left.
     pub unlink_on_drop: bool,
+    /// The TCP port the engine serves its API on, if it has one.
+    pub listen_port: Option<u16>,
 }
 
 impl CreateOptions {
@@ -112,6 +114,7 @@ impl CreateOptions {
             models,
             control: ControlDefaults::default(),
             unlink_on_drop: true,
+            listen_port: None,
         }
     }
 }
@@ -291,6 +294,8 @@ pub struct SegmentInfo {
     pub clock: ClockPair,
     /// Served models; a record's `model_index` indexes this.
     pub models: Vec<String>,
+    /// The engine's API port (ABI 1.1; `None` from 1.0 writers or when unknown).
+    pub listen_port: Option<u16>,
 }
 
 impl SegmentInfo {
@@ -488,6 +493,7 @@ impl EngineSegment {
         header.created_realtime_ns = clock.realtime_ns;
         header.created_monotonic_ns = clock.monotonic_ns;
         header.engine_uid = engine_uid;
+        header.listen_port = options.listen_port.unwrap_or(0);
         copy_name(&mut header.instance, &options.instance);
         for (slot, model) in header.models.iter_mut().zip(&options.models) {
             copy_name(slot, model);
@@ -518,6 +524,7 @@ impl EngineSegment {
             engine_uid,
             clock,
             models: options.models.clone(),
+            listen_port: options.listen_port.filter(|p| *p != 0),
         };
         Ok(Self {
             ring,
@@ -910,6 +917,8 @@ fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<Segmen
             monotonic_ns: header.created_monotonic_ns,
         },
         models,
+        // A 1.0 writer's bytes here were reserved: not a port.
+        listen_port: (minor >= 1 && header.listen_port != 0).then_some(header.listen_port),
     })
 }
 

@@ -168,7 +168,7 @@ fn another_major_version_is_refused_naming_both_versions() {
         }
     ));
     assert!(
-        err.to_string().contains("2.3") && err.to_string().contains("1.0"),
+        err.to_string().contains("2.3") && err.to_string().contains("1.1"),
         "{err}"
     );
 }
@@ -184,6 +184,30 @@ fn a_newer_minor_version_is_accepted() {
     );
     let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
     assert_eq!(attached.info().abi, (1, 7));
+}
+
+#[test]
+fn the_engine_listen_port_is_read_back_from_1_1_segments_only() {
+    let name = instance("port");
+    let mut o = options(&name);
+    o.listen_port = Some(8080);
+    let engine = EngineSegment::create(&o).unwrap();
+    assert_eq!(engine.info().listen_port, Some(8080));
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert_eq!(attached.info().listen_port, Some(8080));
+    drop(attached);
+    // Written by a 1.0 engine, the same bytes were reserved: no port.
+    patch(
+        &name,
+        ABI_VERSION_OFFSET as u64,
+        &pack_version(1, 0).to_le_bytes(),
+    );
+    let old = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert_eq!((old.info().abi, old.info().listen_port), ((1, 0), None));
+    let unknown = instance("port-unknown");
+    let _engine = EngineSegment::create(&options(&unknown)).unwrap();
+    let attached = AttachedSegment::open(&unknown, &OpenOptions::default()).unwrap();
+    assert_eq!(attached.info().listen_port, None);
 }
 
 #[test]

@@ -90,6 +90,8 @@ fn assert_request_spans(collector: &Collector, engine: &Engine, response: &serde
         "gen_ai.latency.time_to_first_token:".to_owned(),
         "gen_ai.latency.time_in_queue:".to_owned(),
         "gen_ai.latency.e2e:".to_owned(),
+        // The engine's API port, from the segment header (ABI 1.1).
+        format!("server.port: Int({})", engine.port),
     ] {
         assert!(
             span.contains(&attribute),
