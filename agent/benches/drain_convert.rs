@@ -12,10 +12,9 @@ use ringside_agent::config::{Cli, Command, Settings};
 use ringside_agent::metrics::Metrics;
 use ringside_agent::queue::ExportQueue;
 use ringside_agent::resource::ResourceEnv;
-use ringside_shm_protocol::{
-    CreateOptions, EngineSegment, FLAG_REMOTE_PARENT, FinishReason, Operation, OverflowMode,
-    Record, RecordKind, monotonic_ns,
-};
+use ringside_shm_protocol::{CreateOptions, EngineSegment, OverflowMode, monotonic_ns};
+use ringside_tests::finished_chat_record;
+use ringside_tests::harness::cpu_time;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,47 +24,6 @@ const CAPACITY: u32 = 1 << 16;
 // The same allocator as the binary.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn record(seq: u64, now: u64) -> Record {
-    let mut r: Record = bytemuck::Zeroable::zeroed();
-    r.request_id = u128::from(seq + 1).to_be_bytes();
-    r.trace_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
-    r.trace_id[8] = 1;
-    r.parent_span_id = [0x11; 8];
-    r.span_id = (seq + 1).to_be_bytes();
-    r.t_arrival_ns = now;
-    r.t_scheduled_ns = now + 1_000;
-    r.t_first_token_ns = now + 2_000;
-    r.t_last_token_ns = now + 3_000;
-    r.t_finished_ns = now + 4_000;
-    r.prompt_tokens = 12;
-    r.completion_tokens = 7;
-    r.max_tokens = 16;
-    r.temperature = 0.7;
-    r.top_p = 0.95;
-    r.http_status = 200;
-    r.kind = RecordKind::RequestFinished as u8;
-    r.operation = Operation::Chat as u8;
-    r.finish_reason = FinishReason::Stop as u8;
-    r.trace_flags = 1;
-    r.flags = FLAG_REMOTE_PARENT;
-    r
-}
-
-/// CPU time this process has used (user + system), from /proc (10 ms ticks).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the name.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
 
 fn reader(name: &str) -> (Reader, Arc<ExportQueue>) {
     let cli = Cli::try_parse_from([
@@ -122,13 +80,13 @@ fn main() {
     for _ in 0..rounds {
         let now = monotonic_ns();
         for _ in 0..CAPACITY {
-            let _ = producer.push(&record(seq, now));
+            let _ = producer.push(&finished_chat_record(seq, now));
             seq += 1;
         }
         // The exporter takes what is queued after every poll, as in the
         // agent; dropping the taken spans is part of the measured cost.
         let start = Instant::now();
-        let cpu_start = cpu_time();
+        let cpu_start = cpu_time("self");
         loop {
             let more = reader.poll_all();
             drained += export(&queue);
@@ -137,7 +95,7 @@ fn main() {
             }
         }
         busy += start.elapsed();
-        cpu += cpu_time().saturating_sub(cpu_start);
+        cpu += cpu_time("self").saturating_sub(cpu_start);
     }
     let rate = drained as f64 / busy.as_secs_f64();
     println!(
@@ -162,7 +120,7 @@ fn main() {
             while !stop.load(Ordering::Relaxed) {
                 let now = monotonic_ns();
                 for _ in 0..256 {
-                    let _ = producer.push(&record(seq, now));
+                    let _ = producer.push(&finished_chat_record(seq, now));
                     seq += 1;
                 }
             }

@@ -11,10 +11,9 @@ use ringside_agent::queue::{ExportQueue, Item};
 use ringside_agent::resource::ResourceEnv;
 use ringside_agent::spans::{EncodedSpans, SpanContext, encode};
 use ringside_agent::stats::{EngineHandle, EngineStats};
-use ringside_shm_protocol::{
-    ClockPair, Detail, FLAG_REMOTE_PARENT, FinishReason, Operation, Record, RecordKind,
-};
-use std::path::PathBuf;
+use ringside_shm_protocol::{ClockPair, Detail};
+use ringside_tests::finished_chat_record;
+use ringside_tests::harness::{cpu_time, find_rotel};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,74 +21,8 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn rotel() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("rotel-agent"))
-                .collect()
-        })
-        .unwrap_or_default();
-    for venv in [
-        std::env::var_os("RINGSIDE_VENV").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv")),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        candidates.push(venv.join("bin/rotel-agent"));
-        if let Ok(entries) = std::fs::read_dir(venv.join("lib")) {
-            for e in entries.flatten() {
-                candidates.push(e.path().join("site-packages/rotel/rotel-agent"));
-            }
-        }
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
-
-fn record(seq: u64) -> Record {
-    let mut r: Record = bytemuck::Zeroable::zeroed();
-    r.request_id = u128::from(seq + 1).to_be_bytes();
-    r.trace_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
-    r.trace_id[8] = 1;
-    r.parent_span_id = [0x11; 8];
-    r.span_id = (seq + 1).to_be_bytes();
-    r.t_arrival_ns = 1_000_000;
-    r.t_scheduled_ns = 2_000_000;
-    r.t_first_token_ns = 3_000_000;
-    r.t_last_token_ns = 4_000_000;
-    r.t_finished_ns = 5_000_000;
-    r.prompt_tokens = 12;
-    r.completion_tokens = 7;
-    r.max_tokens = 16;
-    r.temperature = 0.7;
-    r.top_p = 0.95;
-    r.http_status = 200;
-    r.kind = RecordKind::RequestFinished as u8;
-    r.operation = Operation::Chat as u8;
-    r.finish_reason = FinishReason::Stop as u8;
-    r.trace_flags = 1;
-    r.flags = FLAG_REMOTE_PARENT;
-    r
-}
-
-/// CPU time (user + system) a process has used, from /proc (10 ms ticks).
-fn cpu_time(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of stat: 11 and 12 after the name.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
 fn main() {
-    let Some(binary) = rotel() else {
+    let Some(binary) = find_rotel() else {
         println!("export_grpc: rotel-agent not found; skipped");
         return;
     };
@@ -147,7 +80,9 @@ fn main() {
     };
     let queue = Arc::new(ExportQueue::new(usize::MAX, usize::MAX, 512));
     for seq in 0..requests {
-        let decoded = record(seq).decode(1).expect("valid bench record");
+        let decoded = finished_chat_record(seq, 1_000_000)
+            .decode(1)
+            .expect("valid bench record");
         let mut spans = EncodedSpans::default();
         encode(&ctx, &decoded, Detail::Phases, &mut spans);
         queue.push(Item::new(Arc::clone(&engine), spans));

@@ -349,6 +349,13 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 /// `$RINGSIDE_VENV`, or in the project's `.venv` (`scripts/setup.sh` links it
 /// into `bin/`; the wheel keeps it under `site-packages/rotel/`).
 pub fn rotel_binary() -> PathBuf {
+    find_rotel().expect(
+        "rotel-agent not found on PATH, in $RINGSIDE_VENV or in .venv: run scripts/setup.sh",
+    )
+}
+
+/// [`rotel_binary`], or `None` where it is not installed (benchmarks skip).
+pub fn find_rotel() -> Option<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("rotel-agent")));
@@ -367,9 +374,24 @@ pub fn rotel_binary() -> PathBuf {
             );
         }
     }
-    candidates.into_iter().find(|p| p.is_file()).expect(
-        "rotel-agent not found on PATH, in $RINGSIDE_VENV or in .venv: run scripts/setup.sh",
-    )
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// CPU time (user + system) process `pid` has used so far (`"self"` for
+/// this one), from `/proc/<pid>/stat` in 10 ms ticks; zero if unreadable.
+pub fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: count after the last ')'.
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15: 11 and 12 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 /// A real OpenTelemetry collector (`rotel-agent`) on loopback, printing every

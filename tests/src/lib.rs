@@ -31,6 +31,35 @@ pub fn numbered_record(seq: u64) -> Record {
     r
 }
 
+/// A typical finished chat request (12 prompt tokens, 7 completion tokens,
+/// sampled trace with a remote parent) arriving at `now` and finishing 4 µs
+/// later; ids derive from `seq`. What the benchmarks feed the agent.
+pub fn finished_chat_record(seq: u64, now: u64) -> Record {
+    let mut r: Record = bytemuck::Zeroable::zeroed();
+    r.request_id = u128::from(seq + 1).to_be_bytes();
+    r.trace_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
+    r.trace_id[8] = 1;
+    r.parent_span_id = [0x11; 8];
+    r.span_id = (seq + 1).to_be_bytes();
+    r.t_arrival_ns = now;
+    r.t_scheduled_ns = now + 1_000;
+    r.t_first_token_ns = now + 2_000;
+    r.t_last_token_ns = now + 3_000;
+    r.t_finished_ns = now + 4_000;
+    r.prompt_tokens = 12;
+    r.completion_tokens = 7;
+    r.max_tokens = 16;
+    r.temperature = 0.7;
+    r.top_p = 0.95;
+    r.http_status = 200;
+    r.kind = RecordKind::RequestFinished as u8;
+    r.operation = Operation::Chat as u8;
+    r.finish_reason = FinishReason::Stop as u8;
+    r.trace_flags = 1;
+    r.flags = FLAG_REMOTE_PARENT;
+    r
+}
+
 /// Whether `record` is exactly `numbered_record(seq)` for the seq it carries.
 pub fn record_matches(record: &Record) -> Option<u64> {
     let seq = record.seed;
