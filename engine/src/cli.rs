@@ -118,6 +118,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGSIDE_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
 
+    /// Do not reuse a finished request's prompt from its slot's KV cache: every prompt is
+    /// computed in full (`cached_tokens` and `gen_ai.usage.cache_read.input_tokens` stay 0).
+    #[arg(long, env = "RINGSIDE_NO_PROMPT_CACHE")]
+    pub no_prompt_cache: bool,
+
     /// Largest request body accepted, in bytes; larger bodies are refused with 413.
     #[arg(long, env = "RINGSIDE_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,

@@ -30,6 +30,7 @@ fn op_label(op: Operation) -> &'static str {
 pub struct Metrics {
     requests: [[AtomicU64; STATUSES.len() + 1]; 2],
     prompt_tokens: AtomicU64,
+    cached_prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
     /// Requests admitted and waiting for a sequence slot.
     pub queue_depth: AtomicUsize,
@@ -48,6 +49,7 @@ impl Default for Metrics {
         Self {
             requests: Default::default(),
             prompt_tokens: AtomicU64::new(0),
+            cached_prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             queue_depth: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
@@ -74,6 +76,12 @@ impl Metrics {
             .fetch_add(u64::from(prompt), Ordering::Relaxed);
         self.generation_tokens
             .fetch_add(u64::from(generated), Ordering::Relaxed);
+    }
+
+    /// Adds prompt tokens taken from the prompt cache (a part of the prompt tokens).
+    pub fn count_cached_prompt_tokens(&self, cached: u32) {
+        self.cached_prompt_tokens
+            .fetch_add(u64::from(cached), Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -103,6 +111,11 @@ impl Metrics {
                 "ringside_prompt_tokens_total",
                 "Prompt tokens of scheduled requests.",
                 self.prompt_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "ringside_prompt_tokens_cached_total",
+                "Prompt tokens reused from the prompt cache instead of computed (part of ringside_prompt_tokens_total).",
+                self.cached_prompt_tokens.load(Ordering::Relaxed),
             ),
             (
                 "ringside_generation_tokens_total",
@@ -177,6 +190,7 @@ mod tests {
         m.count_request(Operation::Chat, 200);
         m.count_request(Operation::TextCompletion, 418);
         m.count_tokens(10, 5);
+        m.count_cached_prompt_tokens(4);
         let text = m.render("m\"x");
         assert!(text.contains(
             "ringside_requests_total{model=\"m\\\"x\",operation=\"chat\",status=\"200\"} 2"
@@ -184,5 +198,6 @@ mod tests {
         assert!(text.contains("operation=\"text_completion\",status=\"other\"} 1"));
         assert!(text.contains("ringside_prompt_tokens_total{model=\"m\\\"x\"} 10"));
         assert!(text.contains("ringside_generation_tokens_total{model=\"m\\\"x\"} 5"));
+        assert!(text.contains("ringside_prompt_tokens_cached_total{model=\"m\\\"x\"} 4"));
     }
 }

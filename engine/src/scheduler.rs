@@ -10,7 +10,14 @@
 //! decodes it, samples the next token of every sequence whose logits were produced, and streams
 //! text to the request's channel. Between steps it admits queued requests into free slots
 //! (continuous batching) and notices closed response channels (client gone: abort). A finished
-//! or aborted sequence clears its KV stream and frees its slot immediately.
+//! or aborted sequence frees its slot immediately.
+//!
+//! Prompt cache: a freed slot keeps the KV of the prompt it computed (the generated part is
+//! removed). A new request goes to the free slot whose kept prompt shares the longest prefix
+//! with its own and starts computing after that prefix: a conversation's next turn, or a
+//! repeated system prompt, costs only its new tokens. The reused count is the request's
+//! `cached_tokens`. Kept only while the slot's KV still holds every position from 0 (a
+//! sliding-window layer may have let early ones go on a long prompt).
 //!
 //! Admission is bounded: at most `--parallel + --max-queue` requests are admitted at once; the
 //! HTTP layer answers 429 beyond that.
@@ -49,6 +56,8 @@ pub struct SchedulerConfig {
     pub threads: u32,
     /// Requests that may wait for a slot.
     pub max_queue: usize,
+    /// Reuse a freed slot's prompt KV for a request sharing its prefix.
+    pub prompt_cache: bool,
 }
 
 /// Trace identity of a request, as recorded.
@@ -291,6 +300,8 @@ struct Slot {
     running_at_schedule: u16,
     logits_index: Option<i32>,
     in_batch: bool,
+    /// Prompt tokens taken from the slot's KV cache instead of computed.
+    cached_prompt: u32,
 }
 
 struct Engine<'m> {
@@ -304,6 +315,9 @@ struct Engine<'m> {
     shared: Arc<Shared>,
     telemetry: Telemetry,
     piece: Vec<u8>,
+    prompt_cache: bool,
+    /// Per slot: the tokens its KV stream holds from position 0 while it is free.
+    kept: Vec<Vec<LlamaToken>>,
 }
 
 fn saturate_u16(n: usize) -> u16 {
@@ -335,6 +349,51 @@ impl<'m> Engine<'m> {
             shared,
             telemetry,
             piece: Vec::with_capacity(64),
+            prompt_cache: config.prompt_cache,
+            kept: (0..config.parallel).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    /// The free slot to run `prompt` in: the one whose kept tokens share the longest prefix
+    /// with it (the lowest index on a tie), and that prefix's length.
+    fn pick_slot(&self, prompt: &[LlamaToken]) -> Option<(usize, usize)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| {
+                let shared = if self.prompt_cache {
+                    common_prefix(&self.kept[i], prompt)
+                } else {
+                    0
+                };
+                (i, shared)
+            })
+            .max_by_key(|&(i, shared)| (shared, std::cmp::Reverse(i)))
+    }
+
+    /// Prepares slot `i`'s KV stream for a prompt sharing `shared` tokens with what it keeps;
+    /// returns how many prompt tokens it can skip. At least the last prompt token is always
+    /// computed: its logits give the first output token.
+    fn reuse_prefix(&mut self, i: usize, shared: usize, prompt_len: usize) -> usize {
+        let reuse = shared.min(prompt_len.saturating_sub(1));
+        let seq = u32::try_from(i).ok();
+        let seq_id = i32::try_from(i).unwrap_or(i32::MAX);
+        let trimmed = reuse > 0
+            && self
+                .ctx
+                .clear_kv_cache_seq(seq, u32::try_from(reuse).ok(), None)
+                .unwrap_or(false)
+            // Every reused position must still be there (a sliding-window cache drops old
+            // ones once a prompt outgrows the window).
+            && self.ctx.kv_cache_seq_pos_min(seq_id) == 0
+            && usize::try_from(self.ctx.kv_cache_seq_pos_max(seq_id)).ok() == Some(reuse - 1);
+        self.kept[i].clear();
+        if trimmed {
+            reuse
+        } else {
+            let _ = self.ctx.clear_kv_cache_seq(seq, None, None);
+            0
         }
     }
 
@@ -422,7 +481,8 @@ impl<'m> Engine<'m> {
     /// Moves queued requests into free slots, in arrival order.
     fn schedule(&mut self) {
         while !self.pending.is_empty() {
-            let Some(free) = self.slots.iter().position(Option::is_none) else {
+            let Some((free, shared)) = self.pending.front().and_then(|j| self.pick_slot(&j.prompt))
+            else {
                 return;
             };
             let Some(job) = self.pending.pop_front() else {
@@ -430,10 +490,9 @@ impl<'m> Engine<'m> {
             };
             self.metrics().queue_depth.fetch_sub(1, Ordering::Relaxed);
             let seq = i32::try_from(free).unwrap_or(i32::MAX);
-            // A fresh stream for this sequence (its previous owner cleared it already).
-            let _ = self
-                .ctx
-                .clear_kv_cache_seq(u32::try_from(free).ok(), None, None);
+            let reused = self.reuse_prefix(free, shared, job.prompt.len());
+            self.metrics()
+                .count_cached_prompt_tokens(saturate_u32(reused));
             let room = self
                 .n_ctx_seq
                 .saturating_sub(saturate_u32(job.prompt.len()));
@@ -446,8 +505,9 @@ impl<'m> Engine<'m> {
             let sampler = Sampler::new(job.sampling);
             self.slots[free] = Some(Slot {
                 seq,
-                fed: 0,
-                n_past: 0,
+                fed: reused,
+                n_past: i32::try_from(reused).unwrap_or(0),
+                cached_prompt: saturate_u32(reused),
                 pending_token: None,
                 generated: 0,
                 max_tokens,
@@ -609,19 +669,38 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Ends the request in slot `i`: flush text, tell the client, free the KV stream and the
-    /// slot, record the outcome.
+    /// Keeps the prompt part of slot `i`'s KV stream for a later request (the module docs),
+    /// or clears the stream.
+    fn keep_prompt(&mut self, i: usize, slot: &Slot, reason: FinishReason) {
+        let seq = u32::try_from(i).ok();
+        let computed = slot.fed.min(slot.job.prompt.len());
+        // After a failed decode what the stream holds is unknown.
+        let keep = self.prompt_cache
+            && reason != FinishReason::Error
+            && computed > 0
+            && self
+                .ctx
+                .clear_kv_cache_seq(seq, u32::try_from(computed).ok(), None)
+                .unwrap_or(false);
+        self.kept[i].clear();
+        if keep {
+            self.kept[i].extend_from_slice(&slot.job.prompt[..computed]);
+        } else {
+            let _ = self.ctx.clear_kv_cache_seq(seq, None, None);
+        }
+    }
+
+    /// Ends the request in slot `i`: flush text, tell the client, keep its prompt's KV (or
+    /// clear the stream), free the slot, record the outcome.
     fn finish(&mut self, i: usize, reason: FinishReason, error: Option<String>) {
         let Some(mut slot) = self.slots[i].take() else {
             return;
         };
-        let _ = self
-            .ctx
-            .clear_kv_cache_seq(u32::try_from(i).ok(), None, None);
+        self.keep_prompt(i, &slot, reason);
         let usage = Usage {
             prompt_tokens: saturate_u32(slot.job.prompt.len()),
             completion_tokens: slot.generated,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: slot.cached_prompt,
         };
         let (status, kind) = match reason {
             FinishReason::Stop | FinishReason::Length => {
@@ -701,6 +780,11 @@ impl<'m> Engine<'m> {
             .store(self.running(), Ordering::Relaxed);
         self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Length of the longest common prefix of `a` and `b`.
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 fn sampling_record(job: &Job, seed: u64, max_tokens: u32) -> SamplingRecord {

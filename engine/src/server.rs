@@ -152,6 +152,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         batch_size: args.batch_size,
         threads,
         max_queue: args.max_queue,
+        prompt_cache: !args.no_prompt_cache,
     };
     let load_state = Arc::clone(&state);
     let n_gpu_layers = args.n_gpu_layers;

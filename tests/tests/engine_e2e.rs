@@ -26,7 +26,10 @@ fn openai_client_responses_match_the_records_in_the_ring() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let engine = Engine::start("basic", &["--parallel", "2"]);
+    // The seed check below needs bit-identical prompts: with the prompt cache a reused
+    // prefix was computed in another batch, whose rounding can tip a sampled token (see
+    // the cache's own test).
+    let engine = Engine::start("basic", &["--parallel", "2", "--no-prompt-cache"]);
     let responses = engine.openai_client(&["basic"]);
     assert_eq!(responses.len(), 10);
     let segment = engine.segment();
@@ -139,6 +142,82 @@ fn eight_clients_on_four_slots_all_finish_and_decode_together() {
     assert!(most <= 4, "never more sequences than --parallel");
     let most_running = recs.iter().map(|r| r.running).max().unwrap_or(0);
     assert!(most_running <= 4);
+}
+
+/// POSTs a chat request; returns the response body.
+fn chat(engine: &Engine, messages: &serde_json::Value) -> serde_json::Value {
+    let body = serde_json::json!({
+        "model": engine.model,
+        "messages": messages,
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    let response = http(
+        engine.port,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .expect("chat request");
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    response.json()
+}
+
+#[test]
+fn a_conversations_next_turn_reuses_its_prompt_from_the_kv_cache() {
+    if !e2e_enabled("a_conversations_next_turn_reuses_its_prompt_from_the_kv_cache") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let engine = Engine::start("prompt-cache", &["--parallel", "2"]);
+    let mut messages = serde_json::json!([
+        {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]);
+    let first = chat(&engine, &messages);
+    let first_prompt = first["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert_eq!(
+        first["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "nothing to reuse yet"
+    );
+    let reply = first["choices"][0]["message"]["content"].clone();
+    let turns = messages.as_array_mut().expect("array");
+    turns.push(serde_json::json!({"role": "assistant", "content": reply}));
+    turns.push(serde_json::json!({"role": "user", "content": "And of Italy?"}));
+    let second = chat(&engine, &messages);
+    let second_prompt = second["usage"]["prompt_tokens"].as_u64().expect("usage");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .expect("cached_tokens");
+    // The first turn's whole prompt is a prefix of the second's.
+    assert!(
+        cached >= first_prompt && cached < second_prompt,
+        "cached {cached} of {second_prompt}; the first prompt had {first_prompt}"
+    );
+    // An unrelated prompt shares only the template's opening tokens.
+    let other = chat(
+        &engine,
+        &serde_json::json!([{"role": "user", "content": "Count to five."}]),
+    );
+    let other_cached = other["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .expect("cached_tokens");
+    assert!(other_cached < 8, "{other_cached}");
+    // The ring records what the client was told.
+    let segment = engine.segment();
+    wait_for_records(&segment, 3);
+    let ring = by_request_id(&records(&segment));
+    for (response, expected) in [(&first, 0), (&second, cached), (&other, other_cached)] {
+        let id = response["id"].as_str().expect("id");
+        let record = ring.get(id_hex(id)).expect("record");
+        assert_eq!(u64::from(record.cached_prompt_tokens), expected, "{id}");
+    }
 }
 
 #[test]
