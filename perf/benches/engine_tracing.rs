@@ -209,7 +209,13 @@ fn main() {
     let dir = std::env::temp_dir();
     let engine_log = dir.join(format!("{instance}.engine.log"));
     let mut engine = Command::new(&engine_bin)
-        .args(["serve", "--port", &port.to_string(), "--instance", &instance])
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--instance",
+            &instance,
+        ])
         .args(["--served-model-name", "bench"])
         .args(["--parallel", &clients.to_string()])
         .stdin(Stdio::null())
@@ -240,7 +246,10 @@ fn main() {
     let state_file = dir.join(format!("{instance}.agent.json"));
     let mut agent = Command::new(&agent_bin)
         .args(["run", "--engine", &instance, "--exporter", "otlp"])
-        .args(["--endpoint", &format!("http://127.0.0.1:{}", rotel.grpc_port)])
+        .args([
+            "--endpoint",
+            &format!("http://127.0.0.1:{}", rotel.grpc_port),
+        ])
         .args(["--protocol", "grpc", "--admin-listen", "off"])
         .arg("--state-file")
         .arg(&state_file)
@@ -363,9 +372,14 @@ fn main() {
         ],
         &rows,
     );
-    let ratio = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let ratio =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
     report.table(
-        &["ratio (same round, median (min–max))", "tokens/s", "requests/s"],
+        &[
+            "ratio (same round, median (min–max))",
+            "tokens/s",
+            "requests/s",
+        ],
         &[
             vec![
                 "on ÷ off".into(),
@@ -384,6 +398,9 @@ fn main() {
          exported by the agent: {}. Target (issue 7): on ÷ off ≥ 0.995 for throughput.\n",
         exported.map_or_else(|| "unknown (no state file)".into(), |n| n.to_string())
     ));
-    report.line(&format!("Run finished; machine at the end: {}.\n", machine_line()));
+    report.line(&format!(
+        "Run finished; machine at the end: {}.\n",
+        machine_line()
+    ));
     report.finish();
 }
