@@ -171,6 +171,7 @@ fn pass(
     gap: Duration,
     seq0: u64,
     barriers: (&Barrier, &Barrier),
+    phase: (u32, u32),
 ) -> Pass {
     let producer = subjects.producer.ring().producer();
     let mut record = ringside_perf::engine_like_record(seq0);
@@ -179,7 +180,10 @@ fn pass(
     let allocs0 = thread_counts();
     let cpu0 = cpu_time(libc::RUSAGE_THREAD);
     let start = Instant::now();
-    let mut next = start;
+    // Threads are phase-shifted by a fraction of the gap: requests do not
+    // finish in lockstep, and calls at the very same instant on every
+    // thread would measure a collision that paced lockstep manufactures.
+    let mut next = start + gap * phase.0 / phase.1;
     for i in 0..calls {
         if !gap.is_zero() {
             next += gap;
@@ -248,6 +252,7 @@ fn run(
                         gap,
                         seq0 + (t as u64) * (calls as u64),
                         barriers,
+                        (t as u32, threads as u32),
                     )
                 })
             })
@@ -352,7 +357,7 @@ fn main() {
         "Hot path: ringside push vs an in-process OpenTelemetry span",
     );
     report.line(&format!(
-        "`--bench hot_path`: {rounds} rounds × {calls} calls per subject and thread, paced at {} per thread; subjects interleaved, order rotating per round. \
+        "`--bench hot_path`: {rounds} rounds × {calls} calls per subject and thread, paced at {} per thread; subjects interleaved, order rotating per round; with 2 threads their calls are offset by half the gap. \
          OTel: `opentelemetry_sdk` 0.33 span (remote parent, 27 attributes, end) → default `BatchSpanProcessor` → `opentelemetry-otlp` gRPC → rotel `--exporter blackhole` on loopback. \
          ringside: stamp + copy of the 256-byte record into a 16384-slot ring in /dev/shm + commit.\n",
         if rate == 0 { "flat out".to_owned() } else { format!("{rate} calls/s") }

@@ -337,19 +337,49 @@ fn thread_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// Samples a process's resident set every 100 ms until stopped; returns the
-/// largest VmRSS seen (VmHWM is read at the end as well).
-fn rss_sampler(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+/// What the sampler thread saw during a run.
+#[derive(Default)]
+struct Samples {
+    /// Largest VmRSS / VmHWM seen, KiB.
+    peak_rss_kib: u64,
+    /// Every distinct publication of the agent's state file.
+    publications: Vec<AgentCounters>,
+}
+
+/// Samples the agent's resident set and its state file every 50 ms until
+/// stopped, keeping every distinct state publication (the agent rewrites
+/// it about once a second), so that delivered rates can be taken between
+/// two publications that both fall inside the production window.
+fn sampler(
+    pid: u32,
+    state_file: PathBuf,
+    instance: String,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Samples> {
     std::thread::spawn(move || {
-        let mut peak = 0;
+        let mut out = Samples::default();
         while !stop.load(Ordering::Relaxed) {
             if let Some(s) = proc_sample(pid) {
-                peak = peak.max(s.rss_kib).max(s.hwm_kib);
+                out.peak_rss_kib = out.peak_rss_kib.max(s.rss_kib).max(s.hwm_kib);
             }
-            std::thread::sleep(Duration::from_millis(100));
+            if let Some(c) = read_state(&state_file, &instance)
+                && out
+                    .publications
+                    .last()
+                    .is_none_or(|l| l.updated_unix_ms != c.updated_unix_ms)
+            {
+                out.publications.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        peak
+        out
     })
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 static RUN: AtomicU64 = AtomicU64::new(0);
@@ -394,11 +424,13 @@ fn run(args: &Args, rate: u64, timing_sink: bool, with_agent: bool) -> Result<Ru
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Let the first state publication happen, so the window has a start.
-    std::thread::sleep(Duration::from_millis(1100));
-    let before = read_state(&agent.state_file, &instance).unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
-    let rss = rss_sampler(agent.pid(), Arc::clone(&stop));
+    let samples = sampler(
+        agent.pid(),
+        agent.state_file.clone(),
+        instance.clone(),
+        Arc::clone(&stop),
+    );
     let collector_pid = match &sink {
         Sink::Rotel(r) => Some(r.pid()),
         Sink::Timing(_) => None,
@@ -406,11 +438,12 @@ fn run(args: &Args, rate: u64, timing_sink: bool, with_agent: bool) -> Result<Ru
     let cpu0 = proc_sample(agent.pid()).ok_or("the agent died")?;
     let collector_cpu0 = collector_pid.and_then(proc_sample);
     let wall0 = Instant::now();
+    let start_ms = unix_ms();
     let (pushed, hist, producer_cpu) = produce(&segment, rate, args.seconds, 1 << 40);
+    let end_ms = unix_ms();
     let wall = wall0.elapsed().as_secs_f64();
     let cpu1 = proc_sample(agent.pid()).ok_or("the agent died")?;
     let collector_cpu1 = collector_pid.and_then(proc_sample);
-    let after = read_state(&agent.state_file, &instance).unwrap_or_default();
     result.pushed = pushed;
     result.pushes_per_cpu_s = pushed as f64 / producer_cpu.as_secs_f64().max(1e-6);
     result.offered_rps = pushed as f64 / wall;
@@ -420,12 +453,6 @@ fn run(args: &Args, rate: u64, timing_sink: bool, with_agent: bool) -> Result<Ru
         result.collector_cores = b.cpu.saturating_sub(a.cpu).as_secs_f64() / wall;
     }
     result.rss_steady_mib = cpu1.rss_kib as f64 / 1024.0;
-    let dt = after.updated_unix_ms.saturating_sub(before.updated_unix_ms) as f64 / 1000.0;
-    if dt > 0.0 {
-        result.delivered_rps = after.exported.saturating_sub(before.exported) as f64 / dt;
-        result.delivered_sps =
-            after.spans_exported.saturating_sub(before.spans_exported) as f64 / dt;
-    }
 
     // Drain: wait until the agent has read everything the ring still holds
     // and its queue is empty, so the SIGTERM flush leaves nothing pending.
@@ -443,8 +470,31 @@ fn run(args: &Args, rate: u64, timing_sink: bool, with_agent: bool) -> Result<Ru
     }
     agent.stop()?;
     stop.store(true, Ordering::Relaxed);
-    let peak_kib = rss.join().unwrap_or(0);
-    result.rss_peak_mib = peak_kib as f64 / 1024.0;
+    let samples = samples.join().unwrap_or_default();
+    result.rss_peak_mib = samples.peak_rss_kib as f64 / 1024.0;
+    // Delivered: between the first and the last publication made inside
+    // the production window (the exporter's counters move as batches are
+    // acknowledged).
+    let inside: Vec<&AgentCounters> = samples
+        .publications
+        .iter()
+        .filter(|p| p.updated_unix_ms > start_ms && p.updated_unix_ms <= end_ms)
+        .collect();
+    if let (Some(a), Some(b)) = (inside.first(), inside.last()) {
+        let dt = b.updated_unix_ms.saturating_sub(a.updated_unix_ms) as f64 / 1000.0;
+        if dt > 0.0 {
+            result.delivered_rps = b.exported.saturating_sub(a.exported) as f64 / dt;
+            result.delivered_sps = b.spans_exported.saturating_sub(a.spans_exported) as f64 / dt;
+        }
+    }
+    if result.delivered_rps == 0.0 {
+        result.delivered_rps = f64::NAN;
+        result.delivered_sps = f64::NAN;
+        eprintln!(
+            "[agent_load] fewer than two agent state publications inside the {:.1} s window: no delivered rate",
+            args.seconds
+        );
+    }
     let c = read_state(&agent.state_file, &instance)
         .ok_or_else(|| format!("no final state in {}", agent.state_file.display()))?;
     let counters = segment.ring().counters();
@@ -491,7 +541,7 @@ fn main() {
          (512 spans, 1 s delay) and `--detail phases` (≤ {SPANS_PER_RECORD} spans per record) exports to rotel \
          `--exporter blackhole` on loopback. rotel, the agent and the producer share this machine's cores. \
          Agent CPU = utime+stime from /proc over the production window ÷ wall time; \
-         delivered = the agent's `exported` counters between two of its state publications.\n",
+         delivered = the change in the agent's `exported` counters between the first and last of its state publications (about one a second) inside the production window.\n",
         args.seconds, args.repeats
     ));
 
@@ -508,13 +558,16 @@ fn main() {
             match run(&args, rate, false, true) {
                 Ok(r) => {
                     eprintln!(
-                        "[agent_load] rate {} repeat {repeat}: {:.0} rec/s offered, {:.0} spans/s delivered, agent {:.3} cores, RSS {:.1} MiB, lost {}, exact {}",
+                        "[agent_load] rate {} repeat {repeat}: {:.0} rec/s offered, {:.0} spans/s delivered, agent {:.3} cores, RSS {:.1} MiB, lost {} (overwritten {}, queue-dropped {}, export failed {}), exact {}",
                         rate_label(rate),
                         r.offered_rps,
                         r.delivered_sps,
                         r.agent_cores,
                         r.rss_steady_mib,
                         r.lost,
+                        r.final_counters.lost_overwritten,
+                        r.final_counters.queue_dropped,
+                        r.final_counters.export_failed,
                         r.accounting_exact
                     );
                     by_rate[i].1.push(r);
