@@ -73,7 +73,7 @@ if [[ $mode == quick ]]; then
         cargo bench -p ringside-perf --locked --bench hot_path
     part agent "$target/release/agent_load" --seconds 3 --repeats 1 \
         --rates 2500,10000,100000,0 --freshness-rates 10000
-    part engine_tracing env ENGINE_BENCH_CLIENTS=2 ENGINE_BENCH_BLOCKS=3 ENGINE_BENCH_REQUESTS=1 \
+    part engine_tracing env ENGINE_BENCH_CLIENTS=2 ENGINE_BENCH_BLOCKS=4 ENGINE_BENCH_REQUESTS=2 \
         ENGINE_BENCH_MAX_TOKENS=32 cargo bench -p ringside-perf --locked --bench engine_tracing
     printf '## Engine vs llama.cpp\n\nNot run in quick mode (building llama-server takes ~10 min on 2 cores): `scripts/bench.sh --full` or `scripts/bench-llamacpp.sh`. Earlier figures and the investigation: [ENGINE_VS_LLAMACPP.md](ENGINE_VS_LLAMACPP.md).\n' \
         >"$report_dir/llamacpp.md"
