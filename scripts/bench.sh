@@ -16,7 +16,7 @@
 # no figure ever fails it (these machines are noisy; benchmarks measure).
 #
 # Environment: CARGO_TARGET_DIR is honoured; BENCH_SKIP="hot_path agent ..."
-# skips parts by name (hot_path, engine_tracing, agent, llamacpp).
+# skips parts by name (hot_path, engine_tracing, agent, agent_pinned, llamacpp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,6 +82,10 @@ else
         cargo bench -p ringside-perf --locked --bench hot_path
     part agent "$target/release/agent_load" --seconds 10 --repeats 3 \
         --rates 2500,10000,100000,0 --freshness-rates 2500,10000,100000
+    # The overload pair again with the producer on a CPU of its own: tells
+    # the ring's contention from the agent preempting the producer.
+    part agent_pinned "$target/release/agent_load" --pin --seconds 10 --repeats 3 \
+        --rates 0 --freshness-rates none
     part engine_tracing env ENGINE_BENCH_CLIENTS=4 ENGINE_BENCH_BLOCKS=8 ENGINE_BENCH_REQUESTS=2 \
         ENGINE_BENCH_MAX_TOKENS=64 cargo bench -p ringside-perf --locked --bench engine_tracing
     part llamacpp scripts/bench-llamacpp.sh --rounds 8 --clients 4 --max-tokens 128
@@ -110,7 +114,7 @@ git diff --quiet HEAD 2>/dev/null || rev+=" (with uncommitted changes)"
     echo "ratio is against a baseline measured in the same run, interleaved with it. The machine may be"
     echo "shared: read the load average above before reading any figure."
     echo
-    for name in hot_path engine_tracing agent llamacpp; do
+    for name in hot_path engine_tracing agent agent_pinned llamacpp; do
         if [[ -f "$report_dir/$name.md" ]]; then
             # Each part prints its own machine line; the header has it.
             cat "$report_dir/$name.md"

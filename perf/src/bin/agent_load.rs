@@ -21,7 +21,7 @@
 //!
 //! ```text
 //! agent_load [--rates 2500,10000,100000,0] [--seconds 5] [--repeats 3]
-//!            [--freshness-rates 2500,10000,100000] [--agent PATH]
+//!            [--freshness-rates 2500,10000,100000] [--agent PATH] [--pin]
 //! ```
 
 use hdrhistogram::Histogram;
@@ -48,12 +48,16 @@ struct Args {
     seconds: f64,
     repeats: usize,
     agent: PathBuf,
+    /// Pin the producing thread to the last CPU and the agent and collector
+    /// to the others, so that the agent cannot preempt the producer: what is
+    /// left of a change in push latency is contention in the ring itself.
+    pin: bool,
 }
 
 fn usage(error: &str) -> ! {
     eprintln!(
         "agent_load: {error}\n\
-         usage: agent_load [--rates R,R,...] [--freshness-rates R,...] [--seconds S] [--repeats N] [--agent PATH]\n\
+         usage: agent_load [--rates R,R,...] [--freshness-rates R,...] [--seconds S] [--repeats N] [--agent PATH] [--pin]\n\
          rates are records/s; 0 means flat out"
     );
     std::process::exit(2)
@@ -66,6 +70,7 @@ fn parse_args() -> Args {
         seconds: 5.0,
         repeats: 3,
         agent: PathBuf::new(),
+        pin: false,
     };
     let mut agent = None;
     let mut it = std::env::args().skip(1);
@@ -101,6 +106,7 @@ fn parse_args() -> Args {
                     .unwrap_or_else(|| usage("--repeats needs a whole number ≥ 1"))
             }
             "--agent" => agent = it.next().map(PathBuf::from),
+            "--pin" => args.pin = true,
             "-h" | "--help" => usage("help"),
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -382,6 +388,90 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Restricts `pid` (0: the calling thread) to `cpus`; false if refused.
+fn pin(pid: u32, cpus: &[usize]) -> bool {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        // SAFETY: `set` is a valid cpu_set_t and CPU_SET bounds-checks `cpu`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    unsafe {
+        libc::sched_setaffinity(
+            pid as libc::pid_t,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &set,
+        ) == 0
+    }
+}
+
+/// Pins every thread of process `pid` (the agent spawns its threads at
+/// start, and a thread keeps the affinity it was created with).
+fn pin_process(pid: u32, cpus: &[usize]) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    // Every thread is tried, even after one fails.
+    let mut ok = true;
+    for tid in tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok())
+    {
+        ok &= pin(tid, cpus);
+    }
+    ok
+}
+
+/// With `--pin`: the producer's CPU (the last allowed) and the others.
+fn split_cpus() -> (usize, Vec<usize>) {
+    let cpus = allowed_cpus();
+    match cpus.split_last() {
+        Some((last, others)) if !others.is_empty() => (*last, others.to_vec()),
+        _ => {
+            eprintln!("agent_load: --pin needs two CPUs or more");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// `produce`, on the producer's own CPU with `--pin` (and back to every
+/// CPU afterwards, so threads started later are not confined to it).
+fn produce_maybe_pinned(
+    args: &Args,
+    segment: &EngineSegment,
+    rate: u64,
+    seq0: u64,
+) -> (u64, Histogram<u64>, Duration) {
+    let all = allowed_cpus();
+    if args.pin {
+        let (mine, _) = split_cpus();
+        if !pin(0, &[mine]) {
+            eprintln!("[agent_load] --pin: could not pin the producer");
+        }
+    }
+    let out = produce(segment, rate, args.seconds, seq0);
+    if args.pin {
+        pin(0, &all);
+    }
+    out
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: as in `pin`; sched_getaffinity fills the set we own.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return vec![];
+    }
+    // SAFETY: CPU_ISSET reads inside the valid set.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
 static RUN: AtomicU64 = AtomicU64::new(0);
 
 /// One run: segment, sink, agent, production window, drain, SIGTERM,
@@ -397,7 +487,7 @@ fn run(args: &Args, rate: u64, timing_sink: bool, with_agent: bool) -> Result<Ru
     let mut result = RunResult::default();
 
     if !with_agent {
-        let (pushed, hist, cpu) = produce(&segment, rate, args.seconds, 0);
+        let (pushed, hist, cpu) = produce_maybe_pinned(args, &segment, rate, 0);
         result.pushed = pushed;
         result.pushes_per_cpu_s = pushed as f64 / cpu.as_secs_f64().max(1e-6);
         result.offered_rps = pushed as f64 / args.seconds;
@@ -411,6 +501,16 @@ fn run(args: &Args, rate: u64, timing_sink: bool, with_agent: bool) -> Result<Ru
         Sink::Rotel(Rotel::start()?)
     };
     let mut agent = Agent::start(&args.agent, &instance, sink.port(), &dir)?;
+    if args.pin {
+        let (_, others) = split_cpus();
+        let mut ok = pin_process(agent.pid(), &others);
+        if let Sink::Rotel(r) = &sink {
+            ok &= pin_process(r.pid(), &others);
+        }
+        if !ok {
+            eprintln!("[agent_load] --pin: could not pin the agent or the collector");
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(15);
     while segment.ring().control().agent().0 != agent.pid() {
         if Instant::now() > deadline {
@@ -439,7 +539,7 @@ fn run(args: &Args, rate: u64, timing_sink: bool, with_agent: bool) -> Result<Ru
     let collector_cpu0 = collector_pid.and_then(proc_sample);
     let wall0 = Instant::now();
     let start_ms = unix_ms();
-    let (pushed, hist, producer_cpu) = produce(&segment, rate, args.seconds, 1 << 40);
+    let (pushed, hist, producer_cpu) = produce_maybe_pinned(args, &segment, rate, 1 << 40);
     let end_ms = unix_ms();
     let wall = wall0.elapsed().as_secs_f64();
     let cpu1 = proc_sample(agent.pid()).ok_or("the agent died")?;
@@ -533,7 +633,22 @@ fn rate_label(rate: u64) -> String {
 
 fn main() {
     let args = parse_args();
-    let mut report = Report::new("agent", "Agent: throughput, cost, freshness, overload");
+    let mut report = if args.pin {
+        Report::new(
+            "agent_pinned",
+            "Agent, pinned: producer on its own CPU, agent and rotel on the others",
+        )
+    } else {
+        Report::new("agent", "Agent: throughput, cost, freshness, overload")
+    };
+    if args.pin {
+        report.line(
+            "`--pin`: the producing thread runs alone on the last CPU, every thread of the agent and of rotel \
+             on the others, so the agent cannot preempt the producer: a change in push latency left here comes \
+             from sharing the ring (cache lines the reader touches), not from scheduling. Other processes on \
+             the machine are not pinned.\n",
+        );
+    }
     report.line(&format!(
         "`agent_load`: a synthetic engine (`perf/src/bin/agent_load.rs`) writes records into a real segment \
          (ring of {RING_CAPACITY}, overwrite mode: the engine's defaults) at fixed rates for {} s per run, {} run(s) per rate, \
