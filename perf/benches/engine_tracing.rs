@@ -279,11 +279,17 @@ fn main() {
     let mut reqs: [Vec<Request>; 3] = Default::default();
     let mut sent_while_on = 0u64;
     for round in 0..rounds {
-        let mut order = modes;
-        order.rotate_left(round % 3);
-        if round % 2 == 1 {
-            order.reverse();
-        }
+        // All six orders in turn: over every 6 rounds each mode is first,
+        // middle and last equally often, and follows each other mode.
+        const ORDERS: [[usize; 3]; 6] = [
+            [0, 1, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+            [0, 2, 1],
+            [1, 0, 2],
+        ];
+        let order = ORDERS[round % ORDERS.len()].map(|i| modes[i]);
         for mode in order {
             // The engine writes a request's record just after its response:
             // let the previous block's last records land before switching.
@@ -337,7 +343,7 @@ fn main() {
         "`--bench engine_tracing`: one engine process, default model and threads, `--parallel {clients}`; \
          {clients} closed-loop clients, each sending {per_client} streamed `/v1/completions` per block \
          ({max_tokens} tokens max, temperature 0, fixed prompts); {rounds} rounds of one block per mode, \
-         order rotating. In `on` the agent process is SIGSTOPped; in `on + agent` it runs and exports to rotel \
+         the six orders in turn. In `on` the agent process is SIGSTOPped; in `on + agent` it runs and exports to rotel \
          over OTLP/gRPC on the same cores. tokens/s and requests/s per block: median (min–max) over blocks; \
          TTFT and end-to-end over all requests of a mode.\n",
     ));
