@@ -26,6 +26,13 @@ cargo build --workspace --release --locked --bins
 step "cargo test --workspace (unit, property, cross-process, end-to-end)"
 RINGSIDE_E2E=1 cargo test --workspace --release --locked
 
+# The benchmark harnesses at their smallest (scripts/bench.sh runs them for
+# real): that they run, not what they measure; no figure can fail this.
+step "benchmark harness smoke (hot path; agent at 10 k records/s into rotel and the timing sink)"
+HOT_PATH_ROUNDS=1 HOT_PATH_CALLS=500 cargo bench -p ringside-perf --locked --bench hot_path >/dev/null
+"${CARGO_TARGET_DIR:-target}/release/agent_load" --rates 10000 --freshness-rates 10000 \
+    --seconds 2 --repeats 1 >/dev/null
+
 step "deployment: systemd units (verify, security, two users + group) and Kubernetes manifests"
 systemd/check.sh
 .venv/bin/python deploy/kubernetes/check.py

@@ -1,51 +1,122 @@
-//! Tracing on vs off on the real engine: paired runs on the same engine
-//! process, the control word flipped between blocks, so both modes see the
-//! same model, threads, warm caches and machine noise.
+//! Tracing on vs off on the real engine and default model, under a fixed
+//! closed-loop load: N concurrent clients, each sending streamed
+//! completions one after another (fixed prompts, fixed max_tokens,
+//! temperature 0), so throughput (tokens/s, requests/s) and latency (time to
+//! first token, end to end) are measured on the same requests.
+//!
+//! Three modes on one engine process, in interleaved blocks whose order
+//! rotates per round, so all modes see the same model, threads, warm caches
+//! and machine noise:
+//! - `off`: the tracing word cleared (the engine writes nothing);
+//! - `on`: tracing on, no agent reading (the agent process is SIGSTOPped);
+//! - `on+agent`: tracing on, a `ringside-agent` attached and exporting to
+//!   rotel over OTLP/gRPC (SIGCONTed), competing for the same cores as a
+//!   real deployment's agent would.
 //!
 //! `cargo bench -p ringside-perf --bench engine_tracing` (needs a release
-//! build of `ringside-engine` and the default model: `scripts/setup.sh`).
-//! `ENGINE_BENCH_BLOCKS` (default 12) and `ENGINE_BENCH_REQUESTS` (per block,
-//! default 4) set the run length.
+//! build of `ringside-engine` and `ringside-agent`, the default model and
+//! rotel: `scripts/setup.sh`). `ENGINE_BENCH_CLIENTS` (default 4, also the
+//! engine's `--parallel`), `ENGINE_BENCH_BLOCKS` (rounds: each runs one
+//! block per mode; default 8), `ENGINE_BENCH_REQUESTS` (per client per
+//! block, default 2), `ENGINE_BENCH_MAX_TOKENS` (default 32).
 
-use ringside_perf::machine;
+use ringside_perf::{Report, Rotel, env_usize, fmt_summary, machine_line, workspace_bin};
 use ringside_shm_protocol::{AttachedSegment, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MAX_TOKENS: u32 = 48;
+const PROMPTS: [&str; 4] = [
+    "The history of the city of Rome begins in the eighth century before our era, when",
+    "In mathematics, a prime number is a natural number greater than one that",
+    "The steam engine changed the way goods were made and moved, because",
+    "Photosynthesis is the process by which green plants and some other organisms",
+];
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Off,
+    On,
+    OnAgent,
 }
 
-/// One non-streamed completion; returns (seconds, completion tokens).
-fn complete(port: u16) -> (f64, u64) {
-    let body = format!(
-        r#"{{"model":"bench","prompt":"Write a short story about a lighthouse keeper.","max_tokens":{MAX_TOKENS},"temperature":0}}"#
-    );
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "tracing off",
+            Mode::On => "tracing on, no agent",
+            Mode::OnAgent => "tracing on + agent → rotel",
+        }
+    }
+}
+
+/// One streamed request's figures.
+#[derive(Clone, Copy, Debug)]
+struct Request {
+    ttft_ms: f64,
+    e2e_ms: f64,
+    tokens: u64,
+}
+
+/// One streamed completion over HTTP/1.0 (so the body is close-delimited,
+/// not chunked, and each SSE line arrives whole).
+fn stream_completion(port: u16, prompt: &str, max_tokens: usize) -> Result<Request, String> {
+    let body = serde_json::json!({
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string();
     let start = Instant::now();
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     write!(
         stream,
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.0\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let seconds = start.elapsed().as_secs_f64();
-    let tokens = response
-        .split("\"completion_tokens\":")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no usage in response: {response}"));
-    (seconds, tokens)
+    .map_err(|e| format!("send: {e}"))?;
+    let mut reader = BufReader::new(stream);
+    let mut ttft = None;
+    let mut tokens = None;
+    let mut chunks = 0u64;
+    let mut status = String::new();
+    reader
+        .read_line(&mut status)
+        .map_err(|e| format!("read: {e}"))?;
+    if !status.contains(" 200") {
+        let mut rest = String::new();
+        let _ = reader.read_to_string(&mut rest);
+        return Err(format!("{}: {rest}", status.trim()));
+    }
+    for line in reader.lines() {
+        let line = line.map_err(|e| format!("read: {e}"))?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        if let Some(rest) = data.split("\"completion_tokens\":").nth(1) {
+            tokens = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok());
+        } else {
+            chunks += 1;
+            ttft.get_or_insert_with(|| start.elapsed());
+        }
+    }
+    let e2e = start.elapsed();
+    Ok(Request {
+        ttft_ms: ttft.unwrap_or(e2e).as_secs_f64() * 1000.0,
+        e2e_ms: e2e.as_secs_f64() * 1000.0,
+        tokens: tokens.unwrap_or(chunks),
+    })
 }
 
 /// `GET /health` answers 200 (the model is loaded).
@@ -54,44 +125,90 @@ fn health_ok(port: u16) -> bool {
         return false;
     };
     if stream
-        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .write_all(b"GET /health HTTP/1.0\r\nhost: x\r\n\r\n")
         .is_err()
     {
         return false;
     }
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
+    response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200")
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+/// One block: every client sends `per_client` requests back to back.
+/// Returns the block's wall time and its requests.
+fn block(port: u16, clients: usize, per_client: usize, max_tokens: usize) -> (f64, Vec<Request>) {
+    let start = Instant::now();
+    let requests = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                s.spawn(move || {
+                    (0..per_client)
+                        .map(|_| {
+                            stream_completion(port, PROMPTS[c % PROMPTS.len()], max_tokens)
+                                .unwrap_or_else(|e| {
+                                    eprintln!("engine_tracing: request failed: {e}");
+                                    std::process::exit(1)
+                                })
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    (start.elapsed().as_secs_f64(), requests)
 }
 
-fn percentile(values: &mut [f64], q: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let index = ((values.len() as f64 - 1.0) * q).round() as usize;
-    values[index]
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill with the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+}
+
+fn percentile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn stop(child: &mut Child) {
+    signal(child, libc::SIGCONT);
+    signal(child, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn main() {
-    let exe = std::env::current_exe().expect("bench path");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("ringside-engine");
-    assert!(
-        bin.exists(),
-        "build the engine first: cargo build --release -p ringside-engine"
-    );
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let instance = format!("bench-{}", std::process::id());
-    let mut engine = Command::new(&bin)
+    let fail = |e: String| -> ! {
+        eprintln!("engine_tracing: {e}");
+        std::process::exit(1)
+    };
+    let engine_bin = workspace_bin("ringside-engine").unwrap_or_else(|e| fail(e));
+    let agent_bin = workspace_bin("ringside-agent").unwrap_or_else(|e| fail(e));
+    let clients = env_usize("ENGINE_BENCH_CLIENTS", 4).max(1);
+    let rounds = env_usize("ENGINE_BENCH_BLOCKS", 8).max(1);
+    let per_client = env_usize("ENGINE_BENCH_REQUESTS", 2).max(1);
+    let max_tokens = env_usize("ENGINE_BENCH_MAX_TOKENS", 32).max(1);
+
+    let rotel = Rotel::start().unwrap_or_else(|e| fail(e));
+    let port = ringside_perf::free_port();
+    let instance = format!("perf-engine-{}", std::process::id());
+    let dir = std::env::temp_dir();
+    let engine_log = dir.join(format!("{instance}.engine.log"));
+    let mut engine = Command::new(&engine_bin)
         .args([
             "serve",
             "--port",
@@ -99,77 +216,197 @@ fn main() {
             "--instance",
             &instance,
         ])
-        .args(["--served-model-name", "bench", "--parallel", "1"])
+        .args(["--served-model-name", "bench"])
+        .args(["--parallel", &clients.to_string()])
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(
+            std::fs::File::create(&engine_log)
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        )
         .spawn()
-        .expect("start engine");
-    let stderr = engine.stderr.take().expect("stderr");
-    std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {});
-    let deadline = Instant::now() + Duration::from_secs(120);
+        .unwrap_or_else(|e| fail(format!("starting {}: {e}", engine_bin.display())));
+    let deadline = Instant::now() + Duration::from_secs(180);
     let segment = loop {
         if let Ok(segment) = AttachedSegment::open(&instance, &OpenOptions::default())
             && health_ok(port)
         {
             break segment;
         }
-        assert!(Instant::now() < deadline, "engine did not start");
+        if Instant::now() > deadline || !matches!(engine.try_wait(), Ok(None)) {
+            stop(&mut engine);
+            fail(format!(
+                "the engine did not start; log {}",
+                engine_log.display()
+            ));
+        }
         std::thread::sleep(Duration::from_millis(200));
     };
-    // Warm up (first requests page the model in).
-    for _ in 0..3 {
-        complete(port);
+    let state_file = dir.join(format!("{instance}.agent.json"));
+    let mut agent = Command::new(&agent_bin)
+        .args(["run", "--engine", &instance, "--exporter", "otlp"])
+        .args([
+            "--endpoint",
+            &format!("http://127.0.0.1:{}", rotel.grpc_port),
+        ])
+        .args(["--protocol", "grpc", "--admin-listen", "off"])
+        .arg("--state-file")
+        .arg(&state_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| fail(format!("starting {}: {e}", agent_bin.display())));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while segment.ring().control().agent().0 != agent.id() {
+        if Instant::now() > deadline {
+            stop(&mut agent);
+            stop(&mut engine);
+            fail("the agent did not attach in 15 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let blocks = env_or("ENGINE_BENCH_BLOCKS", 12);
-    let per_block = env_or("ENGINE_BENCH_REQUESTS", 4);
-    let (mut on_tps, mut off_tps, mut on_lat, mut off_lat) = (vec![], vec![], vec![], vec![]);
-    for block in 0..blocks {
-        // Alternate which mode goes first, so drift does not favour one.
-        let order = if block % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for tracing in order {
-            // The engine writes a record just after the response: let the
-            // last one of the previous phase land before flipping.
-            std::thread::sleep(Duration::from_millis(100));
-            segment.ring().control().set_tracing_enabled(tracing);
-            for _ in 0..per_block {
-                let (seconds, tokens) = complete(port);
-                let (tps, lat) = if tracing {
-                    (&mut on_tps, &mut on_lat)
+    // Warm up with tracing off (the first requests page the model in).
+    segment.ring().control().set_tracing_enabled(false);
+    signal(&agent, libc::SIGSTOP);
+    block(port, clients, 1, max_tokens);
+
+    let modes = [Mode::Off, Mode::On, Mode::OnAgent];
+    // Per mode: per-block tokens/s and requests/s, and every request.
+    let mut tps: [Vec<f64>; 3] = Default::default();
+    let mut rps: [Vec<f64>; 3] = Default::default();
+    let mut reqs: [Vec<Request>; 3] = Default::default();
+    let mut sent_while_on = 0u64;
+    for round in 0..rounds {
+        // All six orders in turn: over every 6 rounds each mode is first,
+        // middle and last equally often, and follows each other mode.
+        const ORDERS: [[usize; 3]; 6] = [
+            [0, 1, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+            [0, 2, 1],
+            [1, 0, 2],
+        ];
+        let order = ORDERS[round % ORDERS.len()].map(|i| modes[i]);
+        for mode in order {
+            // The engine writes a request's record just after its response:
+            // let the previous block's last records land before switching.
+            std::thread::sleep(Duration::from_millis(150));
+            segment
+                .ring()
+                .control()
+                .set_tracing_enabled(mode != Mode::Off);
+            signal(
+                &agent,
+                if mode == Mode::OnAgent {
+                    libc::SIGCONT
                 } else {
-                    (&mut off_tps, &mut off_lat)
-                };
-                tps.push(tokens as f64 / seconds);
-                lat.push(seconds * 1000.0);
+                    libc::SIGSTOP
+                },
+            );
+            let (wall, requests) = block(port, clients, per_client, max_tokens);
+            let tokens: u64 = requests.iter().map(|r| r.tokens).sum();
+            let i = mode as usize;
+            tps[i].push(tokens as f64 / wall);
+            rps[i].push(requests.len() as f64 / wall);
+            if mode != Mode::Off {
+                sent_while_on += requests.len() as u64;
             }
+            reqs[i].extend(requests);
         }
     }
-    std::thread::sleep(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_millis(300));
     let written = segment.ring().counters().head;
-    let _ = Command::new("kill").arg(engine.id().to_string()).status();
-    let _ = engine.wait();
+    // Let the agent export the rest and account for it.
+    signal(&agent, libc::SIGCONT);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop(&mut agent);
+    let exported = std::fs::read_to_string(&state_file)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|s| {
+            s["engines"]
+                .as_array()?
+                .iter()
+                .rev()
+                .find(|e| e["instance"] == instance.as_str())
+                .and_then(|e| e["stats"]["exported"].as_u64())
+        });
+    let _ = std::fs::remove_file(&state_file);
+    stop(&mut engine);
+    drop(rotel);
 
-    println!("machine: {}", machine());
-    println!(
-        "engine --parallel 1, default threads, {MAX_TOKENS} tokens per request, {blocks} blocks x {per_block} requests per mode"
+    let mut report = Report::new("engine_tracing", "Engine: tracing on vs off");
+    report.line(&format!(
+        "`--bench engine_tracing`: one engine process, default model and threads, `--parallel {clients}`; \
+         {clients} closed-loop clients, each sending {per_client} streamed `/v1/completions` per block \
+         ({max_tokens} tokens max, temperature 0, fixed prompts); {rounds} rounds of one block per mode, \
+         the six orders in turn. In `on` the agent process is SIGSTOPped; in `on + agent` it runs and exports to rotel \
+         over OTLP/gRPC on the same cores. tokens/s and requests/s per block: median (min–max) over blocks; \
+         TTFT and end-to-end over all requests of a mode.\n",
+    ));
+    let rows: Vec<Vec<String>> = modes
+        .iter()
+        .map(|&m| {
+            let i = m as usize;
+            let ttft: Vec<f64> = reqs[i].iter().map(|r| r.ttft_ms).collect();
+            let e2e: Vec<f64> = reqs[i].iter().map(|r| r.e2e_ms).collect();
+            vec![
+                m.name().into(),
+                fmt_summary(&tps[i], 2),
+                fmt_summary(&rps[i], 3),
+                format!("{:.0}", percentile(&ttft, 0.5)),
+                format!("{:.0}", percentile(&ttft, 0.99)),
+                format!("{:.0}", percentile(&e2e, 0.5)),
+                format!("{:.0}", percentile(&e2e, 0.99)),
+                reqs[i].len().to_string(),
+            ]
+        })
+        .collect();
+    report.table(
+        &[
+            "mode",
+            "tokens/s",
+            "requests/s",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "e2e p50 ms",
+            "e2e p99 ms",
+            "requests",
+        ],
+        &rows,
     );
-    let (on_m, off_m) = (median(&mut on_tps), median(&mut off_tps));
-    println!(
-        "tokens/s median   tracing on {on_m:8.2}   off {off_m:8.2}   on/off {:.4}",
-        on_m / off_m
+    let ratio =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    report.table(
+        &[
+            "ratio (same round, median (min–max))",
+            "tokens/s",
+            "requests/s",
+        ],
+        &[
+            vec![
+                "on ÷ off".into(),
+                fmt_summary(&ratio(&tps[1], &tps[0]), 3),
+                fmt_summary(&ratio(&rps[1], &rps[0]), 3),
+            ],
+            vec![
+                "on + agent ÷ off".into(),
+                fmt_summary(&ratio(&tps[2], &tps[0]), 3),
+                fmt_summary(&ratio(&rps[2], &rps[0]), 3),
+            ],
+        ],
     );
-    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
-        let (on, off) = (percentile(&mut on_lat, q), percentile(&mut off_lat, q));
-        println!(
-            "latency {name} (ms)  tracing on {on:8.1}   off {off:8.1}   on/off {:.4}",
-            on / off
-        );
-    }
-    println!(
-        "records written while on: {written} (expected {})",
-        blocks * per_block + 3
-    );
+    report.line(&format!(
+        "Records written while tracing was on: {written} (requests sent while on: {sent_while_on}); \
+         exported by the agent: {}. Target (issue 7): on ÷ off ≥ 0.995 for throughput.\n",
+        exported.map_or_else(|| "unknown (no state file)".into(), |n| n.to_string())
+    ));
+    report.line(&format!(
+        "Run finished; machine at the end: {}.\n",
+        machine_line()
+    ));
+    report.finish();
 }
