@@ -1,14 +1,17 @@
 //! Drain + convert throughput: records/s from a segment's ring through
-//! validation, metrics, sampling and span conversion into the export queue.
+//! validation, metrics, sampling and the export queue (the reader thread),
+//! then encoding into OTLP export requests of 128 requests (the exporter's
+//! share), on one thread.
 //!
-//! Two runs: a pre-filled ring drained in batches (the reader alone), and a
-//! producer thread writing at full speed while the reader keeps up.
+//! Two runs: a pre-filled ring drained in batches, and a producer thread
+//! writing at full speed while the reader keeps up.
 //!
 //! `cargo bench -p ringside-agent --bench drain_convert`
 
 use clap::Parser;
 use ringside_agent::attach::Reader;
 use ringside_agent::config::{Cli, Command, Settings};
+use ringside_agent::export::encode_trace_request;
 use ringside_agent::metrics::Metrics;
 use ringside_agent::queue::ExportQueue;
 use ringside_agent::resource::ResourceEnv;
@@ -20,10 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CAPACITY: u32 = 1 << 16;
-
-// The same allocator as the binary.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn reader(name: &str) -> (Reader, Arc<ExportQueue>) {
     let cli = Cli::try_parse_from([
@@ -62,8 +61,15 @@ fn main() {
     let segment = EngineSegment::create(&options).expect("create the bench segment");
     let producer = segment.ring().producer();
     let (mut reader, queue) = reader(&name);
-    // The exporter's side: take what is queued and free it.
-    let export = |queue: &ExportQueue| queue.take(usize::MAX).len() as u64;
+    // The exporter's side: take what is queued and encode it into export
+    // requests (the spans are built there, at send time).
+    let export = |queue: &ExportQueue| {
+        let items = queue.take(usize::MAX);
+        for batch in items.chunks(128) {
+            std::hint::black_box(encode_trace_request(batch));
+        }
+        items.len() as u64
+    };
     reader.scan();
     assert_eq!(
         reader.attached(),

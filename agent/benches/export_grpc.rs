@@ -9,7 +9,7 @@ use ringside_agent::export::{Exporter, Transport};
 use ringside_agent::metrics::{ExportCounters, Metrics};
 use ringside_agent::queue::{ExportQueue, Item};
 use ringside_agent::resource::ResourceEnv;
-use ringside_agent::spans::{EncodedSpans, SpanContext, encode};
+use ringside_agent::spans::SpanContext;
 use ringside_agent::stats::{EngineHandle, EngineStats};
 use ringside_shm_protocol::{ClockPair, Detail};
 use ringside_tests::finished_chat_record;
@@ -17,9 +17,6 @@ use ringside_tests::harness::{cpu_time, find_rotel};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let Some(binary) = find_rotel() else {
@@ -68,7 +65,7 @@ fn main() {
         resource: ResourceEnv::from_env(&|_| None, "bench".into()).engine_resource("bench", 1),
         stats: EngineStats::default(),
     });
-    let ctx = SpanContext {
+    let ctx = Arc::new(SpanContext {
         clock: ClockPair {
             realtime_ns: 1_700_000_000_000_000_000,
             monotonic_ns: 0,
@@ -77,15 +74,18 @@ fn main() {
         attributes: ringside_agent::config::AttributeSet::Both,
         server_address: "bench".into(),
         server_port: None,
-    };
+    });
     let queue = Arc::new(ExportQueue::new(usize::MAX, usize::MAX, 512));
     for seq in 0..requests {
         let decoded = finished_chat_record(seq, 1_000_000)
             .decode(1)
             .expect("valid bench record");
-        let mut spans = EncodedSpans::default();
-        encode(&ctx, &decoded, Detail::Phases, &mut spans);
-        queue.push(Item::new(Arc::clone(&engine), spans));
+        queue.push(Item::new(
+            Arc::clone(&engine),
+            Arc::clone(&ctx),
+            decoded,
+            Detail::Phases,
+        ));
     }
     let spans = queue.spans();
     let collector_pid = collector.id().to_string();

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::queue::{ExportQueue, Item};
 use crate::resource::ResourceEnv;
 use crate::sampling::{Sampler, TailSampler, keep_by_ppm};
-use crate::spans::{self, EncodedSpans, SpanContext};
+use crate::spans::SpanContext;
 use crate::stats::{EngineHandle, EngineStats};
 use ringside_shm_protocol::{
     AttachedSegment, Consumer, Detail, EngineIdentity, Liveness, OpenError, OpenOptions, PollError,
@@ -34,10 +34,6 @@ use std::time::{Duration, Instant};
 
 /// Records taken from one ring per poll.
 const POLL_BATCH: usize = 1024;
-/// Bytes reserved per request's encoded spans: a request span with both
-/// attribute sets and three children takes about 1.4 KiB, so one
-/// allocation, never a regrowth.
-const SPANS_CAPACITY: usize = 2048;
 /// An agent heartbeat younger than this marks another live agent.
 const AGENT_STALE_NS: u64 = 5_000_000_000;
 
@@ -45,7 +41,7 @@ struct Attached {
     segment: AttachedSegment,
     consumer: Consumer,
     handle: Arc<EngineHandle>,
-    ctx: SpanContext,
+    ctx: Arc<SpanContext>,
     tail: TailSampler,
 }
 
@@ -259,13 +255,13 @@ impl Reader {
         if let Ok(mut m) = self.metrics.lock() {
             m.attach(&handle);
         }
-        let ctx = SpanContext {
+        let ctx = Arc::new(SpanContext {
             clock: info.clock,
             models: info.models.clone(),
             attributes: self.settings.attributes,
             server_address: self.resource_env.host_name.clone(),
             server_port: segment.info().listen_port,
-        };
+        });
         self.attached.insert(
             name.to_owned(),
             Attached {
@@ -421,9 +417,12 @@ impl Reader {
                     EngineStats::add(&stats.sampled_out, 1);
                     continue;
                 }
-                let mut spans = EncodedSpans::with_capacity(SPANS_CAPACITY);
-                spans::encode(&a.ctx, &record, detail, &mut spans);
-                items.push(Item::new(Arc::clone(&a.handle), spans));
+                items.push(Item::new(
+                    Arc::clone(&a.handle),
+                    Arc::clone(&a.ctx),
+                    record,
+                    detail,
+                ));
             }
             drop(metrics);
             queue.push_all(items);

@@ -54,8 +54,7 @@ fn secs(ns: u64) -> f64 {
 pub fn render(items: &[Item]) -> String {
     let mut out = String::new();
     for item in items {
-        // What the reader encoded always decodes; an empty tree is skipped.
-        let spans = item.spans.decode().unwrap_or_default();
+        let spans = crate::spans::convert(&item.ctx, &item.record, item.detail);
         let Some((root, children)) = spans.split_first() else {
             continue;
         };
@@ -151,13 +150,7 @@ mod tests {
 
     #[test]
     fn a_request_renders_as_a_tree_with_its_phases() {
-        let mut spans = crate::spans::EncodedSpans::default();
-        crate::spans::encode(
-            &ctx(AttributeSet::Both),
-            &raw_record(1).decode(1).unwrap(),
-            Detail::Phases,
-            &mut spans,
-        );
+        let record = raw_record(1).decode(1).unwrap();
         let engine = Arc::new(EngineHandle {
             id: 0,
             instance: "eng".into(),
@@ -165,7 +158,12 @@ mod tests {
             resource: Resource::default(),
             stats: EngineStats::default(),
         });
-        let text = render(&[Item::new(engine, spans)]);
+        let text = render(&[Item::new(
+            engine,
+            Arc::new(ctx(AttributeSet::Both)),
+            record,
+            Detail::Phases,
+        )]);
         let lines: Vec<&str> = text.lines().collect();
         assert!(
             lines[0].starts_with("trace 0000000000000001abababababababab  engine eng (pid 42)")

@@ -532,11 +532,13 @@ async fn http_post(h: &Http, url: &str, mut body: Vec<u8>) -> Result<Vec<u8>, At
 }
 
 /// Encodes one export request from whole requests: one `ResourceSpans` per
-/// engine (in order of first appearance) with one `ScopeSpans`, whose spans
-/// are the items' encoded spans copied in queue order. The same bytes prost
-/// would write for the equivalent structs.
+/// engine (in order of first appearance) with one `ScopeSpans` holding its
+/// requests' spans in queue order, written straight from the records. The
+/// same bytes prost would write for the equivalent structs.
 pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
-    use crate::wire::{field_len, len_prefix};
+    use crate::wire::{bytes_field, message};
+    /// A request span with both attribute sets and three children.
+    const TYPICAL_REQUEST_BYTES: usize = 1536;
     let scope = scope().encode_to_vec();
     let mut engines: Vec<&Arc<EngineHandle>> = Vec::new();
     for item in items {
@@ -544,28 +546,19 @@ pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
             engines.push(&item.engine);
         }
     }
-    let total: usize = items.iter().map(|i| i.spans.as_bytes().len()).sum();
-    let mut out = Vec::with_capacity(total + engines.len() * 512);
+    let mut out = Vec::with_capacity(items.len() * TYPICAL_REQUEST_BYTES + engines.len() * 512);
     for engine in engines {
-        let resource = engine.resource.encode_to_vec();
-        let of_engine = || items.iter().filter(|i| i.engine.id == engine.id);
-        let spans_len: usize = of_engine().map(|i| i.spans.as_bytes().len()).sum();
-        let scope_spans_len = field_len(scope.len()) + spans_len;
         // ExportTraceServiceRequest.resource_spans (1) → ResourceSpans {
         // resource (1), scope_spans (2) → ScopeSpans { scope (1), spans (2)… } }
-        len_prefix(
-            &mut out,
-            1,
-            field_len(resource.len()) + field_len(scope_spans_len),
-        );
-        len_prefix(&mut out, 1, resource.len());
-        out.extend_from_slice(&resource);
-        len_prefix(&mut out, 2, scope_spans_len);
-        len_prefix(&mut out, 1, scope.len());
-        out.extend_from_slice(&scope);
-        for item in of_engine() {
-            out.extend_from_slice(item.spans.as_bytes());
-        }
+        message(&mut out, 1, |out| {
+            bytes_field(out, 1, &engine.resource.encode_to_vec());
+            message(out, 2, |out| {
+                bytes_field(out, 1, &scope);
+                for item in items.iter().filter(|i| i.engine.id == engine.id) {
+                    crate::spans::encode(&item.ctx, &item.record, item.detail, out);
+                }
+            });
+        });
     }
     out
 }
@@ -902,7 +895,7 @@ impl BatchSender {
         } else {
             String::new()
         };
-        let total_spans: u64 = items.iter().map(|i| i.spans.len() as u64).sum();
+        let total_spans: u64 = items.iter().map(|i| i.spans as u64).sum();
         // Encoded once; every attempt sends the same bytes.
         let body = Bytes::from(encode_trace_request(&items));
         let started = Instant::now();
@@ -934,10 +927,7 @@ impl BatchSender {
                     }
                     for item in &items {
                         EngineStats::add(&item.engine.stats.exported, 1);
-                        EngineStats::add(
-                            &item.engine.stats.spans_exported,
-                            item.spans.len() as u64,
-                        );
+                        EngineStats::add(&item.engine.stats.spans_exported, item.spans as u64);
                     }
                     return 0;
                 }
@@ -1000,13 +990,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn item(id: u64, seq: u64) -> Item {
-        let mut spans = crate::spans::EncodedSpans::default();
-        crate::spans::encode(
-            &ctx(AttributeSet::Both),
-            &raw_record(seq).decode(1).unwrap(),
-            Detail::Phases,
-            &mut spans,
-        );
+        let record = raw_record(seq).decode(1).unwrap();
         let engine = Arc::new(EngineHandle {
             id,
             instance: format!("e{id}"),
@@ -1019,7 +1003,12 @@ mod tests {
             .engine_resource(&format!("e{id}"), 1),
             stats: EngineStats::default(),
         });
-        Item::new(engine, spans)
+        Item::new(
+            engine,
+            Arc::new(ctx(AttributeSet::Both)),
+            record,
+            Detail::Phases,
+        )
     }
 
     fn trace_request(items: &[Item]) -> ExportTraceServiceRequest {
@@ -1046,8 +1035,9 @@ mod tests {
             Some(&items[1].engine.resource)
         );
         let first = &req.resource_spans[0].scope_spans[0].spans;
-        assert_eq!(first[..4], items[0].spans.decode().unwrap()[..]);
-        assert_eq!(first[4..], items[2].spans.decode().unwrap()[..]);
+        let spans_of = |i: &Item| crate::spans::convert(&i.ctx, &i.record, i.detail);
+        assert_eq!(first[..4], spans_of(&items[0])[..]);
+        assert_eq!(first[4..], spans_of(&items[2])[..]);
         assert_eq!(req.resource_spans.len(), 2);
         assert_eq!(req.resource_spans[0].scope_spans[0].spans.len(), 8);
         assert_eq!(req.resource_spans[1].scope_spans[0].spans.len(), 4);

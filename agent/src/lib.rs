@@ -210,6 +210,11 @@ pub(crate) fn unix_now_ns() -> u64 {
 /// `ringside-agent run`: attach, export, and on SIGTERM / SIGINT flush and
 /// report what could not be delivered.
 pub fn run_agent(args: &RunArgs) -> Result<(), RunError> {
+    // Where the kernel backs every large anonymous mapping with transparent
+    // huge pages (`always`), each 2 MiB page of a heap of a few MiB counts
+    // whole in RSS and in a container's memory limit; a small sidecar has no
+    // use for them. Best effort: a kernel without the flag keeps them.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let env = |name: &str| std::env::var(name).ok();
     let settings = Settings::resolve(args, &env)?;
     let resource_env = ResourceEnv::from_env(&env, resource::host_name());

@@ -3,11 +3,6 @@
 use ringside_agent::config::{ParseError, parse_command_line};
 use tracing_subscriber::EnvFilter;
 
-// Converting a record allocates a few dozen small strings (the OTLP types
-// own their keys); mimalloc does that several times faster than glibc.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = match parse_command_line(std::env::args_os().collect()) {
         Ok(cli) => cli,

@@ -2,33 +2,49 @@
 //!
 //! The reader never blocks on it: a push that would exceed the item limit or
 //! the memory cap drops the oldest requests first and counts them (per engine
-//! and in total). One item is one request's spans.
+//! and in total). One item is one request: its validated record, encoded into
+//! spans only when its batch is sent (a queued request holds ~300 bytes, not
+//! the ~1.4 KiB of its encoded spans).
 
-use crate::spans::EncodedSpans;
+use crate::spans::{self, SpanContext};
 use crate::stats::{EngineHandle, EngineStats};
+use ringside_shm_protocol::{Detail, RequestRecord};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// One request's spans, with the engine they belong to.
+/// One request to export, with the engine it belongs to.
 #[derive(Debug)]
 pub struct Item {
     /// The engine.
     pub engine: Arc<EngineHandle>,
-    /// The request span and its children, encoded.
-    pub spans: EncodedSpans,
-    /// Memory held: the encoded spans' buffer and the item itself.
+    /// How the engine's records become spans.
+    pub ctx: Arc<SpanContext>,
+    /// The validated record.
+    pub record: RequestRecord,
+    /// Request span only, or with its phases.
+    pub detail: Detail,
+    /// Spans it becomes.
+    pub spans: usize,
+    /// Memory held.
     pub bytes: usize,
 }
 
 impl Item {
-    /// Wraps a request's encoded spans.
-    pub fn new(engine: Arc<EngineHandle>, spans: EncodedSpans) -> Self {
-        let bytes = spans.capacity() + std::mem::size_of::<Self>();
+    /// One request of `engine`.
+    pub fn new(
+        engine: Arc<EngineHandle>,
+        ctx: Arc<SpanContext>,
+        record: RequestRecord,
+        detail: Detail,
+    ) -> Self {
         Self {
             engine,
-            spans,
-            bytes,
+            ctx,
+            spans: spans::span_count(&record, detail),
+            record,
+            detail,
+            bytes: std::mem::size_of::<Self>(),
         }
     }
 }
@@ -89,20 +105,22 @@ impl ExportQueue {
         {
             let mut state = self.lock();
             for item in items {
+                // Room first, then the push: the deque never grows past
+                // `max_items` (no doubling of its buffer under overload).
+                while state.items.len() >= self.max_items
+                    || (state.bytes + item.bytes > self.max_bytes && !state.items.is_empty())
+                {
+                    let Some(old) = state.items.pop_front() else {
+                        break;
+                    };
+                    state.bytes -= old.bytes;
+                    state.spans -= old.spans;
+                    EngineStats::add(&old.engine.stats.queue_dropped, 1);
+                    dropped += 1;
+                }
                 state.bytes += item.bytes;
-                state.spans += item.spans.len();
+                state.spans += item.spans;
                 state.items.push_back(item);
-            }
-            while state.items.len() > self.max_items
-                || (state.bytes > self.max_bytes && state.items.len() > 1)
-            {
-                let Some(old) = state.items.pop_front() else {
-                    break;
-                };
-                state.bytes -= old.bytes;
-                state.spans -= old.spans.len();
-                EngineStats::add(&old.engine.stats.queue_dropped, 1);
-                dropped += 1;
             }
             wake = state.spans >= self.batch_spans;
         }
@@ -122,15 +140,15 @@ impl ExportQueue {
         let mut out = Vec::new();
         let mut spans = 0;
         while let Some(front) = state.items.front() {
-            if !out.is_empty() && spans + front.spans.len() > max_spans {
+            if !out.is_empty() && spans + front.spans > max_spans {
                 break;
             }
             let Some(item) = state.items.pop_front() else {
                 break;
             };
-            spans += item.spans.len();
+            spans += item.spans;
             state.bytes -= item.bytes;
-            state.spans -= item.spans.len();
+            state.spans -= item.spans;
             out.push(item);
         }
         out
@@ -161,7 +179,6 @@ impl ExportQueue {
 mod tests {
     use super::*;
     use opentelemetry_proto::tonic::resource::v1::Resource;
-    use opentelemetry_proto::tonic::trace::v1::Span;
 
     fn engine(name: &str) -> Arc<EngineHandle> {
         Arc::new(EngineHandle {
@@ -173,15 +190,22 @@ mod tests {
         })
     }
 
+    /// A request of `engine` with 4 spans (`Detail::Phases`) or 1, tagged
+    /// in its request id.
     fn item(engine: &Arc<EngineHandle>, n: usize, tag: u8) -> Item {
-        let spans: Vec<Span> = (0..n)
-            .map(|_| Span {
-                name: "x".into(),
-                span_id: vec![tag; 8],
-                ..Span::default()
-            })
-            .collect();
-        Item::new(Arc::clone(engine), EncodedSpans::from_spans(&spans))
+        let mut record = crate::spans::tests::raw_record(u64::from(tag))
+            .decode(1)
+            .unwrap();
+        record.request_id[0] = tag;
+        let detail = if n == 4 {
+            Detail::Phases
+        } else {
+            Detail::Request
+        };
+        let ctx = Arc::new(crate::spans::tests::ctx(crate::config::AttributeSet::Both));
+        let item = Item::new(Arc::clone(engine), ctx, record, detail);
+        assert_eq!(item.spans, n);
+        item
     }
 
     #[test]
@@ -199,10 +223,7 @@ mod tests {
         assert_eq!(a.stats.snapshot().queue_dropped, 1);
         assert_eq!(b.stats.snapshot().queue_dropped, 1);
         let taken = q.take(usize::MAX);
-        let tags: Vec<u8> = taken
-            .iter()
-            .map(|i| i.spans.decode().unwrap()[0].span_id[0])
-            .collect();
+        let tags: Vec<u8> = taken.iter().map(|i| i.record.request_id[0]).collect();
         assert_eq!(tags, [2, 3, 4]);
         assert_eq!(q.spans(), 0);
         assert_eq!(q.bytes(), 0);

@@ -91,67 +91,6 @@ fn model_name<'a>(ctx: &'a SpanContext, record: &RequestRecord) -> &'a str {
         .map_or("unknown", String::as_str)
 }
 
-/// One request's spans in protobuf wire format, ready to send: each span as
-/// a `ScopeSpans.spans` field (tag 2), back to back, which is exactly the
-/// body of a `ScopeSpans` holding only them. The export request is built by
-/// concatenating these.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EncodedSpans {
-    bytes: Vec<u8>,
-    count: u32,
-}
-
-impl EncodedSpans {
-    /// Empty, with room for `bytes` bytes.
-    pub fn with_capacity(bytes: usize) -> Self {
-        Self {
-            bytes: Vec::with_capacity(bytes),
-            count: 0,
-        }
-    }
-
-    /// Number of spans.
-    pub fn len(&self) -> usize {
-        self.count as usize
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// The encoded `ScopeSpans.spans` fields.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
-    }
-
-    /// Memory held.
-    pub fn capacity(&self) -> usize {
-        self.bytes.capacity()
-    }
-
-    /// The spans as `opentelemetry-proto` structs (for the console, JSON
-    /// bodies and tests; the OTLP protobuf path never decodes).
-    pub fn decode(&self) -> Result<Vec<Span>, prost::DecodeError> {
-        ScopeSpans::decode(self.bytes.as_slice()).map(|s| s.spans)
-    }
-
-    /// Encodes spans built elsewhere (tests, tools).
-    pub fn from_spans(spans: &[Span]) -> Self {
-        let mut out = Self::default();
-        for span in spans {
-            out.span(|b| span.encode_raw(b));
-        }
-        out
-    }
-
-    /// One span, written by `write` as the body of a `Span` message.
-    fn span(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
-        wire::message(&mut self.bytes, SCOPE_SPANS_SPAN, write);
-        self.count += 1;
-    }
-}
-
 /// `ScopeSpans.spans`.
 const SCOPE_SPANS_SPAN: u32 = 2;
 
@@ -375,8 +314,33 @@ fn span_status(buf: &mut Vec<u8>, message: &str, code: status::StatusCode) {
     wire::varint_field(buf, field::STATUS_CODE, code);
 }
 
-/// Encodes one record's spans (request span first) onto `out`.
-pub fn encode(ctx: &SpanContext, record: &RequestRecord, detail: Detail, out: &mut EncodedSpans) {
+/// The number of spans [`encode`] writes for `record`.
+pub fn span_count(record: &RequestRecord, detail: Detail) -> usize {
+    let t = &record.timestamps;
+    let phases = if detail == Detail::Phases {
+        2 * usize::from(t.scheduled_ns.is_some())
+            + usize::from(t.first_token_ns.is_some() && t.last_token_ns.is_some())
+    } else {
+        0
+    };
+    1 + phases
+}
+
+/// One span, written by `write` as the body of a `Span` message, appended to
+/// `out` as a `ScopeSpans.spans` field.
+fn span(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    wire::message(out, SCOPE_SPANS_SPAN, write);
+}
+
+/// Encodes one record's spans (request span first) onto `out`, each as a
+/// `ScopeSpans.spans` field (so `out` may be the body of a `ScopeSpans`
+/// being written); returns how many ([`span_count`]).
+pub fn encode(
+    ctx: &SpanContext,
+    record: &RequestRecord,
+    detail: Detail,
+    out: &mut Vec<u8>,
+) -> usize {
     let t = &record.timestamps;
     let trace_flags = u32::from(record.trace_flags);
     let (parent, remote): (&[u8], u32) = match &record.parent_span_id {
@@ -384,7 +348,8 @@ pub fn encode(ctx: &SpanContext, record: &RequestRecord, detail: Detail, out: &m
         None => (&[], 0),
     };
     let model = model_name(ctx, record);
-    out.span(|b| {
+    let mut count = 1;
+    span(out, |b| {
         span_ids(b, &record.trace_id, &record.span_id, parent);
         let operation = record.operation.as_str();
         wire::len_prefix(b, field::NAME, operation.len() + 1 + model.len());
@@ -408,10 +373,11 @@ pub fn encode(ctx: &SpanContext, record: &RequestRecord, detail: Detail, out: &m
         wire::fixed32_field(b, field::FLAGS, trace_flags | FLAG_HAS_IS_REMOTE | remote);
     });
     if detail != Detail::Phases {
-        return;
+        return count;
     }
     let mut child = |index: u64, name: &str, start: u64, end: u64| {
-        out.span(|b| {
+        count += 1;
+        span(out, |b| {
             span_ids(
                 b,
                 &record.trace_id,
@@ -441,15 +407,18 @@ pub fn encode(ctx: &SpanContext, record: &RequestRecord, detail: Detail, out: &m
     if let (Some(first), Some(last)) = (t.first_token_ns, t.last_token_ns) {
         child(3, "decode", first, last);
     }
+    count
 }
 
 /// One record's spans as `opentelemetry-proto` structs: [`encode`], decoded.
 pub fn convert(ctx: &SpanContext, record: &RequestRecord, detail: Detail) -> Vec<Span> {
-    let mut out = EncodedSpans::default();
+    let mut out = Vec::with_capacity(2048);
     encode(ctx, record, detail, &mut out);
     // What `encode` writes always decodes; an empty result would fail every
-    // test that looks at it.
-    out.decode().unwrap_or_default()
+    // test (and console tree) that looks at it.
+    ScopeSpans::decode(out.as_slice())
+        .map(|s| s.spans)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -811,14 +780,15 @@ pub(crate) mod tests {
         for c in &contexts {
             for detail in [Detail::Phases, Detail::Request] {
                 // Several records in one buffer, as a batch holds them.
-                let mut out = EncodedSpans::default();
-                let mut expected = 0;
+                let mut out = Vec::new();
+                let (mut written, mut counted) = (0, 0);
                 for record in &records {
-                    encode(c, &record.decode(1).unwrap(), detail, &mut out);
-                    expected += convert(c, &record.decode(1).unwrap(), detail).len();
+                    let record = record.decode(1).unwrap();
+                    written += encode(c, &record, detail, &mut out);
+                    counted += span_count(&record, detail);
                 }
-                let spans = out.decode().unwrap();
-                assert_eq!((spans.len(), out.len()), (expected, expected));
+                let spans = ScopeSpans::decode(out.as_slice()).unwrap().spans;
+                assert_eq!((spans.len(), written), (counted, counted));
                 // prost writes fields in tag order, omits proto3 defaults and
                 // uses the shortest varints: the same bytes mean we do too.
                 let reencoded = ScopeSpans {
@@ -826,7 +796,7 @@ pub(crate) mod tests {
                     ..ScopeSpans::default()
                 }
                 .encode_to_vec();
-                assert_eq!(reencoded, out.as_bytes(), "{:?} {detail:?}", c.attributes);
+                assert_eq!(reencoded, out, "{:?} {detail:?}", c.attributes);
             }
         }
     }
