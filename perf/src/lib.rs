@@ -6,7 +6,7 @@
 pub mod alloc;
 pub mod sink;
 
-use ringside_shm_protocol::{FLAG_REMOTE_PARENT, FinishReason, Operation, Record, RecordKind};
+use ringside_shm_protocol::{FinishReason, Operation, Record, RecordKind};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -39,30 +39,8 @@ pub fn engine_like_record(seq: u64) -> Record {
 /// a remote parent, stamps ending at `finished_ns` (the engine's monotonic
 /// clock), so that the span's end time is when the record was written.
 pub fn agent_record(seq: u64, finished_ns: u64) -> Record {
-    let mut r: Record = bytemuck::Zeroable::zeroed();
-    r.request_id = u128::from(seq + 1).to_be_bytes();
-    r.trace_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
-    r.trace_id[8] = 1;
-    r.parent_span_id = [0x11; 8];
-    r.span_id = (seq + 1).to_be_bytes();
-    let start = finished_ns.saturating_sub(4_000);
-    r.t_arrival_ns = start;
-    r.t_scheduled_ns = start + 1_000;
-    r.t_first_token_ns = start + 2_000;
-    r.t_last_token_ns = start + 3_000;
-    r.t_finished_ns = finished_ns;
-    r.prompt_tokens = 12;
-    r.completion_tokens = 7;
-    r.max_tokens = 16;
-    r.temperature = 0.7;
-    r.top_p = 0.95;
-    r.http_status = 200;
-    r.kind = RecordKind::RequestFinished as u8;
-    r.operation = Operation::Chat as u8;
-    r.finish_reason = FinishReason::Stop as u8;
-    r.trace_flags = 1;
-    r.flags = FLAG_REMOTE_PARENT;
-    r
+    // `finished_chat_record` finishes 4 µs after it arrives.
+    ringside_tests::finished_chat_record(seq, finished_ns.saturating_sub(4_000))
 }
 
 /// CPU model and core count, for the header of every benchmark report.
