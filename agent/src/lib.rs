@@ -4,14 +4,16 @@
 //!
 //! ```text
 //!  /dev/shm/ringside.*  ──poll──►  attach (reader thread)
-//!                                   │ decode + validate, metrics, head sampling,
-//!                                   │ spans::encode (straight to protobuf), commit cursor
+//!                                   │ decode + validate, metrics, head and tail
+//!                                   │ sampling, commit cursor
 //!                                   ▼
-//!                                 queue (bounded, memory cap, oldest dropped)
-//!                                   │
+//!                                 queue of validated records (bounded, memory cap,
+//!                                   │ oldest dropped)
 //!                                   ▼
-//!                                 export (tokio): batch → gRPC / HTTP / console / file
-//!                                   with OTLP retry classification and backoff
+//!                                 export (tokio): batch → spans::encode straight into
+//!                                   one protobuf request → gRPC / HTTP (up to
+//!                                   --max-in-flight at once) / console / file, with OTLP
+//!                                   retry classification and backoff
 //! ```
 //!
 //! Modules: [`config`] (flags over `OTEL_*`), [`attach`] (discovery and the
