@@ -103,6 +103,13 @@ impl RunError {
     }
 }
 
+/// Tells systemd (`$NOTIFY_SOCKET`) the agent's state; nothing without it.
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET)");
+    }
+}
+
 /// Runs the command line.
 pub fn run(cli: Cli) -> Result<(), RunError> {
     match cli.command {
@@ -330,6 +337,8 @@ async fn serve(settings: Settings, resource_env: ResourceEnv) -> Result<(), RunE
         })
     };
     tracing::info!(path = %settings.state_file.display(), "publishing counters for `ringside-agent status`");
+    // Type=notify units: up once the exporter, the reader and the admin API run.
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
 
     let mut current = settings.clone();
     loop {
@@ -349,6 +358,10 @@ async fn serve(settings: Settings, resource_env: ResourceEnv) -> Result<(), RunE
             }
         }
     }
+    notify_systemd(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("flushing"),
+    ]);
     let deadline = Instant::now() + settings.shutdown_timeout;
     stop.store(true, Ordering::Relaxed);
     let reader_result = tokio::task::spawn_blocking(move || reader_thread.join()).await;

@@ -104,6 +104,9 @@ impl Companion {
         let path = find_agent()?;
         let child = Command::new(&path)
             .args(agent_args(instance, target))
+            // systemd's readiness socket is the engine's: a unit with NotifyAccess=main would
+            // log every message of the companion as refused.
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .spawn()
             .map_err(|source| CompanionError::Spawn {

@@ -82,6 +82,14 @@ async fn shutdown_signal() {
     }
 }
 
+/// Tells systemd (`$NOTIFY_SOCKET`, set for `Type=notify` units) the engine's state; does
+/// nothing elsewhere. A failure only costs the notification.
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET)");
+    }
+}
+
 /// Runs the server until SIGINT/SIGTERM, or until loading fails.
 ///
 /// # Errors
@@ -172,6 +180,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         );
         let _ = load_state.ready.set(Ready { model, scheduler });
         load_state.metrics.loaded.store(1, Ordering::Relaxed);
+        // Under systemd (Type=notify) the unit is started only now; dependants wait for
+        // the model, not the socket.
+        notify_systemd(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("serving"),
+        ]);
         Ok(thread)
     });
 
@@ -206,6 +220,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         // A dropped sender means loading succeeded: keep serving until a signal.
         Ok(e) = &mut fatal_rx => Some(e),
     };
+    notify_systemd(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining requests in flight"),
+    ]);
     let _ = stop_tx.send(());
     if let Some(e) = fatal {
         heartbeat_task.abort();

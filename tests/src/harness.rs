@@ -97,6 +97,11 @@ impl Engine {
     /// Starts the engine with `extra` flags and waits until `/health` says it
     /// is ready.
     pub fn start(tag: &str, extra: &[&str]) -> Engine {
+        Self::start_with_env(tag, extra, &[])
+    }
+
+    /// [`Engine::start`] with extra environment variables.
+    pub fn start_with_env(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Engine {
         let port = free_port();
         let instance = unique_instance(tag);
         let log = std::env::temp_dir().join(format!("{instance}.log"));
@@ -112,6 +117,7 @@ impl Engine {
             ])
             .args(["--served-model-name", &model])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file)

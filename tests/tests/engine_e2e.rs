@@ -221,6 +221,50 @@ fn a_conversations_next_turn_reuses_its_prompt_from_the_kv_cache() {
 }
 
 #[test]
+fn under_systemd_the_engine_is_ready_once_its_model_is_loaded_and_says_when_it_stops() {
+    if !e2e_enabled(
+        "under_systemd_the_engine_is_ready_once_its_model_is_loaded_and_says_when_it_stops",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // What systemd gives a Type=notify unit: a datagram socket in $NOTIFY_SOCKET.
+    let path = std::env::temp_dir().join(format!("ringside-notify-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let receive = || {
+        let mut buf = [0u8; 512];
+        socket
+            .recv(&mut buf)
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    // With a companion agent: its own notifications must not reach systemd
+    // (NotifyAccess=main would refuse and log them).
+    let engine = Engine::start_with_env(
+        "notify",
+        &["--otlp-traces-endpoint", "http://127.0.0.1:9"],
+        &[("NOTIFY_SOCKET", path.to_str().expect("utf-8 path"))],
+    );
+    let ready = receive().expect("READY=1 once the model is loaded");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.lines().any(|l| l == "STATUS=serving"), "{ready:?}");
+    drop(engine); // SIGTERM, then wait for the exit
+    let stopping = receive().expect("STOPPING=1 on SIGTERM");
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    assert!(
+        receive().is_err(),
+        "nothing else: the companion agent does not inherit the socket"
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn tracing_switched_off_in_the_segment_stops_records_and_on_brings_them_back() {
     if !e2e_enabled("tracing_switched_off_in_the_segment_stops_records_and_on_brings_them_back") {
         return;
