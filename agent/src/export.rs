@@ -592,6 +592,9 @@ pub struct Exporter {
     /// The engine of every request of each batch in flight, to count them
     /// failed if the batch is cut off at the shutdown deadline.
     in_flight_engines: HashMap<tokio::task::Id, Vec<Arc<EngineHandle>>>,
+    /// Requests of batches that failed after the stop signal but ended
+    /// before [`flush`](Self::flush) began: part of its report.
+    failed_after_stop: u64,
     jitter: Jitter,
 }
 
@@ -666,6 +669,7 @@ impl Exporter {
             max_in_flight: 1,
             in_flight: tokio::task::JoinSet::new(),
             in_flight_engines: HashMap::new(),
+            failed_after_stop: 0,
             jitter: Jitter::new(),
         }
     }
@@ -719,7 +723,11 @@ impl Exporter {
                 () = queue.ready.notified() => {}
                 () = tokio::time::sleep(wait) => {}
                 Some(joined) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
-                    self.settle(joined);
+                    let failed = self.settle(joined);
+                    // The stop and this batch's end can wake the loop together.
+                    if *stop.borrow() {
+                        self.failed_after_stop += failed;
+                    }
                 }
                 _ = stop.changed() => return,
                 update = updates.recv(), if updates_open => match update {
@@ -808,7 +816,10 @@ impl Exporter {
     /// cut off); then sends the metrics once more. Returns what was not
     /// delivered.
     pub async fn flush(&mut self, deadline: Instant) -> FlushReport {
-        let mut report = FlushReport::default();
+        let mut report = FlushReport {
+            failed: std::mem::take(&mut self.failed_after_stop),
+            ..FlushReport::default()
+        };
         loop {
             while self.in_flight.len() < self.in_flight_limit() && Instant::now() < deadline {
                 let batch = self.queue.take(self.batch_size);
