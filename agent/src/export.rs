@@ -259,19 +259,11 @@ impl Transport {
                 } else {
                     body.to_vec()
                 };
-                let url = h.traces_url.clone();
-                match http_post(h, &url, body).await {
-                    Ok(body) => {
-                        let p = decode_response::<TraceResponse>(h, &body)
-                            .and_then(|r| r.partial_success)
-                            .unwrap_or_default();
-                        Attempt::Accepted {
-                            rejected: p.rejected_spans,
-                            message: p.error_message,
-                        }
-                    }
-                    Err(failed) => failed,
-                }
+                http_export(h, &h.traces_url, body, |r: TraceResponse| {
+                    r.partial_success
+                        .map(|p| (p.rejected_spans, p.error_message))
+                })
+                .await
             }
             Self::Console => {
                 let mut out = std::io::stdout().lock();
@@ -325,19 +317,11 @@ impl Transport {
                 } else {
                     request.encode_to_vec()
                 };
-                let url = h.metrics_url.clone();
-                match http_post(h, &url, body).await {
-                    Ok(body) => {
-                        let p = decode_response::<MetricsResponse>(h, &body)
-                            .and_then(|r| r.partial_success)
-                            .unwrap_or_default();
-                        Attempt::Accepted {
-                            rejected: p.rejected_data_points,
-                            message: p.error_message,
-                        }
-                    }
-                    Err(failed) => failed,
-                }
+                http_export(h, &h.metrics_url, body, |r: MetricsResponse| {
+                    r.partial_success
+                        .map(|p| (p.rejected_data_points, p.error_message))
+                })
+                .await
             }
             Self::Console => Attempt::Accepted {
                 rejected: 0,
@@ -480,6 +464,25 @@ fn json_body<T: serde::Serialize>(request: &T) -> Result<Vec<u8>, Attempt> {
         verdict: Verdict::Permanent,
         error: format!("JSON encoding: {e}"),
     })
+}
+
+/// POSTs `body` and reads the partial success (rejected items and the
+/// server's message) out of the response `R` with `partial`.
+async fn http_export<R: Message + Default + serde::de::DeserializeOwned>(
+    h: &Http,
+    url: &str,
+    body: Vec<u8>,
+    partial: impl FnOnce(R) -> Option<(i64, String)>,
+) -> Attempt {
+    match http_post(h, url, body).await {
+        Ok(response) => {
+            let (rejected, message) = decode_response::<R>(h, &response)
+                .and_then(partial)
+                .unwrap_or_default();
+            Attempt::Accepted { rejected, message }
+        }
+        Err(failed) => failed,
+    }
 }
 
 async fn http_post(h: &Http, url: &str, mut body: Vec<u8>) -> Result<Vec<u8>, Attempt> {
