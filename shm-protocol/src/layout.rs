@@ -12,7 +12,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"RINGSIDE");
 /// Incompatible layout changes bump the major version; readers refuse other majors.
 pub const ABI_MAJOR: u16 = 1;
 /// Additive changes (new fields carved out of reserved bytes) bump the minor version.
-pub const ABI_MINOR: u16 = 1;
+pub const ABI_MINOR: u16 = 2;
 
 /// Size of the header region at offset 0.
 pub const HEADER_SIZE: usize = 1024;
@@ -20,7 +20,7 @@ pub const HEADER_SIZE: usize = 1024;
 pub const CONTROL_OFFSET: usize = 1024;
 /// Size reserved for the control block.
 pub const CONTROL_SIZE: usize = 512;
-/// Offset of the [`Counters`].
+/// Offset of the counters (`Counters`, crate-private).
 pub const COUNTERS_OFFSET: usize = 1536;
 /// Size reserved for the counters.
 pub const COUNTERS_SIZE: usize = 512;
@@ -47,9 +47,43 @@ pub const NAME_LEN: usize = 64;
 /// Number of entries in the served-model table.
 pub const MAX_MODELS: usize = 8;
 
-/// Total segment size for a ring of `capacity` slots.
+/// Total segment size for a ring of `capacity` slots and no in-flight table
+/// (a 1.1-shaped segment; see [`segment_size_with_inflight`]).
 pub const fn segment_size(capacity: u32) -> usize {
     RING_OFFSET + capacity as usize * SLOT_SIZE
+}
+
+/// Size of one in-flight table entry: a claim line and two 128-byte copies.
+pub const INFLIGHT_ENTRY_SIZE: usize = 320;
+/// Size of an [`InflightEntry`], the payload of one copy.
+pub const INFLIGHT_PAYLOAD_SIZE: usize = 120;
+/// Largest in-flight table a segment may hold; bounds what a forged header can
+/// make a reader walk or allocate.
+pub const MAX_INFLIGHT: u32 = 4096;
+/// Number of 64-bit words an in-flight copy's payload is stored as.
+#[cfg(not(loom))]
+pub(crate) const INFLIGHT_WORDS: usize = INFLIGHT_PAYLOAD_SIZE / 8;
+/// Under loom, two words (as for ring slots) keep the model small while still
+/// letting a reader observe a half-written copy.
+#[cfg(loom)]
+pub(crate) const INFLIGHT_WORDS: usize = 2;
+
+/// Offset of the in-flight table behind a ring of `ring_capacity` slots: the
+/// first page boundary after the last slot.
+pub const fn inflight_offset_for(ring_capacity: u32) -> usize {
+    let end = segment_size(ring_capacity);
+    (end + 4095) & !4095
+}
+
+/// Total segment size for a ring of `ring_capacity` slots followed by an
+/// in-flight table of `inflight_capacity` entries (0 = no table: then this is
+/// [`segment_size`]).
+pub const fn segment_size_with_inflight(ring_capacity: u32, inflight_capacity: u32) -> usize {
+    if inflight_capacity == 0 {
+        segment_size(ring_capacity)
+    } else {
+        inflight_offset_for(ring_capacity) + inflight_capacity as usize * INFLIGHT_ENTRY_SIZE
+    }
 }
 
 /// `abi_version` word value for a major/minor pair.
@@ -109,8 +143,17 @@ pub struct Header {
     pub listen_port: u16,
     /// Zero.
     pub _pad1: [u8; 6],
+    /// Since 1.2: offset of the in-flight table (64-aligned, after the ring;
+    /// the engine puts it at [`inflight_offset_for`]`(ring_capacity)`); 0 = no
+    /// table. Readers look at it (and the next two fields) only when the
+    /// minor version is at least 2: these bytes were reserved before.
+    pub inflight_offset: u64,
+    /// Since 1.2: number of in-flight entries (at most [`MAX_INFLIGHT`]).
+    pub inflight_capacity: u32,
+    /// Since 1.2: bytes per in-flight entry ([`INFLIGHT_ENTRY_SIZE`]).
+    pub inflight_entry_size: u32,
     /// Zero; room for minor versions.
-    pub reserved: [u8; 344],
+    pub reserved: [u8; 328],
 }
 
 /// Offset of [`Header::abi_version`], the word published last.
@@ -207,7 +250,15 @@ pub struct ControlBlock {
     /// resumes here, and discard-mode producers never overwrite at or above it.
     pub(crate) read_cursor: AtomicU64,
     _line3: [u8; 56],
-    _reserved: [u8; CONTROL_SIZE - 256],
+    // Cache line 4 (1.2): written once per dead segment, by an agent.
+    /// The generation whose in-flight table (and ring backlog) an agent has
+    /// exported, after the engine died; 0 = not reported. Written only by an
+    /// agent (never the engine), with a compare-exchange, once its crash spans
+    /// are handed on; read by other agents (not to report twice) and by the
+    /// next engine of the instance (a reported segment is not retained).
+    pub(crate) inflight_reported: AtomicU64,
+    _line4: [u8; 56],
+    _reserved: [u8; CONTROL_SIZE - 320],
 }
 
 /// Counters written by the engine.
@@ -234,7 +285,11 @@ pub(crate) struct Counters {
     /// off the hot path about once a second; how a reader in another pid
     /// namespace tells that the engine is alive.
     pub(crate) engine_heartbeat_ns: AtomicU64,
-    _line1: [u8; 32],
+    /// Since 1.2: requests admitted while every in-flight entry was claimed;
+    /// they run untracked (counted, never silently lost). Written by the
+    /// engine's HTTP threads, `Relaxed`.
+    pub(crate) inflight_untracked: AtomicU64,
+    _line1: [u8; 24],
     _reserved: [u8; COUNTERS_SIZE - 128],
 }
 
@@ -247,6 +302,106 @@ pub(crate) struct Counters {
 pub(crate) struct Slot {
     pub(crate) commit: AtomicU64,
     pub(crate) payload: [AtomicU64; PAYLOAD_WORDS],
+}
+
+/// One copy of an in-flight entry: a seqlock word and the payload words of an
+/// [`InflightEntry`]. `seq` is `2n` once update `n` of the entry is complete
+/// in this copy and `2n - 1` while it is being written (copy `n % 2` holds
+/// update `n`); 0 = never written.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct InflightCopy {
+    pub(crate) seq: AtomicU64,
+    pub(crate) payload: [AtomicU64; INFLIGHT_WORDS],
+}
+
+/// One in-flight table entry: the claim word on its own cache line, then two
+/// copies (double buffering: a writer killed mid-update tears at most one).
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct InflightSlot {
+    /// 0 = free; otherwise the owner's non-zero claim id.
+    pub(crate) claim: AtomicU64,
+    _line0: [u8; 56],
+    pub(crate) copies: [InflightCopy; 2],
+}
+
+/// Phase of an in-flight request ([`InflightEntry::phase`]).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InflightPhase {
+    /// The entry is free (written by a release); readers skip it.
+    Free = 0,
+    /// Admitted, waiting for a sequence slot.
+    Queued = 1,
+    /// Scheduled; prompt tokens are being computed.
+    Prefill = 2,
+    /// Generating output tokens.
+    Decode = 3,
+}
+
+/// The payload of an in-flight entry: what the engine knows about a request it
+/// holds (queued or running). Numbers and identifiers only, never text.
+///
+/// The engine's HTTP thread fills it at admission ([`claim`]); from then on
+/// only the request's current owner (the HTTP thread, then the inference
+/// thread it hands the request to) writes it, with [`update`]. Timestamps are
+/// `CLOCK_MONOTONIC` nanoseconds; 0 means "not yet".
+///
+/// [`claim`]: crate::InflightTable::claim
+/// [`update`]: crate::InflightHandle::update
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq, Eq)]
+pub struct InflightEntry {
+    /// 128-bit request id, as in the request's final [`Record`]. Set at admission.
+    pub request_id: [u8; 16],
+    /// W3C trace id (the caller's, or a new one). Set at admission; never zero.
+    pub trace_id: [u8; 16],
+    /// The caller's span id; zero = none. Set at admission.
+    pub parent_span_id: [u8; 8],
+    /// The span id the engine assigned to this request (the final record's
+    /// span id). Set at admission; never zero.
+    pub span_id: [u8; 8],
+    /// Request accepted by the HTTP layer. Set at admission; never zero.
+    pub t_arrival_ns: u64,
+    /// Left the queue and got a sequence slot; set by the inference thread.
+    pub t_scheduled_ns: u64,
+    /// First output token sampled; set by the inference thread.
+    pub t_first_token_ns: u64,
+    /// Latest output token sampled; set by the inference thread with each token.
+    pub t_last_token_ns: u64,
+    /// Last time anything advanced (admission, scheduling, a prefill chunk, a
+    /// token): what stall detection uses. Set by every update; never zero and
+    /// never earlier than any other stamp.
+    pub t_progress_ns: u64,
+    /// Prompt tokens (after tokenisation, at admission).
+    pub prompt_tokens: u32,
+    /// Prompt tokens computed so far (prefill progress); at most `prompt_tokens`.
+    pub prefilled_tokens: u32,
+    /// Output tokens generated so far.
+    pub output_tokens: u32,
+    /// Prompt tokens served from the KV cache; at most `prompt_tokens`. Set
+    /// when the request is scheduled.
+    pub cached_prompt_tokens: u32,
+    /// Effective token limit (0 = none). Set at admission.
+    pub max_tokens: u32,
+    /// [`InflightPhase`]: 1 queued at admission, 2 once scheduled, 3 after the
+    /// first token; 0 is written only by a release.
+    pub phase: u8,
+    /// [`Operation`]. Set at admission.
+    pub operation: u8,
+    /// W3C trace flags (0x01 = sampled). Set at admission.
+    pub trace_flags: u8,
+    /// [`FLAG_STREAM`], [`FLAG_REMOTE_PARENT`], as in records; unknown bits
+    /// are ignored. Set at admission.
+    pub flags: u8,
+    /// Index into the header's model table. Set at admission.
+    pub model_index: u16,
+    /// The engine's batch (sequence) slot; `u16::MAX` while queued. Set when
+    /// the request is scheduled.
+    pub sequence_slot: u16,
+    /// Zero; room for minor versions (readers ignore what they do not know).
+    pub reserved: [u8; 4],
 }
 
 /// What happened to a request.
@@ -371,6 +526,12 @@ u8_enum_try_from!(RecordKind {
 u8_enum_try_from!(Operation {
     Chat,
     TextCompletion
+});
+u8_enum_try_from!(InflightPhase {
+    Free,
+    Queued,
+    Prefill,
+    Decode
 });
 u8_enum_try_from!(FinishReason {
     None,
@@ -527,7 +688,10 @@ mod tests {
         assert_eq!(offset_of!(Header, instance), 96);
         assert_eq!(offset_of!(Header, models), 160);
         assert_eq!(offset_of!(Header, listen_port), 672);
-        assert_eq!(offset_of!(Header, reserved), 680);
+        assert_eq!(offset_of!(Header, inflight_offset), 680);
+        assert_eq!(offset_of!(Header, inflight_capacity), 688);
+        assert_eq!(offset_of!(Header, inflight_entry_size), 692);
+        assert_eq!(offset_of!(Header, reserved), 696);
         assert_eq!(MAGIC.to_le_bytes(), *b"RINGSIDE");
     }
 
@@ -547,6 +711,8 @@ mod tests {
         assert_eq!(offset_of!(ControlBlock, agent_pid), 128);
         assert_eq!(offset_of!(ControlBlock, agent_heartbeat_ns), 136);
         assert_eq!(offset_of!(ControlBlock, read_cursor), 192);
+        assert_eq!(offset_of!(ControlBlock, inflight_reported), 256);
+        assert_eq!(offset_of!(ControlBlock, _reserved), 320);
     }
 
     #[test]
@@ -558,6 +724,58 @@ mod tests {
         assert_eq!(offset_of!(Counters, dropped_contended), 72);
         assert_eq!(offset_of!(Counters, dropped_busy), 80);
         assert_eq!(offset_of!(Counters, engine_heartbeat_ns), 88);
+        assert_eq!(offset_of!(Counters, inflight_untracked), 96);
+        assert_eq!(offset_of!(Counters, _reserved), 128);
+    }
+
+    #[test]
+    fn inflight_entry_layout_is_frozen() {
+        assert_eq!(size_of::<InflightSlot>(), INFLIGHT_ENTRY_SIZE);
+        assert_eq!(align_of::<InflightSlot>(), 64);
+        assert_eq!(offset_of!(InflightSlot, claim), 0);
+        assert_eq!(offset_of!(InflightSlot, copies), 64);
+        assert_eq!(size_of::<InflightCopy>(), 128);
+        assert_eq!(offset_of!(InflightCopy, seq), 0);
+        assert_eq!(offset_of!(InflightCopy, payload), 8);
+        assert_eq!(size_of::<InflightEntry>(), INFLIGHT_PAYLOAD_SIZE);
+        assert_eq!(size_of::<InflightEntry>(), INFLIGHT_WORDS * 8);
+        assert_eq!(align_of::<InflightEntry>(), 8);
+        assert_eq!(offset_of!(InflightEntry, request_id), 0);
+        assert_eq!(offset_of!(InflightEntry, trace_id), 16);
+        assert_eq!(offset_of!(InflightEntry, parent_span_id), 32);
+        assert_eq!(offset_of!(InflightEntry, span_id), 40);
+        assert_eq!(offset_of!(InflightEntry, t_arrival_ns), 48);
+        assert_eq!(offset_of!(InflightEntry, t_scheduled_ns), 56);
+        assert_eq!(offset_of!(InflightEntry, t_first_token_ns), 64);
+        assert_eq!(offset_of!(InflightEntry, t_last_token_ns), 72);
+        assert_eq!(offset_of!(InflightEntry, t_progress_ns), 80);
+        assert_eq!(offset_of!(InflightEntry, prompt_tokens), 88);
+        assert_eq!(offset_of!(InflightEntry, prefilled_tokens), 92);
+        assert_eq!(offset_of!(InflightEntry, output_tokens), 96);
+        assert_eq!(offset_of!(InflightEntry, cached_prompt_tokens), 100);
+        assert_eq!(offset_of!(InflightEntry, max_tokens), 104);
+        assert_eq!(offset_of!(InflightEntry, phase), 108);
+        assert_eq!(offset_of!(InflightEntry, operation), 109);
+        assert_eq!(offset_of!(InflightEntry, trace_flags), 110);
+        assert_eq!(offset_of!(InflightEntry, flags), 111);
+        assert_eq!(offset_of!(InflightEntry, model_index), 112);
+        assert_eq!(offset_of!(InflightEntry, sequence_slot), 114);
+        assert_eq!(offset_of!(InflightEntry, reserved), 116);
+        assert_eq!(InflightPhase::Free as u8, 0);
+        assert_eq!(InflightPhase::Queued as u8, 1);
+        assert_eq!(InflightPhase::Prefill as u8, 2);
+        assert_eq!(InflightPhase::Decode as u8, 3);
+        assert_eq!(InflightPhase::try_from(4), Err(4));
+    }
+
+    #[test]
+    fn the_inflight_table_follows_the_ring_on_a_page_boundary() {
+        assert_eq!(inflight_offset_for(2), 8192);
+        assert_eq!(inflight_offset_for(16), 8192);
+        assert_eq!(inflight_offset_for(1024), 4096 + 256 * 1024);
+        assert_eq!(segment_size_with_inflight(16, 0), segment_size(16));
+        assert_eq!(segment_size_with_inflight(16, 64), 8192 + 64 * 320);
+        assert_eq!(inflight_offset_for(MAX_CAPACITY) % 4096, 0);
     }
 
     #[test]
@@ -658,7 +876,9 @@ impl ControlBlock {
             _line2: [0; 48],
             read_cursor: AtomicU64::new(0),
             _line3: [0; 56],
-            _reserved: [0; CONTROL_SIZE - 256],
+            inflight_reported: AtomicU64::new(0),
+            _line4: [0; 56],
+            _reserved: [0; CONTROL_SIZE - 320],
         }
     }
 }
@@ -673,7 +893,8 @@ impl Counters {
             dropped_contended: AtomicU64::new(0),
             dropped_busy: AtomicU64::new(0),
             engine_heartbeat_ns: AtomicU64::new(0),
-            _line1: [0; 32],
+            inflight_untracked: AtomicU64::new(0),
+            _line1: [0; 24],
             _reserved: [0; COUNTERS_SIZE - 128],
         }
     }
@@ -685,6 +906,21 @@ impl Slot {
         Self {
             commit: AtomicU64::new(0),
             payload: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+#[cfg(loom)]
+impl InflightSlot {
+    pub(crate) fn new_for_loom() -> Self {
+        let copy = || InflightCopy {
+            seq: AtomicU64::new(0),
+            payload: std::array::from_fn(|_| AtomicU64::new(0)),
+        };
+        Self {
+            claim: AtomicU64::new(0),
+            _line0: [0; 56],
+            copies: [copy(), copy()],
         }
     }
 }

@@ -4,7 +4,7 @@
 //! shared memory; the agent reads it from another process. Everything
 //! `unsafe` about that memory lives in this crate.
 //!
-//! # Segment layout (`/dev/shm/ringside.<instance>`, ABI 1.1)
+//! # Segment layout (`/dev/shm/ringside.<instance>`, ABI 1.2)
 //!
 //! ```text
 //! offset  size                 region            written by            read by
@@ -18,7 +18,9 @@
 //!                              72 created_realtime_ns 80 created_monotonic_ns
 //!                              88 engine_uid          96 instance[64]     160 models[8][64]
 //!                             672 listen_port (u16, 1.1; 0 = unknown)
-//!                             680 reserved (zero)
+//!                             680 inflight_offset (u64, 1.2; 0 = no table)
+//!                             688 inflight_capacity   692 inflight_entry_size
+//!                             696 reserved (zero)
 //!   1024  512                  ControlBlock      agent / CLI           engine, agent
 //!                               0 tracing_enabled     4 overflow_mode      8 detail
 //!                              12 head_sample_ppm    16 settings_epoch        (line 0: hot)
@@ -26,13 +28,29 @@
 //!                              72 tail_ttft_us       80 tail_e2e_us
 //!                             128 agent_pid         136 agent_heartbeat_ns
 //!                             192 read_cursor                                  (own line)
+//!                             256 inflight_reported (1.2, agent)               (own line)
 //!   1536  512                  Counters          engine                agent
 //!                               0 head (next ticket)                           (own line)
 //!                              64 dropped_full       72 dropped_contended
 //!                              80 dropped_busy       88 engine_heartbeat_ns
+//!                              96 inflight_untracked (1.2)
 //!   4096  capacity x 256       Slots             engine                agent
 //!                               0 commit word         8 Record (248 bytes)
+//!      T  inflight_capacity    In-flight table   engine (entry owner)  any reader
+//!          x 320 (1.2)          0 claim (own line)
+//!                              64 copy A: 64 seq  72 InflightEntry (120 bytes)
+//!                             192 copy B: 192 seq 200 InflightEntry (120 bytes)
 //! ```
+//!
+//! `T = inflight_offset = align_up(4096 + capacity * 256, 4096)`
+//! ([`inflight_offset_for`]); the file ends with the table
+//! ([`segment_size_with_inflight`]). An [`InflightEntry`] (frozen by the
+//! layout tests): `0 request_id[16]  16 trace_id[16]  32 parent_span_id[8]
+//! 40 span_id[8]  48 t_arrival  56 t_scheduled  64 t_first_token
+//! 72 t_last_token  80 t_progress  88 prompt_tokens  92 prefilled_tokens
+//! 96 output_tokens  100 cached_prompt_tokens  104 max_tokens  108 phase
+//! 109 operation  110 trace_flags  111 flags  112 model_index
+//! 114 sequence_slot  116 reserved[4]`.
 //!
 //! `capacity` is a power of two; ticket `t` lives in slot `t & (capacity-1)`.
 //! A slot's commit word is `0` (never written), `(t+1) << 1` (holds the
@@ -94,6 +112,110 @@
 //!   with `Release`; readers load `abi_version` with `Acquire` and then copy the
 //!   header once. A zero version means "not initialised yet".
 //!
+//! # The in-flight table (ABI 1.2)
+//!
+//! A record is written only when a request ends; the table shows the
+//! requests the engine holds *now* (queued and running), so that an agent can
+//! still report them after the engine was killed. An entry is free when its
+//! claim word is 0. Each entry has two copies; update `n` of an entry (`n`
+//! counts every update of the entry since the segment was created, across
+//! claims, starting at 1) is written into copy `n % 2`, whose `seq` is then
+//! `2n` (complete) or `2n - 1` (being written); 0 = never written. `seq`
+//! values only grow, and the larger stable `seq` of the two copies is the
+//! newer state. A writer killed mid-update tears at most the copy it was
+//! writing; the other copy holds the previous complete update.
+//!
+//! Claim ([`InflightTable::claim`], the engine's HTTP thread at admission;
+//! lock-free, bounded: one pass over the entries, starting at a rotating
+//! index):
+//! 1. For each entry whose claim word is 0:
+//!    `claim.compare_exchange(0, id, Acquire, Relaxed)` with a non-zero id.
+//! 2. On success, read both copies' `seq` (`Relaxed`) to learn the entry's
+//!    last update number `m`, and write update `m + 1` (the request's first
+//!    state). If no entry could be claimed, `inflight_untracked += 1`
+//!    (`Relaxed`) and the request runs untracked: counted, never silently lost.
+//! 3. The [`InflightHandle`] is the entry's only writer. The engine moves it
+//!    to the inference thread through its own channel, which orders the
+//!    previous owner's stores before the next owner's: one writer at a time.
+//!
+//! Update ([`InflightHandle::update`], the owner; wait-free: no syscall, lock
+//! or allocation), update `n` into copy `c = n % 2`:
+//! `c.seq.store(2n - 1, Relaxed); fence(Release); 15 payload stores
+//! (Relaxed); c.seq.store(2n, Release)`.
+//!
+//! Release ([`InflightHandle::release`], or dropping the handle; the owner,
+//! after the request's final record was pushed): write an update whose
+//! payload is all zero (phase 0, free), then `claim.store(0, Release)`.
+//!
+//! Read ([`InflightReader::snapshot`]; any number of passive readers, which
+//! never write an entry), for each of the `inflight_capacity` entries:
+//! 1. Load `claim` (`Relaxed`); skip the entry if it is 0.
+//! 2. For each copy, up to [`INFLIGHT_READ_RETRIES`] times: load `seq`
+//!    (`Acquire`); 0 = never written; odd = being written, retry; else copy
+//!    the payload words (`Relaxed`) into private memory, `fence(Acquire)`,
+//!    load `seq` again (`Relaxed`); keep the copy if it is unchanged and its
+//!    update number belongs in that copy (`(seq / 2) % 2` is its index).
+//! 3. Validate the newest stable copy on the private copy
+//!    ([`InflightEntry::decode`]: enums with `TryFrom`, non-zero ids, stamps
+//!    ordered, token counts and the batch slot consistent with the phase,
+//!    `model_index` in the model table). Phase 0 means free (being released
+//!    or just claimed): skip. If it fails validation, the older stable copy
+//!    is tried. An entry with no stable copy is counted `torn`, one whose
+//!    stable copies all fail `invalid`; never a panic. Memory is bounded by
+//!    `inflight_capacity <= MAX_INFLIGHT`.
+//!
+//! Orderings, and why:
+//! * Final `seq` store `Release` / read-step-2 `Acquire`: a reader that sees
+//!   `2n` sees every payload word of update `n`.
+//! * Odd `seq`, `fence(Release)`, payload stores / payload loads,
+//!   `fence(Acquire)`, re-load: the seqlock rule, as in the ring. If the
+//!   reader copied any word of a later update of the same copy, that writer's
+//!   release fence synchronises with the reader's acquire fence, so the
+//!   re-load sees the odd `seq` (or a later one) and the copy is discarded.
+//!   Payload words are atomics so that this race is defined behaviour.
+//! * Claim `Acquire` (success) / release `claim.store(0, Release)`: the
+//!   previous owner's stores happen before the new owner's, so the new owner
+//!   reads the true last update number, its writes can never be overtaken by
+//!   older ones, and `seq` keeps growing across owners (no ABA for readers).
+//! * The reader's claim load is `Relaxed`: the claim word only filters; the
+//!   per-copy seqlock vouches for the data, and the release protocol makes a
+//!   freed entry's newest copy a free one, so a stale claim is harmless.
+//! * `inflight_untracked` is `Relaxed`: a count, not synchronisation.
+//!
+//! ## Dead generations, and who reports them
+//!
+//! When an engine takes over the name of a dead engine's segment of this ABI
+//! major that still holds unreported data (a claimed in-flight entry, or
+//! records past the read cursor: `head > read_cursor`) and whose
+//! `inflight_reported` is not its generation, it renames the file to
+//! `ringside.<instance>~dead.<generation>` ([`dead_segment_path`]; `~` is not
+//! in the instance alphabet, so [`list_segments`] never lists it) instead of
+//! unlinking it, and keeps at most [`MAX_DEAD_GENERATIONS`] per instance
+//! (unlinking the oldest). [`list_dead_generations`] finds them,
+//! [`AttachedSegment::open_dead`] opens one with the same ownership, mode and
+//! layout checks as `open`, and [`AttachedSegment::release_dead`] /
+//! [`remove_dead_generation`] unlink one once it was reported.
+//!
+//! `inflight_reported` (control block, offset 256) is written only by agents:
+//! after an agent exported the crash spans of a dead segment's table (and
+//! drained its ring), it stores the segment's generation with a
+//! compare-exchange ([`ControlBlock::mark_inflight_reported`]), which returns
+//! `false` to a second agent. Races:
+//! * *Agent reading while the engine restarts:* the rename keeps the inode,
+//!   so the agent's mapping stays valid; it sees [`AttachedSegment::replaced`],
+//!   finds its file with [`AttachedSegment::dead_generation`], drains the
+//!   ring, snapshots the table, marks it reported and releases it.
+//! * *Two agents reporting:* an agent checks `inflight_reported()` before it
+//!   exports and marks after; two agents exporting the same dead segment at
+//!   the very same time can both export (one consumer per segment is the
+//!   deployment rule already), but a later agent never does.
+//! * *An agent started later (`--backfill`):* it finds the dead files, or the
+//!   original name not yet replaced (the engine has not restarted: it is
+//!   [`Liveness::Dead`]), and reports what is not marked.
+//! * *Two engines starting at once for one instance:* as before 1.2, the
+//!   stale check and the rename (like the unlink) are by name; only one of
+//!   them wins the exclusive create of the new segment.
+//!
 //! # Accounting
 //!
 //! Every record the engine attempts to write ends in exactly one place:
@@ -128,10 +250,17 @@
 //!   below the mapping. Only the segment's owner can truncate it; a truncation
 //!   racing with a poll can still fault, which is why the owner is trusted.
 //! * No prompt or completion text is ever written: a [`Record`] has no field
-//!   that could hold it.
+//!   that could hold it, nor has an [`InflightEntry`].
+//! * The in-flight table's offset, capacity (at most [`MAX_INFLIGHT`]) and
+//!   entry size are read only from 1.2+ headers and checked against the file
+//!   like the ring's; entries are copied out once and validated on the copy.
+//!   A dead-generation file is opened with `O_NOFOLLOW` and the same owner
+//!   and mode checks as a live one, and its header must name the generation
+//!   its file name claims.
 
 #[cfg(not(loom))]
 mod clock;
+mod inflight;
 mod layout;
 mod record;
 mod region;
@@ -142,12 +271,17 @@ mod sync;
 
 #[cfg(not(loom))]
 pub use clock::{ClockPair, monotonic_ns, realtime_ns};
+pub use inflight::{
+    INFLIGHT_READ_RETRIES, InflightError, InflightHandle, InflightLayout, InflightReader,
+    InflightRequest, InflightSnapshot, InflightTable,
+};
 pub use layout::{
     ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, CONTROL_SIZE, COUNTERS_OFFSET,
     COUNTERS_SIZE, ControlBlock, Detail, ErrorType, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason,
-    HEADER_SIZE, Header, MAGIC, MAX_CAPACITY, MAX_MODELS, MIN_CAPACITY, NAME_LEN, Operation,
-    OverflowMode, RECORD_SIZE, RING_OFFSET, Record, RecordKind, SLOT_SIZE, pack_version, params,
-    segment_size,
+    HEADER_SIZE, Header, INFLIGHT_ENTRY_SIZE, INFLIGHT_PAYLOAD_SIZE, InflightEntry, InflightPhase,
+    MAGIC, MAX_CAPACITY, MAX_INFLIGHT, MAX_MODELS, MIN_CAPACITY, NAME_LEN, Operation, OverflowMode,
+    RECORD_SIZE, RING_OFFSET, Record, RecordKind, SLOT_SIZE, inflight_offset_for, pack_version,
+    params, segment_size, segment_size_with_inflight,
 };
 pub use record::{RecordError, RequestRecord, Sampling, Timestamps};
 pub use region::{CapacityError, ControlDefaults};
@@ -159,9 +293,11 @@ pub use ring::{
 pub use segment::fuzzing;
 #[cfg(not(loom))]
 pub use segment::{
-    AttachedSegment, CreateError, CreateOptions, DEFAULT_MODE, EngineIdentity, EngineSegment,
-    HEARTBEAT_STALE_NS, ListError, Liveness, NameError, OpenError, OpenOptions, PREFIX, SHM_DIR,
-    SegmentInfo, list_segments, process_start_time, segment_path, validate_instance,
+    AttachedSegment, CreateError, CreateOptions, DEAD_MARKER, DEFAULT_INFLIGHT_CAPACITY,
+    DEFAULT_MODE, DeadSegment, EngineIdentity, EngineSegment, HEARTBEAT_STALE_NS, ListError,
+    Liveness, MAX_DEAD_GENERATIONS, NameError, OpenError, OpenOptions, PREFIX, SHM_DIR,
+    SegmentInfo, dead_segment_path, list_dead_generations, list_segments, process_start_time,
+    remove_dead_generation, segment_path, validate_instance,
 };
 
 #[cfg(all(test, loom))]

@@ -1,10 +1,12 @@
-//! Loom models of the commit protocol: two producers and the consumer, in
-//! both overflow modes, including lapping. Run with
+//! Loom models of the commit protocol (two producers and the consumer, in
+//! both overflow modes, including lapping) and of the in-flight table
+//! (an owner updating under a reader; two claimers racing). Run with
 //! `RUSTFLAGS="--cfg loom" cargo test -p ringside-shm-protocol --release --lib loom`.
 
 #![allow(clippy::unwrap_used)] // test-only module: a failed unwrap is a failed test
 
-use crate::layout::{OverflowMode, PAYLOAD_WORDS};
+use crate::inflight::{SlotRead, read_slot};
+use crate::layout::{INFLIGHT_WORDS, OverflowMode, PAYLOAD_WORDS};
 use crate::region::ControlDefaults;
 use crate::ring::{PushOutcome, Ring, StartAt};
 use loom::thread;
@@ -94,4 +96,85 @@ fn loom_two_producers_lapping_the_consumer_in_overwrite_mode() {
 #[test]
 fn loom_two_producers_in_discard_mode_with_a_full_ring() {
     model(OverflowMode::Discard, 2, [2, 1]);
+}
+
+fn entry_words(update: u64) -> [u64; INFLIGHT_WORDS] {
+    std::array::from_fn(|i| update * 1000 + i as u64)
+}
+
+fn inflight_table(capacity: u32) -> crate::inflight::InflightTable {
+    Ring::on_heap_with_inflight(2, capacity, ControlDefaults::default())
+        .unwrap()
+        .1
+}
+
+#[test]
+fn loom_a_reader_sees_a_whole_update_or_nothing() {
+    loom::model(|| {
+        let table = inflight_table(1);
+        // Update 1 is the claimer's fill; the owner thread then writes 2 and 3.
+        let mut handle = table.claim_words(&entry_words(1)).unwrap();
+        let owner = thread::spawn(move || {
+            handle.update_words(&entry_words(2));
+            handle.update_words(&entry_words(3));
+            handle.abandon();
+        });
+        let view = table.view_for_tests();
+        let slot = &view.entries()[0];
+        match read_slot(slot) {
+            SlotRead::Stable { newest, older } => {
+                for copy in std::iter::once(newest).chain(older) {
+                    assert_eq!(copy.words, entry_words(copy.update), "torn copy");
+                    assert!((1..=3).contains(&copy.update));
+                }
+                if let Some(older) = older {
+                    assert!(older.update < newest.update);
+                }
+            }
+            // Every retry of both copies raced with a write.
+            SlotRead::Torn => {}
+            SlotRead::Unclaimed | SlotRead::Unwritten | SlotRead::Misplaced => {
+                panic!("update 1 was complete before the reader started")
+            }
+        }
+        owner.join().unwrap();
+        // Afterwards the newest copy is update 3, the older one update 2.
+        match read_slot(slot) {
+            SlotRead::Stable { newest, older } => {
+                assert_eq!(newest.words, entry_words(3));
+                assert_eq!(older.map(|o| o.update), Some(2));
+            }
+            _ => panic!("a quiescent entry must read stable"),
+        }
+    });
+}
+
+#[test]
+fn loom_two_claimers_never_share_an_entry() {
+    for capacity in [1u32, 2] {
+        loom::model(move || {
+            let table = inflight_table(capacity);
+            let claimers: Vec<_> = (0..2u64)
+                .map(|c| {
+                    let table = table.clone();
+                    thread::spawn(move || {
+                        table.claim_words(&entry_words(c + 1)).map(|h| {
+                            let index = h.index();
+                            h.abandon();
+                            index
+                        })
+                    })
+                })
+                .collect();
+            let won: Vec<u32> = claimers
+                .into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect();
+            let mut unique = won.clone();
+            unique.dedup();
+            assert_eq!(unique.len(), won.len(), "two owners of one entry");
+            assert_eq!(won.len(), capacity.min(2) as usize);
+            assert_eq!(table.untracked(), 2 - won.len() as u64);
+        });
+    }
 }

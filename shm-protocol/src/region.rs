@@ -2,7 +2,8 @@
 //! heap in tests and benchmarks (and under miri), loom-owned atomics under
 //! loom. The protocol code sees only a [`RingView`].
 
-use crate::layout::{Detail, OverflowMode};
+use crate::inflight::{InflightTable, TableView};
+use crate::layout::{Detail, MAX_INFLIGHT, OverflowMode};
 use crate::ring::{Backing, Ring, RingView};
 use std::sync::Arc;
 
@@ -37,6 +38,20 @@ pub enum CapacityError {
         max = crate::layout::MAX_CAPACITY
     )]
     Invalid(u32),
+    /// The in-flight table size is over the limit.
+    #[error(
+        "in-flight table capacity {0} is over the limit of {max}",
+        max = crate::layout::MAX_INFLIGHT
+    )]
+    Inflight(u32),
+}
+
+pub(crate) fn check_inflight_capacity(capacity: u32) -> Result<(), CapacityError> {
+    if capacity <= MAX_INFLIGHT {
+        Ok(())
+    } else {
+        Err(CapacityError::Inflight(capacity))
+    }
 }
 
 pub(crate) fn check_capacity(capacity: u32) -> Result<(), CapacityError> {
@@ -66,7 +81,10 @@ pub(crate) fn apply_defaults(ring: &Ring, defaults: ControlDefaults) {
 #[cfg(not(loom))]
 mod raw {
     use super::*;
-    use crate::layout::{CONTROL_OFFSET, COUNTERS_OFFSET, RING_OFFSET, segment_size};
+    use crate::layout::{
+        CONTROL_OFFSET, COUNTERS_OFFSET, RING_OFFSET, inflight_offset_for, segment_size,
+        segment_size_with_inflight,
+    };
     use std::alloc::{Layout, alloc_zeroed, dealloc};
     use std::ptr::NonNull;
 
@@ -87,6 +105,29 @@ mod raw {
                 counters: base.add(COUNTERS_OFFSET).cast(),
                 slots: base.add(RING_OFFSET).cast(),
                 capacity: u64::from(capacity),
+            }
+        }
+    }
+
+    /// Builds a view of the in-flight table of a segment laid out at `base`.
+    ///
+    /// # Safety
+    /// `base` must be 4096-aligned and point to at least `offset + capacity *
+    /// INFLIGHT_ENTRY_SIZE` bytes (and at least `RING_OFFSET`) that stay valid
+    /// for as long as the view is used; `offset` must be a multiple of 64.
+    pub(crate) unsafe fn table_view_at(
+        base: NonNull<u8>,
+        offset: usize,
+        capacity: u32,
+    ) -> TableView {
+        // SAFETY: per the caller's guarantee every region is inside the
+        // allocation or mapping and aligned for its type (64 for entries).
+        unsafe {
+            TableView {
+                control: base.add(CONTROL_OFFSET).cast(),
+                counters: base.add(COUNTERS_OFFSET).cast(),
+                entries: base.add(offset).cast(),
+                capacity,
             }
         }
     }
@@ -133,6 +174,34 @@ mod raw {
             Ok(ring)
         }
 
+        /// A ring with an in-flight table of `inflight_capacity` entries
+        /// (1 to [`MAX_INFLIGHT`](crate::MAX_INFLIGHT)) on the heap, laid out
+        /// exactly as in a segment: for tests, benchmarks and miri.
+        pub fn on_heap_with_inflight(
+            capacity: u32,
+            inflight_capacity: u32,
+            defaults: ControlDefaults,
+        ) -> Result<(Ring, InflightTable), CapacityError> {
+            check_capacity(capacity)?;
+            check_inflight_capacity(inflight_capacity)?;
+            if inflight_capacity == 0 {
+                return Err(CapacityError::Inflight(0));
+            }
+            let size = segment_size_with_inflight(capacity, inflight_capacity);
+            let (base, backing) = heap_image(&[], size).ok_or(CapacityError::Invalid(capacity))?;
+            // SAFETY: `base` is 4096-aligned, `size` bytes, owned by `backing`.
+            let view = unsafe { view_at(base, capacity) };
+            // SAFETY: the table ends at `size`; its offset is page-aligned.
+            let table =
+                unsafe { table_view_at(base, inflight_offset_for(capacity), inflight_capacity) };
+            let ring = Ring {
+                view,
+                backing: Arc::clone(&backing),
+            };
+            apply_defaults(&ring, defaults);
+            Ok((ring, InflightTable::new(table, backing)))
+        }
+
         /// A heap ring holding a copy of `bytes` (a whole segment image,
         /// header included), control block and counters as found: for
         /// fuzzing the reader with forged memory.
@@ -142,32 +211,38 @@ mod raw {
             bytes: &[u8],
         ) -> Result<Ring, CapacityError> {
             check_capacity(capacity)?;
-            let size = segment_size(capacity);
-            let layout = Layout::from_size_align(size, 4096)
-                .map_err(|_| CapacityError::Invalid(capacity))?;
-            // SAFETY: the layout has a non-zero size.
-            let base = NonNull::new(unsafe { alloc_zeroed(layout) })
-                .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-            let n = bytes.len().min(size);
-            // SAFETY: `base` owns `size >= n` fresh bytes that cannot overlap `bytes`.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.as_ptr(), n) };
+            let (base, backing) = heap_image(bytes, segment_size(capacity))
+                .ok_or(CapacityError::Invalid(capacity))?;
             // SAFETY: as in `on_heap`.
             let view = unsafe { view_at(base, capacity) };
-            Ok(Ring {
-                view,
-                backing: Arc::new(HeapRegion { base, layout }),
-            })
+            Ok(Ring { view, backing })
         }
+    }
+
+    /// Zeroed, page-aligned heap memory of `size` bytes (at least
+    /// `RING_OFFSET`) starting with a copy of `bytes` (truncated to `size`).
+    pub(crate) fn heap_image(bytes: &[u8], size: usize) -> Option<(NonNull<u8>, Arc<dyn Backing>)> {
+        let size = size.max(RING_OFFSET);
+        let layout = Layout::from_size_align(size, 4096).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let base = NonNull::new(unsafe { alloc_zeroed(layout) })
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let n = bytes.len().min(size);
+        // SAFETY: `base` owns `size >= n` fresh bytes that cannot overlap `bytes`.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.as_ptr(), n) };
+        Some((base, Arc::new(HeapRegion { base, layout })))
     }
 }
 
+#[cfg(all(not(loom), feature = "fuzzing"))]
+pub(crate) use raw::heap_image;
 #[cfg(not(loom))]
-pub(crate) use raw::view_at;
+pub(crate) use raw::{table_view_at, view_at};
 
 #[cfg(loom)]
 mod model {
     use super::*;
-    use crate::layout::{ControlBlock, Counters, Slot};
+    use crate::layout::{ControlBlock, Counters, InflightSlot, Slot};
     use std::ptr::NonNull;
 
     /// Loom's atomics cannot live in raw memory; the model owns them here.
@@ -175,6 +250,7 @@ mod model {
         control: Box<ControlBlock>,
         counters: Box<Counters>,
         slots: Box<[Slot]>,
+        entries: Box<[InflightSlot]>,
     }
 
     // SAFETY: holds only loom atomics.
@@ -186,11 +262,33 @@ mod model {
     impl Ring {
         /// A ring made of loom atomics, for the model checker.
         pub fn on_heap(capacity: u32, defaults: ControlDefaults) -> Result<Ring, CapacityError> {
+            Ok(Self::on_heap_with_inflight(capacity, 1, defaults)?.0)
+        }
+
+        /// A ring and an in-flight table made of loom atomics.
+        pub fn on_heap_with_inflight(
+            capacity: u32,
+            inflight_capacity: u32,
+            defaults: ControlDefaults,
+        ) -> Result<(Ring, InflightTable), CapacityError> {
             check_capacity(capacity)?;
+            check_inflight_capacity(inflight_capacity)?;
+            if inflight_capacity == 0 {
+                return Err(CapacityError::Inflight(0));
+            }
             let region = LoomRegion {
                 control: Box::new(ControlBlock::new_for_loom()),
                 counters: Box::new(Counters::new_for_loom()),
                 slots: (0..capacity).map(|_| Slot::new_for_loom()).collect(),
+                entries: (0..inflight_capacity)
+                    .map(|_| InflightSlot::new_for_loom())
+                    .collect(),
+            };
+            let table = TableView {
+                control: NonNull::from(&*region.control),
+                counters: NonNull::from(&*region.counters),
+                entries: NonNull::from(&region.entries[0]),
+                capacity: inflight_capacity,
             };
             let view = RingView {
                 control: NonNull::from(&*region.control),
@@ -198,12 +296,13 @@ mod model {
                 slots: NonNull::from(&region.slots[0]),
                 capacity: u64::from(capacity),
             };
+            let backing: Arc<dyn Backing> = Arc::new(region);
             let ring = Ring {
                 view,
-                backing: Arc::new(region),
+                backing: Arc::clone(&backing),
             };
             apply_defaults(&ring, defaults);
-            Ok(ring)
+            Ok((ring, InflightTable::new(table, backing)))
         }
     }
 }

@@ -5,12 +5,16 @@
 //! header claims against the real size of the file.
 
 use crate::clock::{ClockPair, monotonic_ns};
+use crate::inflight::{InflightLayout, InflightReader, InflightTable};
 use crate::layout::{
     ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, COUNTERS_OFFSET, HEADER_SIZE, Header,
-    MAGIC, MAX_MODELS, NAME_LEN, RING_OFFSET, SLOT_SIZE, load_abi_version, pack_version,
-    segment_size,
+    INFLIGHT_ENTRY_SIZE, MAGIC, MAX_INFLIGHT, MAX_MODELS, NAME_LEN, RING_OFFSET, SLOT_SIZE,
+    inflight_offset_for, load_abi_version, pack_version, segment_size, segment_size_with_inflight,
 };
-use crate::region::{CapacityError, ControlDefaults, apply_defaults, check_capacity, view_at};
+use crate::region::{
+    CapacityError, ControlDefaults, apply_defaults, check_capacity, check_inflight_capacity,
+    table_view_at, view_at,
+};
 use crate::ring::{Backing, PollError, Ring};
 use crate::sync::{AtomicU32, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
@@ -30,6 +34,14 @@ pub const PREFIX: &str = "ringside.";
 pub const SHM_DIR: &str = "/dev/shm";
 /// Default mode of a new segment: owner and group read/write, others nothing.
 pub const DEFAULT_MODE: u32 = 0o660;
+/// A dead engine's segment that still holds unreported data is renamed to
+/// `<PREFIX><instance><DEAD_MARKER><generation>`. `~` is outside the instance
+/// alphabet, so such a name is never taken for a live instance.
+pub const DEAD_MARKER: &str = "~dead.";
+/// Dead generations kept per instance; older ones are unlinked.
+pub const MAX_DEAD_GENERATIONS: usize = 4;
+/// Default number of in-flight table entries of a new segment.
+pub const DEFAULT_INFLIGHT_CAPACITY: u32 = 64;
 /// An engine heartbeat older than this, with no matching live pid visible,
 /// means the engine is gone.
 pub const HEARTBEAT_STALE_NS: u64 = 5_000_000_000;
@@ -80,6 +92,11 @@ pub fn segment_path(instance: &str) -> String {
     format!("{SHM_DIR}/{PREFIX}{instance}")
 }
 
+/// The file a dead generation of an instance is kept as.
+pub fn dead_segment_path(instance: &str, generation: u64) -> String {
+    format!("{SHM_DIR}/{PREFIX}{instance}{DEAD_MARKER}{generation}")
+}
+
 /// What a new segment is made with.
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
@@ -101,6 +118,10 @@ pub struct CreateOptions {
     pub unlink_on_drop: bool,
     /// The TCP port the engine serves its API on, if it has one.
     pub listen_port: Option<u16>,
+    /// Entries in the in-flight table (ABI 1.2), at most
+    /// [`MAX_INFLIGHT`](crate::MAX_INFLIGHT); the engine passes `parallel +
+    /// max_queue`. 0 = no table.
+    pub inflight_capacity: u32,
 }
 
 impl CreateOptions {
@@ -115,6 +136,7 @@ impl CreateOptions {
             control: ControlDefaults::default(),
             unlink_on_drop: true,
             listen_port: None,
+            inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
         }
     }
 }
@@ -296,6 +318,9 @@ pub struct SegmentInfo {
     pub models: Vec<String>,
     /// The engine's API port (ABI 1.1; `None` from 1.0 writers or when unknown).
     pub listen_port: Option<u16>,
+    /// The in-flight table (ABI 1.2; `None` from older writers or when the
+    /// engine made none).
+    pub inflight: Option<InflightLayout>,
 }
 
 impl SegmentInfo {
@@ -363,6 +388,7 @@ fn map_base(map: &MmapRaw) -> NonNull<u8> {
 /// The engine's side: a segment it created and owns.
 pub struct EngineSegment {
     ring: Ring,
+    inflight: Option<InflightTable>,
     info: SegmentInfo,
     unlink_on_drop: bool,
 }
@@ -383,6 +409,7 @@ impl EngineSegment {
     pub fn create(options: &CreateOptions) -> Result<Self, CreateError> {
         validate_instance(&options.instance)?;
         check_capacity(options.capacity)?;
+        check_inflight_capacity(options.inflight_capacity)?;
         if options.mode & 0o600 != 0o600 || options.mode & 0o002 != 0 || options.mode > 0o777 {
             return Err(CreateError::UnsafeMode(options.mode));
         }
@@ -453,7 +480,11 @@ impl EngineSegment {
             rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))
                 .map_err(|e| ioerr("fchown", e.into()))?;
         }
-        let size = segment_size(options.capacity) as u64;
+        let size = segment_size_with_inflight(options.capacity, options.inflight_capacity) as u64;
+        let inflight = (options.inflight_capacity > 0).then(|| InflightLayout {
+            offset: inflight_offset_for(options.capacity) as u64,
+            capacity: options.inflight_capacity,
+        });
         rustix::fs::ftruncate(&file, size).map_err(|e| ioerr("ftruncate", e.into()))?;
         preallocate(&file, size).map_err(|e| match e.raw_os_error() {
             Some(code) if code == Errno::NOSPC.raw_os_error() => {
@@ -494,6 +525,11 @@ impl EngineSegment {
         header.created_monotonic_ns = clock.monotonic_ns;
         header.engine_uid = engine_uid;
         header.listen_port = options.listen_port.unwrap_or(0);
+        if let Some(table) = inflight {
+            header.inflight_offset = table.offset;
+            header.inflight_capacity = table.capacity;
+            header.inflight_entry_size = INFLIGHT_ENTRY_SIZE as u32;
+        }
         copy_name(&mut header.instance, &options.instance);
         for (slot, model) in header.models.iter_mut().zip(&options.models) {
             copy_name(slot, model);
@@ -505,10 +541,14 @@ impl EngineSegment {
         // SAFETY: the mapping is page-aligned and `segment_size(capacity)`
         // bytes long; the Ring keeps the mapping alive through its backing.
         let view = unsafe { view_at(base, options.capacity) };
-        let ring = Ring {
-            view,
-            backing: Arc::new(ShmBacking { map, file }),
-        };
+        let backing: Arc<dyn Backing> = Arc::new(ShmBacking { map, file });
+        let table = inflight.map(|t| {
+            // SAFETY: the file was sized to end with the table, at a
+            // page-aligned offset; the backing keeps the mapping alive.
+            let view = unsafe { table_view_at(base, t.offset as usize, t.capacity) };
+            InflightTable::new(view, Arc::clone(&backing))
+        });
+        let ring = Ring { view, backing };
         apply_defaults(&ring, options.control);
         ring.beat_engine_heartbeat(monotonic_ns());
         // Publish: the version word last, with Release, so a reader that sees
@@ -525,9 +565,11 @@ impl EngineSegment {
             clock,
             models: options.models.clone(),
             listen_port: options.listen_port.filter(|p| *p != 0),
+            inflight,
         };
         Ok(Self {
             ring,
+            inflight: table,
             info,
             unlink_on_drop: options.unlink_on_drop,
         })
@@ -541,6 +583,12 @@ impl EngineSegment {
     /// What the header says.
     pub fn info(&self) -> &SegmentInfo {
         &self.info
+    }
+
+    /// The in-flight table, to claim entries from; `None` when the segment
+    /// was made with `inflight_capacity` 0.
+    pub fn inflight(&self) -> Option<InflightTable> {
+        self.inflight.clone()
     }
 }
 
@@ -585,7 +633,9 @@ fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
 }
 
 /// An existing segment holds the name: refuse it if another user owns it or a
-/// live engine uses it; otherwise unlink it and return its generation.
+/// live engine uses it. Otherwise retire it and return its generation: rename
+/// it to its dead-generation name if it holds data no agent has reported (see
+/// [`retains_unreported`]), else unlink it.
 fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, CreateError> {
     let ioerr = |op, source: Errno| CreateError::Io {
         op,
@@ -605,6 +655,7 @@ fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, Create
     }
     let size = usize::try_from(stat.st_size).unwrap_or(0);
     let mut generation = 0;
+    let mut retain = false;
     if size >= segment_size(crate::layout::MIN_CAPACITY) {
         let file = File::from(fd);
         let map = MmapOptions::new()
@@ -622,12 +673,8 @@ fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, Create
             // SAFETY: HEADER_SIZE bytes are mapped; the header is Pod; a
             // volatile read copies it once even if someone writes meanwhile.
             let header = unsafe { std::ptr::read_volatile(base.cast::<Header>().as_ptr()) };
-            // SAFETY: COUNTERS_OFFSET + 96 < RING_OFFSET <= size; an aligned
-            // u64 read of the heartbeat word.
-            let heartbeat = unsafe {
-                crate::sync::AtomicU64::from_ptr(base.as_ptr().add(COUNTERS_OFFSET + 88).cast())
-                    .load(Ordering::Relaxed)
-            };
+            // SAFETY: COUNTERS_OFFSET + 96 < RING_OFFSET <= size.
+            let heartbeat = unsafe { load_u64(base, COUNTERS_OFFSET + 88) };
             let identity = EngineIdentity {
                 pid: header.engine_pid,
                 start_time: header.engine_start_time,
@@ -641,11 +688,163 @@ fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, Create
                 });
             }
             generation = header.generation;
+            retain = retains_unreported(base, &header, version, size as u64, path);
+        }
+    }
+    if retain {
+        let dead = dead_segment_path(instance, generation);
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            path,
+            rustix::fs::CWD,
+            dead.as_str(),
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {
+                prune_dead_generations(instance);
+                return Ok(generation);
+            }
+            Err(Errno::NOENT) => return Ok(generation),
+            // A dead file of that generation exists already (or renameat2 is
+            // unsupported): fall back to unlinking, as before 1.2.
+            Err(_) => {}
         }
     }
     match shm::unlink(name) {
         Ok(()) | Err(Errno::NOENT) => Ok(generation),
         Err(e) => Err(ioerr("shm_unlink", e)),
+    }
+}
+
+/// Loads the `u64` at `offset` of a mapping.
+///
+/// # Safety
+/// `base + offset .. + 8` must be mapped and readable, `offset` 8-aligned and
+/// `base` page-aligned.
+unsafe fn load_u64(base: NonNull<u8>, offset: usize) -> u64 {
+    // SAFETY: per the caller; an AtomicU64 is valid for any bit pattern, and a
+    // load never writes (the mapping may be read-only).
+    unsafe {
+        crate::sync::AtomicU64::from_ptr(base.as_ptr().add(offset).cast()).load(Ordering::Acquire)
+    }
+}
+
+/// Whether a dead engine's segment (mapped at `base`, `file_size` bytes) still
+/// holds data an agent would report: a claimed in-flight entry, or records
+/// past the agent's read cursor; and no agent marked its generation reported.
+/// A header that does not validate is not worth keeping.
+fn retains_unreported(
+    base: NonNull<u8>,
+    header: &Header,
+    version: u32,
+    file_size: u64,
+    path: &str,
+) -> bool {
+    let Ok(info) = check_header(header, version, file_size, path) else {
+        return false;
+    };
+    // SAFETY: check_header proved the file holds the fixed regions
+    // (RING_OFFSET bytes), all mapped; the offsets are 8-aligned words of the
+    // frozen control block and counters.
+    let (reported, cursor, head) = unsafe {
+        (
+            load_u64(base, CONTROL_OFFSET + 256),
+            load_u64(base, CONTROL_OFFSET + 192),
+            load_u64(base, COUNTERS_OFFSET),
+        )
+    };
+    if reported == info.identity.generation {
+        return false;
+    }
+    if head > cursor {
+        return true;
+    }
+    info.inflight.is_some_and(|table| {
+        (0..table.capacity as usize).any(|i| {
+            // SAFETY: check_header proved `offset + capacity *
+            // INFLIGHT_ENTRY_SIZE <= file_size` with a 64-aligned offset:
+            // each claim word is mapped and aligned.
+            unsafe { load_u64(base, table.offset as usize + i * INFLIGHT_ENTRY_SIZE) != 0 }
+        })
+    })
+}
+
+/// Keeps the newest [`MAX_DEAD_GENERATIONS`] dead generations of `instance`.
+fn prune_dead_generations(instance: &str) {
+    let Ok(all) = list_dead_generations() else {
+        return;
+    };
+    let mine: Vec<_> = all.iter().filter(|d| d.instance == instance).collect();
+    let excess = mine.len().saturating_sub(MAX_DEAD_GENERATIONS);
+    // Sorted by generation: the oldest come first.
+    for dead in &mine[..excess] {
+        let _ = remove_dead_generation(dead);
+    }
+}
+
+/// A dead engine's segment kept under its dead-generation name (see
+/// [`DEAD_MARKER`]) until an agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeadSegment {
+    /// The instance it was created for.
+    pub instance: String,
+    /// Its generation.
+    pub generation: u64,
+    /// Its file, [`dead_segment_path`]`(instance, generation)`.
+    pub path: String,
+}
+
+/// The dead generations under `/dev/shm`, sorted by instance then generation
+/// (oldest first); files whose name does not parse are ignored.
+pub fn list_dead_generations() -> Result<Vec<DeadSegment>, ListError> {
+    list_dead_generations_in(Path::new(SHM_DIR))
+}
+
+fn list_dead_generations_in(dir: &Path) -> Result<Vec<DeadSegment>, ListError> {
+    let err = |source| ListError::Io {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let mut dead = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str() else {
+            continue;
+        };
+        let Some((instance, generation)) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.rsplit_once(DEAD_MARKER))
+        else {
+            continue;
+        };
+        if validate_instance(instance).is_err()
+            || generation.is_empty()
+            || !generation.bytes().all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(generation) = generation.parse::<u64>() else {
+            continue;
+        };
+        dead.push(DeadSegment {
+            instance: instance.to_owned(),
+            generation,
+            path: dead_segment_path(instance, generation),
+        });
+    }
+    dead.sort();
+    Ok(dead)
+}
+
+/// Unlinks a dead-generation file (after an agent reported it). A reader that
+/// still maps it keeps its mapping. Already gone is not an error.
+pub fn remove_dead_generation(dead: &DeadSegment) -> std::io::Result<()> {
+    validate_instance(&dead.instance)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    match std::fs::remove_file(dead_segment_path(&dead.instance, dead.generation)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 
@@ -660,6 +859,7 @@ pub struct OpenOptions {
 /// The agent's side: an opened, validated segment.
 pub struct AttachedSegment {
     ring: Ring,
+    inflight: Option<InflightReader>,
     info: SegmentInfo,
     path: String,
     inode: u64,
@@ -679,16 +879,42 @@ impl AttachedSegment {
         validate_instance(instance)?;
         let name = shm_name(instance);
         let path = segment_path(instance);
-        let fd =
-            shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty()).map_err(|e| match e {
-                Errno::NOENT => OpenError::NotFound(path.clone()),
-                Errno::ACCESS | Errno::PERM => OpenError::PermissionDenied(path.clone()),
-                e => OpenError::Io {
-                    op: "shm_open",
-                    path: path.clone(),
-                    source: e.into(),
-                },
-            })?;
+        let fd = shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty())
+            .map_err(|e| open_error(e, "shm_open", &path))?;
+        Self::open_fd(fd, instance, path, options)
+    }
+
+    /// Opens a dead generation (see [`list_dead_generations`]) with the same
+    /// ownership, mode and layout checks as [`open`](Self::open); its header
+    /// must name the same instance and generation.
+    pub fn open_dead(dead: &DeadSegment, options: &OpenOptions) -> Result<Self, OpenError> {
+        validate_instance(&dead.instance)?;
+        let path = dead_segment_path(&dead.instance, dead.generation);
+        let fd = rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| open_error(e, "open", &path))?;
+        let segment = Self::open_fd(fd, &dead.instance, path, options)?;
+        if segment.info.identity.generation != dead.generation {
+            return Err(OpenError::BadLayout {
+                path: segment.path,
+                reason: format!(
+                    "header names generation {}, not {}",
+                    segment.info.identity.generation, dead.generation
+                ),
+            });
+        }
+        Ok(segment)
+    }
+
+    fn open_fd(
+        fd: rustix::fd::OwnedFd,
+        instance: &str,
+        path: String,
+        options: &OpenOptions,
+    ) -> Result<Self, OpenError> {
         let stat = rustix::fs::fstat(&fd).map_err(|e| OpenError::Io {
             op: "fstat",
             path: path.clone(),
@@ -775,12 +1001,17 @@ impl AttachedSegment {
         // `RING_OFFSET + capacity * SLOT_SIZE <= file_size`, all mapped; the
         // mapping is page-aligned and kept alive by the Ring's backing.
         let view = unsafe { view_at(base, info.capacity) };
-        let ring = Ring {
-            view,
-            backing: Arc::new(ShmBacking { map, file }),
-        };
+        let backing: Arc<dyn Backing> = Arc::new(ShmBacking { map, file });
+        let inflight = info.inflight.map(|t| {
+            // SAFETY: validate_header checked that the table lies inside the
+            // file (all mapped) at a 64-aligned offset past the ring.
+            let view = unsafe { table_view_at(base, t.offset as usize, t.capacity) };
+            InflightTable::new(view, Arc::clone(&backing)).reader(info.model_count())
+        });
+        let ring = Ring { view, backing };
         Ok(Self {
             ring,
+            inflight,
             info,
             path,
             inode: 0,
@@ -815,6 +1046,47 @@ impl AttachedSegment {
     pub fn replaced(&self) -> bool {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&self.path).map_or(true, |meta| meta.ino() != self.inode)
+    }
+
+    /// A reader of the in-flight table; `None` for segments older than ABI
+    /// 1.2 or made without a table.
+    pub fn inflight(&self) -> Option<InflightReader> {
+        self.inflight.clone()
+    }
+
+    /// The dead-generation file the mapped segment now lives under, if a new
+    /// engine retained it (renamed it) when it took the name over.
+    pub fn dead_generation(&self) -> Option<DeadSegment> {
+        use std::os::unix::fs::MetadataExt;
+        let path = dead_segment_path(&self.info.instance, self.info.identity.generation);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        (meta.ino() == self.inode).then(|| DeadSegment {
+            instance: self.info.instance.clone(),
+            generation: self.info.identity.generation,
+            path,
+        })
+    }
+
+    /// Unlinks the dead-generation file of this segment once it has been
+    /// reported; `Ok(false)` if the mapped segment is not kept as one (it is
+    /// live, or was already removed). The mapping itself goes with `self`.
+    pub fn release_dead(self) -> std::io::Result<bool> {
+        match self.dead_generation() {
+            Some(dead) => remove_dead_generation(&dead).map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
+fn open_error(e: Errno, op: &'static str, path: &str) -> OpenError {
+    match e {
+        Errno::NOENT => OpenError::NotFound(path.to_owned()),
+        Errno::ACCESS | Errno::PERM => OpenError::PermissionDenied(path.to_owned()),
+        e => OpenError::Io {
+            op,
+            path: path.to_owned(),
+            source: e.into(),
+        },
     }
 }
 
@@ -901,6 +1173,11 @@ fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<Segmen
         }
         models.push(name);
     }
+    let inflight = if minor >= 2 {
+        validate_inflight(header, file_size)?
+    } else {
+        None
+    };
     Ok(SegmentInfo {
         instance,
         abi: (ABI_MAJOR, minor),
@@ -919,7 +1196,45 @@ fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<Segmen
         models,
         // A 1.0 writer's bytes here were reserved: not a port.
         listen_port: (minor >= 1 && header.listen_port != 0).then_some(header.listen_port),
+        inflight,
     })
+}
+
+/// The in-flight table fields of a 1.2+ header, checked against the file.
+fn validate_inflight(header: &Header, file_size: u64) -> Result<Option<InflightLayout>, String> {
+    if header.inflight_offset == 0 {
+        return Ok(None);
+    }
+    let offset = header.inflight_offset;
+    let capacity = header.inflight_capacity;
+    if header.inflight_entry_size as usize != INFLIGHT_ENTRY_SIZE {
+        return Err(format!(
+            "in-flight entry size {} (expected {INFLIGHT_ENTRY_SIZE})",
+            header.inflight_entry_size
+        ));
+    }
+    if capacity == 0 || capacity > MAX_INFLIGHT {
+        return Err(format!(
+            "in-flight capacity {capacity} (expected 1..={MAX_INFLIGHT})"
+        ));
+    }
+    let ring_end = segment_size(header.ring_capacity) as u64;
+    if !offset.is_multiple_of(64) || offset < ring_end {
+        return Err(format!(
+            "in-flight table offset {offset} is unaligned or overlaps the ring (ends at {ring_end})"
+        ));
+    }
+    let end = u64::from(capacity)
+        .checked_mul(INFLIGHT_ENTRY_SIZE as u64)
+        .and_then(|len| len.checked_add(offset));
+    match end {
+        Some(end) if end <= file_size && end <= header.segment_size => {
+            Ok(Some(InflightLayout { offset, capacity }))
+        }
+        _ => Err(format!(
+            "in-flight table at {offset} with {capacity} entries does not fit the {file_size}-byte file"
+        )),
+    }
 }
 
 fn decode_name(raw: &[u8; NAME_LEN]) -> Option<String> {
@@ -964,17 +1279,22 @@ pub mod fuzzing {
 
     /// Treats `data` as a whole segment: validates the header as `open` does,
     /// and if it passes, drains the ring (forged counters, cursor and commit
-    /// words included) and decodes every record delivered.
+    /// words included) and decodes every record delivered, then snapshots the
+    /// in-flight table (forged claims, seq words and entries) and claims,
+    /// updates and releases an entry of it.
     ///
     /// If the first byte is odd, the rest of `data` is laid over a valid
-    /// header instead (capacity chosen by the second byte), so that the
-    /// fuzzer spends its time in the ring and record paths rather than
-    /// rediscovering the magic number.
+    /// 1.2 header instead (ring capacity chosen by the second byte, table
+    /// capacity by bits 1..=3 of the first), so that the fuzzer spends its
+    /// time in the ring, table and record paths rather than rediscovering the
+    /// magic number. Bit 7 of the first byte lays the rest over the table
+    /// instead of over the control block and what follows it.
     pub fn segment_bytes(data: &[u8]) {
         match data {
             [mode, shift, rest @ ..] if mode & 1 == 1 => {
                 let capacity = 1u32 << (shift % 6 + 1);
-                let mut image = vec![0u8; segment_size(capacity)];
+                let inflight_capacity = u32::from((mode >> 1) & 7) + 1;
+                let mut image = vec![0u8; segment_size_with_inflight(capacity, inflight_capacity)];
                 let mut header: Header = bytemuck::Zeroable::zeroed();
                 header.magic = MAGIC;
                 header.abi_version = pack_version(ABI_MAJOR, ABI_MINOR);
@@ -986,10 +1306,18 @@ pub mod fuzzing {
                 header.slot_size = SLOT_SIZE as u32;
                 header.ring_capacity = capacity;
                 header.model_count = 1;
+                header.inflight_offset = inflight_offset_for(capacity) as u64;
+                header.inflight_capacity = inflight_capacity;
+                header.inflight_entry_size = INFLIGHT_ENTRY_SIZE as u32;
                 copy_name(&mut header.instance, "fuzz");
                 copy_name(&mut header.models[0], "model");
                 image[..HEADER_SIZE].copy_from_slice(bytemuck::bytes_of(&header));
-                let body = &mut image[CONTROL_OFFSET..];
+                let from = if mode & 0x80 != 0 {
+                    inflight_offset_for(capacity)
+                } else {
+                    CONTROL_OFFSET
+                };
+                let body = &mut image[from..];
                 let n = rest.len().min(body.len());
                 body[..n].copy_from_slice(&rest[..n]);
                 drain_image(&image);
@@ -1020,6 +1348,38 @@ pub mod fuzzing {
             });
         }
         let _ = ring.producer().push(&bytemuck::Zeroable::zeroed());
+        if let Some(table) = info.inflight {
+            snapshot_table(data, table, info.model_count());
+        }
+    }
+
+    fn snapshot_table(data: &[u8], table: InflightLayout, model_count: u16) {
+        // check_header proved the table fits `data`.
+        let Some((base, backing)) = crate::region::heap_image(data, data.len()) else {
+            return;
+        };
+        // SAFETY: `base` holds a copy of all of `data`, in which the header
+        // validation placed the table (64-aligned offset, inside the data).
+        let view = unsafe { table_view_at(base, table.offset as usize, table.capacity) };
+        let table = InflightTable::new(view, backing);
+        let reader = table.reader(model_count);
+        if let Ok(snapshot) = reader.snapshot() {
+            assert!(snapshot.requests.len() as u64 <= u64::from(reader.capacity()));
+            assert!(
+                snapshot.requests.len() as u64
+                    + u64::from(snapshot.torn)
+                    + u64::from(snapshot.invalid)
+                    <= u64::from(reader.capacity())
+            );
+        }
+        let _ = reader.reported();
+        let mut entry: crate::layout::InflightEntry = bytemuck::Zeroable::zeroed();
+        if let Some(mut handle) = table.claim(&entry) {
+            entry.phase = 1;
+            handle.update(&entry);
+            handle.release();
+        }
+        let _ = reader.snapshot();
     }
 
     /// Decodes `data` as one record.

@@ -3,7 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // test-only module: a failed unwrap is a failed test
 
-use crate::layout::{ABI_VERSION_OFFSET, COUNTERS_OFFSET, OverflowMode, pack_version};
+use crate::inflight::tests::queued;
+use crate::layout::{
+    ABI_VERSION_OFFSET, CONTROL_OFFSET, COUNTERS_OFFSET, OverflowMode, inflight_offset_for,
+    pack_version,
+};
 use crate::record::tests::sample_record;
 use crate::ring::{PollError, StartAt};
 use crate::segment::*;
@@ -168,7 +172,7 @@ fn another_major_version_is_refused_naming_both_versions() {
         }
     ));
     assert!(
-        err.to_string().contains("2.3") && err.to_string().contains("1.1"),
+        err.to_string().contains("2.3") && err.to_string().contains("1.2"),
         "{err}"
     );
 }
@@ -349,4 +353,219 @@ fn initial_control_settings_are_published_with_the_header() {
 fn process_start_time_is_read_from_proc() {
     assert!(process_start_time(std::process::id()).is_some());
     assert_eq!(process_start_time(0x3fff_fff0), None);
+}
+
+fn forge_death(name: &str) {
+    // A pid that does not exist and no heartbeat.
+    patch(name, 48, &0x3fff_fff0u32.to_le_bytes());
+    patch(name, (COUNTERS_OFFSET + 88) as u64, &0u64.to_le_bytes());
+}
+
+fn dead_of(name: &str) -> Vec<DeadSegment> {
+    list_dead_generations()
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.instance == name)
+        .collect()
+}
+
+#[test]
+fn a_table_written_by_the_engine_is_snapshotted_by_a_reader() {
+    let name = instance("table");
+    let mut o = options(&name);
+    o.inflight_capacity = 3;
+    let engine = EngineSegment::create(&o).unwrap();
+    let table = engine.inflight().unwrap();
+    assert_eq!(table.capacity(), 3);
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert_eq!(
+        attached.info().inflight,
+        Some(crate::inflight::InflightLayout {
+            offset: inflight_offset_for(16) as u64,
+            capacity: 3
+        })
+    );
+    let reader = attached.inflight().unwrap();
+    let handles: Vec<_> = (0..4).filter_map(|i| table.claim(&queued(i))).collect();
+    assert_eq!(handles.len(), 3);
+    let snapshot = reader.snapshot().unwrap();
+    assert_eq!((snapshot.requests.len(), snapshot.untracked), (3, 1));
+    drop(handles);
+    assert!(reader.snapshot().unwrap().requests.is_empty());
+    assert_eq!(reader.reported(), None);
+    assert!(reader.mark_reported(1));
+    assert!(
+        !reader.mark_reported(1),
+        "a second agent does not report twice"
+    );
+    assert_eq!(reader.reported(), Some(1));
+}
+
+#[test]
+fn a_segment_without_a_table_or_of_minor_1_has_no_reader() {
+    let name = instance("notable");
+    let mut o = options(&name);
+    o.inflight_capacity = 0;
+    let engine = EngineSegment::create(&o).unwrap();
+    assert!(engine.inflight().is_none());
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert!(attached.inflight().is_none());
+
+    let name = instance("minor1");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    patch(
+        &name,
+        ABI_VERSION_OFFSET as u64,
+        &pack_version(1, 1).to_le_bytes(),
+    );
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert_eq!(attached.info().abi, (1, 1));
+    assert!(
+        attached.inflight().is_none(),
+        "1.1 bytes there were reserved"
+    );
+}
+
+#[test]
+fn a_table_that_does_not_fit_the_file_is_refused() {
+    let cases: &[(&str, u64, &[u8], &str)] = &[
+        ("cap", 688, &4097u32.to_le_bytes(), "in-flight capacity"),
+        ("zero", 688, &0u32.to_le_bytes(), "in-flight capacity"),
+        ("big", 688, &4000u32.to_le_bytes(), "does not fit"),
+        ("esize", 692, &256u32.to_le_bytes(), "entry size"),
+        ("align", 680, &(8192u64 + 8).to_le_bytes(), "unaligned"),
+        ("ring", 680, &4096u64.to_le_bytes(), "overlaps the ring"),
+        ("far", 680, &(!63u64).to_le_bytes(), "does not fit"),
+    ];
+    for (tag, offset, bytes, reason) in cases {
+        let name = instance(&format!("tbl-{tag}"));
+        let _engine = EngineSegment::create(&options(&name)).unwrap();
+        patch(&name, *offset, bytes);
+        let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+        assert!(
+            matches!(err, OpenError::BadLayout { .. }) && err.to_string().contains(reason),
+            "{tag}: {err}"
+        );
+    }
+    // A table over the limit is refused at creation, too.
+    let mut o = options(&instance("tbl-create"));
+    o.inflight_capacity = 4097;
+    assert!(matches!(
+        EngineSegment::create(&o),
+        Err(CreateError::Capacity(_))
+    ));
+}
+
+#[test]
+fn a_dead_generation_with_claimed_entries_is_kept_for_the_agent() {
+    let name = instance("dead");
+    let mut o = options(&name);
+    o.unlink_on_drop = false;
+    let engine = EngineSegment::create(&o).unwrap();
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    engine
+        .inflight()
+        .unwrap()
+        .claim(&queued(1))
+        .unwrap()
+        .abandon();
+    drop(engine);
+    forge_death(&name);
+    let next = EngineSegment::create(&options(&name)).unwrap();
+    assert_eq!(next.info().identity.generation, 2);
+    // The agent's mapping survives the rename, and it finds the dead file.
+    assert!(attached.replaced());
+    let dead = attached.dead_generation().unwrap();
+    assert_eq!(dead_of(&name), vec![dead.clone()]);
+    assert_eq!(dead.generation, 1);
+    assert!(!list_segments().unwrap().iter().any(|s| s.contains('~')));
+    // A later agent (--backfill) opens it and sees the claimed entry.
+    let backfill = AttachedSegment::open_dead(&dead, &OpenOptions::default()).unwrap();
+    assert_eq!(backfill.liveness(), Liveness::Dead);
+    let snapshot = backfill.inflight().unwrap().snapshot().unwrap();
+    assert_eq!(snapshot.requests.len(), 1);
+    assert_eq!(snapshot.requests[0].request_id, queued(1).request_id);
+    assert!(backfill.inflight().unwrap().mark_reported(1));
+    assert!(backfill.release_dead().unwrap());
+    assert!(dead_of(&name).is_empty());
+    assert!(!attached.release_dead().unwrap(), "already removed");
+}
+
+#[test]
+fn a_dead_generation_with_unread_records_is_kept_and_a_reported_one_is_not() {
+    let name = instance("deadring");
+    let mut o = options(&name);
+    o.unlink_on_drop = false;
+    let engine = EngineSegment::create(&o).unwrap();
+    let _ = engine.ring().producer().push(&sample_record(1));
+    drop(engine);
+    forge_death(&name);
+    drop(EngineSegment::create(&o).unwrap());
+    let dead = dead_of(&name);
+    assert_eq!(dead.iter().map(|d| d.generation).collect::<Vec<_>>(), [1]);
+
+    // Generation 2 has a claimed entry too, but an agent reported it.
+    let engine = EngineSegment::create(&{
+        forge_death(&name);
+        o.clone()
+    })
+    .unwrap();
+    assert_eq!(engine.info().identity.generation, 3);
+    engine
+        .inflight()
+        .unwrap()
+        .claim(&queued(1))
+        .unwrap()
+        .abandon();
+    patch(&name, (CONTROL_OFFSET + 256) as u64, &3u64.to_le_bytes());
+    drop(engine);
+    forge_death(&name);
+    let engine = EngineSegment::create(&o).unwrap();
+    assert_eq!(engine.info().identity.generation, 4);
+    let gens: Vec<_> = dead_of(&name).iter().map(|d| d.generation).collect();
+    assert_eq!(gens, [1], "generation 2 was empty, 3 was reported");
+    drop(engine);
+    for d in dead_of(&name) {
+        remove_dead_generation(&d).unwrap();
+    }
+    let _ = std::fs::remove_file(segment_path(&name));
+}
+
+#[test]
+fn at_most_four_dead_generations_are_kept() {
+    let name = instance("deadmax");
+    let mut o = options(&name);
+    o.unlink_on_drop = false;
+    for _ in 0..7 {
+        let engine = EngineSegment::create(&o).unwrap();
+        engine
+            .inflight()
+            .unwrap()
+            .claim(&queued(1))
+            .unwrap()
+            .abandon();
+        drop(engine);
+        forge_death(&name);
+    }
+    let gens: Vec<_> = dead_of(&name).iter().map(|d| d.generation).collect();
+    assert_eq!(gens, [3, 4, 5, 6]);
+    assert_eq!(MAX_DEAD_GENERATIONS, 4);
+    // A dead file whose header names another generation is refused.
+    let wrong = DeadSegment {
+        instance: name.clone(),
+        generation: 9,
+        path: String::new(),
+    };
+    std::fs::copy(&dead_of(&name)[0].path, dead_segment_path(&name, 9)).unwrap();
+    std::fs::set_permissions(
+        dead_segment_path(&name, 9),
+        std::fs::Permissions::from_mode(0o660),
+    )
+    .unwrap();
+    let err = AttachedSegment::open_dead(&wrong, &OpenOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("generation 3, not 9"), "{err}");
+    for d in dead_of(&name) {
+        remove_dead_generation(&d).unwrap();
+    }
+    let _ = std::fs::remove_file(segment_path(&name));
 }
