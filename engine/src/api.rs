@@ -379,6 +379,7 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
         stream: req.stream,
         model_index: pending.model_index,
         events: tx,
+        inflight: None,
     };
     match ready.scheduler.submit(job) {
         Ok(()) => {}

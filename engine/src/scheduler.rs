@@ -35,6 +35,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::clock::now_ns;
+use crate::inflight::{Admission, Tracked, Tracker};
 use crate::metrics::Metrics;
 use crate::model::{Loaded, Model};
 use crate::sampling::{Sampler, SamplingParams};
@@ -102,6 +103,8 @@ pub struct Job {
     pub model_index: u16,
     /// Where text and the end of the request go. Closed = client gone.
     pub events: UnboundedSender<Event>,
+    /// The request's in-flight table entry; set by [`SchedulerHandle::submit`].
+    pub inflight: Option<Tracked>,
 }
 
 /// Token accounting of a finished request.
@@ -178,6 +181,7 @@ struct Shared {
     admitted: AtomicUsize,
     limit: usize,
     metrics: Arc<Metrics>,
+    tracker: Tracker,
 }
 
 impl SchedulerHandle {
@@ -191,7 +195,7 @@ impl SchedulerHandle {
     ///
     /// # Errors
     /// [`SubmitError::QueueFull`] (429) or [`SubmitError::Stopped`] (503); the job is dropped.
-    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+    pub fn submit(&self, mut job: Job) -> Result<(), SubmitError> {
         let limit = self.shared.limit;
         self.shared
             .admitted
@@ -203,7 +207,26 @@ impl SchedulerHandle {
             .metrics
             .queue_depth
             .fetch_add(1, Ordering::Relaxed);
-        self.tx.send(job).map_err(|_| {
+        // Admitted: visible in the in-flight table from now on. An entry is freed before the
+        // admission it belongs to is given back, so a table of `parallel + max_queue` entries
+        // always has room here.
+        job.inflight = self.shared.tracker.admit(
+            &Admission {
+                request_id: job.request_id,
+                trace: job.trace,
+                operation: job.operation,
+                t_arrival_ns: job.t_arrival_ns,
+                prompt_tokens: saturate_u32(job.prompt.len()),
+                max_tokens: job.max_tokens.unwrap_or(0),
+                stream: job.stream,
+                model_index: job.model_index,
+            },
+            now_ns(),
+        );
+        self.tx.send(job).map_err(|mpsc::SendError(mut job)| {
+            if let Some(tracked) = job.inflight.take() {
+                tracked.release();
+            }
             self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
             self.shared
                 .metrics
@@ -237,6 +260,7 @@ pub fn start(
         admitted: AtomicUsize::new(0),
         limit: (config.parallel as usize).saturating_add(config.max_queue),
         metrics: Arc::clone(&metrics),
+        tracker: telemetry.tracker(),
     });
     metrics
         .slots
@@ -438,7 +462,7 @@ impl<'m> Engine<'m> {
             if self.pending[i].events.is_closed() {
                 if let Some(job) = self.pending.remove(i) {
                     self.metrics().queue_depth.fetch_sub(1, Ordering::Relaxed);
-                    self.end_unscheduled(&job);
+                    self.end_unscheduled(job);
                 }
             } else {
                 i += 1;
@@ -446,7 +470,7 @@ impl<'m> Engine<'m> {
         }
     }
 
-    fn end_unscheduled(&self, job: &Job) {
+    fn end_unscheduled(&self, mut job: Job) {
         let t = now_ns();
         let outcome = RequestOutcome {
             kind: OutcomeKind::Finished,
@@ -464,7 +488,7 @@ impl<'m> Engine<'m> {
             prompt_tokens: saturate_u32(job.prompt.len()),
             completion_tokens: 0,
             cached_prompt_tokens: 0,
-            sampling: sampling_record(job, job.sampling.seed.unwrap_or(0), 0),
+            sampling: sampling_record(&job, job.sampling.seed.unwrap_or(0), 0),
             stream: job.stream,
             finish_reason: FinishReason::Abort,
             http_status: 499,
@@ -474,6 +498,9 @@ impl<'m> Engine<'m> {
             running: 0,
         };
         self.telemetry.record(&outcome);
+        if let Some(tracked) = job.inflight.take() {
+            tracked.release();
+        }
         self.metrics().count_request(job.operation, 499);
         self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
     }
@@ -485,7 +512,7 @@ impl<'m> Engine<'m> {
             else {
                 return;
             };
-            let Some(job) = self.pending.pop_front() else {
+            let Some(mut job) = self.pending.pop_front() else {
                 return;
             };
             self.metrics().queue_depth.fetch_sub(1, Ordering::Relaxed);
@@ -503,6 +530,10 @@ impl<'m> Engine<'m> {
                 .count_tokens(saturate_u32(job.prompt.len()), 0);
             let stop = StopMatcher::new(job.stop.clone());
             let sampler = Sampler::new(job.sampling);
+            let t_scheduled = now_ns().max(job.t_arrival_ns);
+            if let Some(tracked) = job.inflight.as_mut() {
+                tracked.scheduled(t_scheduled, free, saturate_u32(reused), max_tokens);
+            }
             self.slots[free] = Some(Slot {
                 seq,
                 fed: reused,
@@ -514,7 +545,7 @@ impl<'m> Engine<'m> {
                 sampler,
                 utf8: Utf8Assembler::default(),
                 stop,
-                t_scheduled: now_ns().max(job.t_arrival_ns),
+                t_scheduled,
                 t_first: 0,
                 t_last: 0,
                 running_at_schedule: saturate_u16(running),
@@ -604,6 +635,16 @@ impl<'m> Engine<'m> {
             let Some(slot) = self.slots[i].as_mut() else {
                 continue;
             };
+            // A prompt chunk that does not end the prompt is progress too (a long prefill
+            // spans several steps); the chunk that ends it is followed by the first token.
+            if slot.in_batch
+                && slot.t_first == 0
+                && slot.pending_token.is_none()
+                && slot.fed < slot.job.prompt.len()
+                && let Some(tracked) = slot.job.inflight.as_mut()
+            {
+                tracked.prefilled(t_sample, saturate_u32(slot.fed));
+            }
             if let Some(index) = slot.logits_index.take() {
                 if slot.pending_token.take().is_some() {
                     slot.n_past += 1;
@@ -645,6 +686,9 @@ impl<'m> Engine<'m> {
         }
         slot.t_last = t;
         slot.generated += 1;
+        if let Some(tracked) = slot.job.inflight.as_mut() {
+            tracked.token(t, slot.generated);
+        }
         self.shared.metrics.count_tokens(0, 1);
         slot.sampler.accept(token.0);
         self.piece.clear();
@@ -771,6 +815,9 @@ impl<'m> Engine<'m> {
             running: slot.running_at_schedule,
         };
         self.telemetry.record(&outcome);
+        if let Some(tracked) = slot.job.inflight.take() {
+            tracked.release();
+        }
         self.shared
             .metrics
             .count_request(slot.job.operation, status);

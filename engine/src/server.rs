@@ -106,6 +106,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         &args.instance_name(),
         &names,
         args.ring_capacity,
+        inflight_capacity(args.parallel, args.max_queue),
         args.tracing == crate::cli::Switch::On,
         // The bound port: `--port 0` picks one.
         listener.local_addr().map_or(args.port, |a| a.port()),
@@ -252,4 +253,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         let _ = tokio::task::spawn_blocking(move || companion.stop()).await;
     }
     served
+}
+
+/// One in-flight entry per request the engine can hold at once: every slot and every queue
+/// place (the ABI bounds the table; beyond that, requests are counted untracked).
+fn inflight_capacity(parallel: u32, max_queue: usize) -> u32 {
+    let wanted = u64::from(parallel).saturating_add(max_queue as u64);
+    u32::try_from(wanted.min(u64::from(ringside_shm_protocol::MAX_INFLIGHT))).unwrap_or(0)
 }

@@ -138,8 +138,9 @@ impl Telemetry {
     }
 
     /// Creates `/dev/shm/ringside.<instance>` with the served model names as its model table,
-    /// `capacity` slots, the tracing control word initialised to `tracing` and the API's
-    /// `listen_port` (the agent's `server.port`).
+    /// `capacity` slots, an in-flight table of `inflight_capacity` entries (the engine passes
+    /// `--parallel + --max-queue`: one per request it can hold), the tracing control word
+    /// initialised to `tracing` and the API's `listen_port` (the agent's `server.port`).
     ///
     /// # Errors
     /// [`TelemetryError::Create`] (bad name or capacity, live engine on that name, no room).
@@ -147,11 +148,13 @@ impl Telemetry {
         instance: &str,
         models: &[String],
         capacity: u32,
+        inflight_capacity: u32,
         tracing: bool,
         listen_port: u16,
     ) -> Result<Self, TelemetryError> {
         let mut options = shm::CreateOptions::new(instance, models.to_vec());
         options.capacity = capacity;
+        options.inflight_capacity = inflight_capacity;
         options.listen_port = Some(listen_port);
         options.control.tracing_enabled = tracing;
         let segment =
@@ -173,6 +176,18 @@ impl Telemetry {
             && inner.producer.tracing_enabled()
         {
             let _ = inner.producer.push(&to_record(outcome));
+        }
+    }
+
+    /// The in-flight table's writer for the HTTP layer and the inference thread.
+    #[must_use]
+    pub fn tracker(&self) -> crate::inflight::Tracker {
+        match &self.inner {
+            Some(inner) => match inner.segment.inflight() {
+                Some(table) => crate::inflight::Tracker::new(table, inner.producer.clone()),
+                None => crate::inflight::Tracker::disabled(),
+            },
+            None => crate::inflight::Tracker::disabled(),
         }
     }
 
