@@ -9,12 +9,12 @@
 //! `cargo bench -p ringside-agent --bench drain_convert`
 
 use clap::Parser;
-use ringside_agent::attach::Reader;
+use ringside_agent::pipeline::attach::Reader;
 use ringside_agent::config::{Cli, Command, Settings};
 use ringside_agent::export::encode_trace_request;
-use ringside_agent::metrics::Metrics;
-use ringside_agent::queue::ExportQueue;
-use ringside_agent::resource::ResourceEnv;
+use ringside_agent::pipeline::metrics::Metrics;
+use ringside_agent::export::queue::ExportQueue;
+use ringside_agent::pipeline::resource::ResourceEnv;
 use ringside_shm_protocol::{CreateOptions, EngineSegment, OverflowMode, monotonic_ns};
 use ringside_tests::finished_chat_record;
 use ringside_tests::harness::cpu_time;

@@ -6,11 +6,11 @@
 
 use ringside_agent::config::{Compression, ExportTarget, OtlpSettings, Protocol};
 use ringside_agent::export::{Exporter, Transport};
-use ringside_agent::metrics::{ExportCounters, Metrics};
-use ringside_agent::queue::{ExportQueue, Item};
-use ringside_agent::resource::ResourceEnv;
-use ringside_agent::spans::SpanContext;
-use ringside_agent::stats::{EngineHandle, EngineStats};
+use ringside_agent::pipeline::metrics::{ExportCounters, Metrics};
+use ringside_agent::export::queue::{ExportQueue, Item};
+use ringside_agent::pipeline::resource::ResourceEnv;
+use ringside_agent::pipeline::spans::SpanContext;
+use ringside_agent::pipeline::accounting::{EngineHandle, EngineStats};
 use ringside_shm_protocol::{ClockPair, Detail};
 use ringside_tests::finished_chat_record;
 use ringside_tests::harness::{cpu_time, find_rotel};

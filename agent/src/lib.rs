@@ -24,33 +24,19 @@
 //! (the daemon's published counters), [`top`], [`admin`] (HTTP API) with
 //! [`prometheus`], and [`table`].
 
-pub mod admin;
-pub mod attach;
 pub mod config;
-pub mod console;
 pub mod control;
 pub mod export;
-pub mod metrics;
-pub mod operator;
-pub mod prometheus;
-pub mod queue;
-pub mod resource;
-pub mod retry;
-pub mod sampling;
-pub mod spans;
-pub mod state;
-pub mod stats;
-pub mod status;
-pub mod table;
-pub mod top;
-mod wire;
+pub mod pipeline;
 
 use crate::config::{Cli, Command, ConfigError, RunArgs, Settings};
 use crate::export::{ExportSetupError, Exporter, Transport};
-use crate::metrics::{ExportCounters, Metrics};
-use crate::queue::ExportQueue;
-use crate::resource::ResourceEnv;
-use crate::stats::EngineHandle;
+use crate::pipeline::metrics::{ExportCounters, Metrics};
+use crate::export::queue::ExportQueue;
+use crate::pipeline::resource::ResourceEnv;
+use crate::pipeline::accounting::EngineHandle;
+use crate::control::{admin_api, commands, published_state, status, top};
+use crate::pipeline::{attach, resource};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -81,7 +67,7 @@ pub enum RunError {
     ExporterPanicked,
     /// The admin API could not start.
     #[error(transparent)]
-    Admin(#[from] admin::AdminError),
+    Admin(#[from] admin_api::AdminError),
     /// `top` failed.
     #[error(transparent)]
     Top(#[from] top::TopError),
@@ -90,7 +76,7 @@ pub enum RunError {
     Status(#[from] status::StatusError),
     /// An operator command (`tracing`, `set`) failed.
     #[error(transparent)]
-    Operator(#[from] operator::OperatorError),
+    Operator(#[from] commands::OperatorError),
 }
 
 impl RunError {
@@ -114,8 +100,8 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
 pub fn run(cli: Cli) -> Result<(), RunError> {
     match cli.command {
         Command::Run(args) => run_agent(&args),
-        Command::Tracing(args) => Ok(operator::tracing(&args)?),
-        Command::Set(args) => Ok(operator::set(&args)?),
+        Command::Tracing(args) => Ok(commands::tracing(&args)?),
+        Command::Set(args) => Ok(commands::set(&args)?),
         Command::Status(args) => Ok(status::run(&args)?),
         Command::Top(args) => Ok(top::run(&args)?),
     }
@@ -198,9 +184,9 @@ fn publish_state(
         let registry = registry
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state::collect(&registry, unix_now_ns() / 1_000_000)
+        published_state::collect(&registry, unix_now_ns() / 1_000_000)
     };
-    match state::write(path, &state) {
+    match published_state::write(path, &state) {
         Ok(()) => *warned = false,
         Err(e) if !*warned => {
             tracing::warn!(error = %e, "cannot publish the agent state; `ringside-agent status` will lack the agent's counters (set --state-file)");
@@ -264,7 +250,7 @@ async fn serve(settings: Settings, resource_env: ResourceEnv) -> Result<(), RunE
     let admin_task = match &settings.admin {
         None => None,
         Some(admin_settings) => {
-            let state = admin::AdminState {
+            let state = admin_api::AdminState {
                 registry: Arc::clone(&registry),
                 metrics: Arc::clone(&metrics),
                 counters: Arc::clone(&counters),
@@ -273,7 +259,7 @@ async fn serve(settings: Settings, resource_env: ResourceEnv) -> Result<(), RunE
                 trusted_uids: settings.trusted_uids.clone(),
                 token: admin_settings.token.as_deref().map(Arc::from),
             };
-            match admin::serve(admin_settings.listen, state, admin_stop_rx).await {
+            match admin_api::serve(admin_settings.listen, state, admin_stop_rx).await {
                 Ok(task) => Some(task),
                 Err(e) if !admin_settings.explicit => {
                     tracing::warn!(error = %e, "admin API not started (the default address is taken; give --admin-listen)");

@@ -2,7 +2,7 @@
 //! `tracing on|off|status` and `set`.
 
 use crate::config::{DetailArg, EngineSelection, SetArgs, ShowArgs, TracingAction, TracingArgs};
-use crate::control::{self, Change, ControlError};
+use crate::control::control_block::{self, Change, ControlError};
 use ringside_shm_protocol::Detail;
 use std::io::Write;
 
@@ -31,12 +31,12 @@ fn warn_skipped(skipped: &[ControlError]) {
 
 fn change_all(selection: &EngineSelection, change: &Change) -> Result<(), OperatorError> {
     change.validate()?;
-    let opened = control::open_engines(&selection.engines, &selection.trusted_uids)?;
+    let opened = control_block::open_engines(&selection.engines, &selection.trusted_uids)?;
     warn_skipped(&opened.skipped);
     let mut out = std::io::stdout().lock();
     for segment in &opened.engines {
         change.apply(segment)?;
-        let s = control::read_settings(segment);
+        let s = control_block::read_settings(segment);
         writeln!(
             out,
             "{}: tracing {}, detail {}, head sample {}, tail {}",
@@ -44,7 +44,7 @@ fn change_all(selection: &EngineSelection, change: &Change) -> Result<(), Operat
             if s.enabled { "on" } else { "off" },
             s.detail,
             s.head_sample_ratio,
-            control::describe_tail(&s.tail)
+            control_block::describe_tail(&s.tail)
         )?;
     }
     Ok(())
@@ -52,15 +52,15 @@ fn change_all(selection: &EngineSelection, change: &Change) -> Result<(), Operat
 
 /// Shows the settings of the selected engines as a table or JSON.
 pub fn show(args: &ShowArgs) -> Result<(), OperatorError> {
-    let opened = control::open_engines(&args.selection.engines, &args.selection.trusted_uids)?;
+    let opened = control_block::open_engines(&args.selection.engines, &args.selection.trusted_uids)?;
     warn_skipped(&opened.skipped);
-    let settings: Vec<_> = opened.engines.iter().map(control::read_settings).collect();
+    let settings: Vec<_> = opened.engines.iter().map(control_block::read_settings).collect();
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &settings)?;
         writeln!(out)?;
     } else {
-        out.write_all(control::settings_table(&settings).as_bytes())?;
+        out.write_all(control_block::settings_table(&settings).as_bytes())?;
     }
     Ok(())
 }

@@ -3,11 +3,17 @@
 //! console tree and the JSON-lines file; batching, retry and the shutdown
 //! flush.
 
+
+pub mod console;
+pub mod queue;
+pub mod retry;
+pub(crate) mod wire;
+
 use crate::config::{Compression, ExportTarget, OtlpSettings, Protocol};
-use crate::metrics::{ExportCounters, Metrics, scope};
-use crate::queue::{ExportQueue, Item};
-use crate::retry::{self, Jitter, Verdict};
-use crate::stats::{EngineHandle, EngineStats};
+use crate::pipeline::metrics::{ExportCounters, Metrics, scope};
+use crate::export::queue::{ExportQueue, Item};
+use crate::export::retry::{Jitter, Verdict};
+use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::{
@@ -539,7 +545,7 @@ async fn http_post(h: &Http, url: &str, mut body: Vec<u8>) -> Result<Vec<u8>, At
 /// requests' spans in queue order, written straight from the records. The
 /// same bytes prost would write for the equivalent structs.
 pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
-    use crate::wire::{bytes_field, message};
+    use crate::export::wire::{bytes_field, message};
     /// A request span with both attribute sets and three children.
     const TYPICAL_REQUEST_BYTES: usize = 1536;
     let scope = scope().encode_to_vec();
@@ -558,7 +564,7 @@ pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
             message(out, 2, |out| {
                 bytes_field(out, 1, &scope);
                 for item in items.iter().filter(|i| i.engine.id == engine.id) {
-                    crate::spans::encode(&item.ctx, &item.record, item.detail, out);
+                    crate::pipeline::spans::encode(&item.ctx, &item.record, item.detail, out);
                 }
             });
         });
@@ -905,7 +911,7 @@ impl BatchSender {
         mut stop: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> u64 {
         let console_text = if self.transport.is_console() {
-            crate::console::render(&items)
+            crate::export::console::render(&items)
         } else {
             String::new()
         };
@@ -999,7 +1005,7 @@ impl BatchSender {
 mod tests {
     use super::*;
     use crate::config::AttributeSet;
-    use crate::spans::tests::{ctx, raw_record};
+    use crate::pipeline::spans::tests::{ctx, raw_record};
     use ringside_shm_protocol::Detail;
     use std::sync::atomic::AtomicUsize;
 
@@ -1009,7 +1015,7 @@ mod tests {
             id,
             instance: format!("e{id}"),
             pid: 1,
-            resource: crate::resource::ResourceEnv {
+            resource: crate::pipeline::resource::ResourceEnv {
                 service_name: "s".into(),
                 extra: vec![],
                 host_name: "h".into(),
@@ -1049,7 +1055,7 @@ mod tests {
             Some(&items[1].engine.resource)
         );
         let first = &req.resource_spans[0].scope_spans[0].spans;
-        let spans_of = |i: &Item| crate::spans::convert(&i.ctx, &i.record, i.detail);
+        let spans_of = |i: &Item| crate::pipeline::spans::convert(&i.ctx, &i.record, i.detail);
         assert_eq!(first[..4], spans_of(&items[0])[..]);
         assert_eq!(first[4..], spans_of(&items[2])[..]);
         assert_eq!(req.resource_spans.len(), 2);

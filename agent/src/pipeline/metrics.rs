@@ -2,8 +2,8 @@
 //! not), and the agent's own health counters, as OTLP metrics with
 //! cumulative temporality.
 
-use crate::resource::{kv_int, kv_str};
-use crate::stats::EngineHandle;
+use crate::pipeline::resource::{kv_int, kv_str};
+use crate::pipeline::accounting::EngineHandle;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -117,7 +117,7 @@ impl Series {
         Self {
             model: model.to_owned(),
             operation: record.operation.as_str(),
-            error: crate::spans::error_type(record),
+            error: crate::pipeline::spans::error_type(record),
             duration: Hist::new(DURATION_BOUNDS),
             ttft: Hist::new(TTFT_BOUNDS),
             tpot: Hist::new(TPOT_BOUNDS),
@@ -237,7 +237,7 @@ impl Metrics {
             for s in engine.series.values() {
                 let mut attrs = vec![
                     kv_str("gen_ai.operation.name", s.operation),
-                    kv_str("gen_ai.provider.name", crate::spans::PROVIDER_NAME),
+                    kv_str("gen_ai.provider.name", crate::pipeline::spans::PROVIDER_NAME),
                     kv_str("gen_ai.request.model", s.model.clone()),
                     kv_str("gen_ai.response.model", s.model.clone()),
                 ];
@@ -460,8 +460,8 @@ fn health_metrics(engine: &EngineHandle, start: u64, now: u64) -> Vec<Metric> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::tests::raw_record;
-    use crate::stats::EngineStats;
+    use crate::pipeline::spans::tests::raw_record;
+    use crate::pipeline::accounting::EngineStats;
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
     #[test]

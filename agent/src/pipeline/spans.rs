@@ -8,7 +8,7 @@
 //! span id, so converting a record twice gives identical spans.
 
 use crate::config::AttributeSet;
-use crate::wire;
+use crate::export::wire;
 use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span, span, status};
 use prost::Message as _;
 use ringside_shm_protocol::{ClockPair, Detail, Operation, RequestRecord};
@@ -424,7 +424,7 @@ pub fn convert(ctx: &SpanContext, record: &RequestRecord, detail: Detail) -> Vec
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::resource::tests::attr;
+    use crate::pipeline::resource::tests::attr;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use ringside_shm_protocol::{
         ErrorType, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason, Record, RecordKind, params,

@@ -2,7 +2,7 @@
 //! [`Settings`] value. Flags override the environment; anything that cannot
 //! be understood is refused with a [`ConfigError`] naming the setting.
 
-use crate::sampling::Sampler;
+use crate::pipeline::sampling::Sampler;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -755,7 +755,7 @@ impl Settings {
             state_file: args
                 .state_file
                 .clone()
-                .unwrap_or_else(|| crate::state::default_path(&env, std::process::id())),
+                .unwrap_or_else(|| crate::control::published_state::default_path(&env, std::process::id())),
             state_file_default: args.state_file.is_none(),
             admin,
         })

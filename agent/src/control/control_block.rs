@@ -274,7 +274,7 @@ pub fn settings_table(settings: &[EngineSettings]) -> String {
             describe_tail(&s.tail),
         ]);
     }
-    crate::table::render(&rows)
+    crate::control::table::render(&rows)
 }
 
 /// `errors, ttft>=500ms, rest 0.1`: what the tail sampler keeps.

@@ -7,7 +7,7 @@
 //! line per engine per refresh.
 
 use crate::config::TopArgs;
-use crate::control::{self, ControlError};
+use crate::control::control_block::{self, ControlError};
 use ringside_shm_protocol::{AttachedSegment, Consumer, Liveness, StartAt, list_segments};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IsTerminal, Write};
@@ -253,7 +253,7 @@ pub fn render_table(rows: &[Row], window: Duration) -> String {
         "ringside top — {} engine(s), window {}s, percentiles p50/p90/p99 — q to quit\n\n{}",
         rows.len(),
         window.as_secs(),
-        crate::table::render(&table)
+        crate::control::table::render(&table)
     )
 }
 
@@ -290,7 +290,7 @@ struct Engines {
 impl Engines {
     fn refresh(&mut self) -> Result<(), ControlError> {
         if self.watched.is_empty() {
-            let opened = control::open_engines(&self.names, &self.trusted)?;
+            let opened = control_block::open_engines(&self.names, &self.trusted)?;
             for s in opened.engines {
                 self.watched
                     .insert(s.info().instance.clone(), Watched::open(s));
@@ -300,7 +300,7 @@ impl Engines {
             for name in list_segments()? {
                 if !self.watched.contains_key(&name)
                     && let Ok(opened) =
-                        control::open_engines(std::slice::from_ref(&name), &self.trusted)
+                        control_block::open_engines(std::slice::from_ref(&name), &self.trusted)
                 {
                     for s in opened.engines {
                         self.watched.insert(name.clone(), Watched::open(s));

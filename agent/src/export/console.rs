@@ -9,7 +9,7 @@
 //!    └─ decode   1.000 s  +0.500
 //! ```
 
-use crate::queue::Item;
+use crate::export::queue::Item;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::{Span, status};
@@ -54,7 +54,7 @@ fn secs(ns: u64) -> f64 {
 pub fn render(items: &[Item]) -> String {
     let mut out = String::new();
     for item in items {
-        let spans = crate::spans::convert(&item.ctx, &item.record, item.detail);
+        let spans = crate::pipeline::spans::convert(&item.ctx, &item.record, item.detail);
         let Some((root, children)) = spans.split_first() else {
             continue;
         };
@@ -142,8 +142,8 @@ pub fn render(items: &[Item]) -> String {
 mod tests {
     use super::*;
     use crate::config::AttributeSet;
-    use crate::spans::tests::{ctx, raw_record};
-    use crate::stats::{EngineHandle, EngineStats};
+    use crate::pipeline::spans::tests::{ctx, raw_record};
+    use crate::pipeline::accounting::{EngineHandle, EngineStats};
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use ringside_shm_protocol::Detail;
     use std::sync::Arc;

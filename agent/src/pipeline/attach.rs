@@ -17,12 +17,12 @@
 //! * otherwise: the newest (only requests from now on).
 
 use crate::config::{DetailArg, Settings};
-use crate::metrics::Metrics;
-use crate::queue::{ExportQueue, Item};
-use crate::resource::ResourceEnv;
-use crate::sampling::{Sampler, TailSampler, keep_by_ppm};
-use crate::spans::SpanContext;
-use crate::stats::{EngineHandle, EngineStats};
+use crate::pipeline::metrics::Metrics;
+use crate::export::queue::{ExportQueue, Item};
+use crate::pipeline::resource::ResourceEnv;
+use crate::pipeline::sampling::{Sampler, TailSampler, keep_by_ppm};
+use crate::pipeline::spans::SpanContext;
+use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use ringside_shm_protocol::{
     AttachedSegment, Consumer, Detail, EngineIdentity, Liveness, OpenError, OpenOptions, PollError,
     Record, StartAt, list_segments, monotonic_ns,
