@@ -7,9 +7,9 @@
 //! token; everything but the probes `/healthz` and `/readyz` then answers 401 without it.
 
 use crate::control::control_block::{self, Change, ControlError, EngineSettings};
-use crate::pipeline::metrics::{ExportCounters, Metrics};
 use crate::export::queue::ExportQueue;
 use crate::pipeline::accounting::EngineHandle;
+use crate::pipeline::metrics::{ExportCounters, Metrics};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -20,6 +20,17 @@ use ringside_shm_protocol::Detail;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
+/// Where the admin API listens and how it authenticates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// The address.
+    pub listen: std::net::SocketAddr,
+    /// Whether the address was given (a taken default is not fatal).
+    pub explicit: bool,
+    /// The bearer token (required beyond loopback).
+    pub token: Option<String>,
+}
 
 /// Why the admin API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -153,13 +164,16 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         metrics.to_request(
-            crate::unix_now_ns(),
+            crate::pipeline::metrics::unix_now_ns(),
             state.queue.len() as u64,
             &state.counters,
         )
     };
     (
-        [(header::CONTENT_TYPE, crate::control::prometheus::CONTENT_TYPE)],
+        [(
+            header::CONTENT_TYPE,
+            crate::control::prometheus::CONTENT_TYPE,
+        )],
         crate::control::prometheus::render(&request),
     )
         .into_response()
@@ -186,7 +200,11 @@ fn settings_of(names: &[String], state: &AdminState) -> Result<Vec<EngineSetting
         names
     };
     let opened = control_block::open_engines(names, &state.trusted_uids)?;
-    Ok(opened.engines.iter().map(control_block::read_settings).collect())
+    Ok(opened
+        .engines
+        .iter()
+        .map(control_block::read_settings)
+        .collect())
 }
 
 async fn get_tracing(State(state): State<AdminState>) -> Response {

@@ -1,10 +1,17 @@
 //! The operator commands that act on engines without a daemon:
 //! `tracing on|off|status` and `set`.
 
-use crate::config::{DetailArg, EngineSelection, SetArgs, ShowArgs, TracingAction, TracingArgs};
-use crate::control::control_block::{self, Change, ControlError};
-use ringside_shm_protocol::Detail;
+use crate::control::control_block::{self, Change, ControlError, EngineSelection};
 use std::io::Write;
+
+/// What `tracing status` shows.
+#[derive(Clone, Debug, Default)]
+pub struct ShowOptions {
+    /// Which engines.
+    pub selection: EngineSelection,
+    /// JSON instead of a table.
+    pub json: bool,
+}
 
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,12 +58,17 @@ fn change_all(selection: &EngineSelection, change: &Change) -> Result<(), Operat
 }
 
 /// Shows the settings of the selected engines as a table or JSON.
-pub fn show(args: &ShowArgs) -> Result<(), OperatorError> {
-    let opened = control_block::open_engines(&args.selection.engines, &args.selection.trusted_uids)?;
+pub fn show(options: &ShowOptions) -> Result<(), OperatorError> {
+    let selection = &options.selection;
+    let opened = control_block::open_engines(&selection.engines, &selection.trusted_uids)?;
     warn_skipped(&opened.skipped);
-    let settings: Vec<_> = opened.engines.iter().map(control_block::read_settings).collect();
+    let settings: Vec<_> = opened
+        .engines
+        .iter()
+        .map(control_block::read_settings)
+        .collect();
     let mut out = std::io::stdout().lock();
-    if args.json {
+    if options.json {
         serde_json::to_writer_pretty(&mut out, &settings)?;
         writeln!(out)?;
     } else {
@@ -65,43 +77,22 @@ pub fn show(args: &ShowArgs) -> Result<(), OperatorError> {
     Ok(())
 }
 
-/// `ringside-agent tracing on|off|status`.
-pub fn tracing(args: &TracingArgs) -> Result<(), OperatorError> {
-    match &args.action {
-        TracingAction::On(selection) => change_all(
-            selection,
-            &Change {
-                enabled: Some(true),
-                ..Change::default()
-            },
-        ),
-        TracingAction::Off(selection) => change_all(
-            selection,
-            &Change {
-                enabled: Some(false),
-                ..Change::default()
-            },
-        ),
-        TracingAction::Status(show_args) => show(show_args),
-    }
+/// `ringside-agent tracing on|off`: switches tracing of the selected
+/// engines.
+pub fn switch_tracing(selection: &EngineSelection, enabled: bool) -> Result<(), OperatorError> {
+    change_all(
+        selection,
+        &Change {
+            enabled: Some(enabled),
+            ..Change::default()
+        },
+    )
 }
 
-/// `ringside-agent set`.
-pub fn set(args: &SetArgs) -> Result<(), OperatorError> {
-    let change = Change {
-        enabled: None,
-        detail: args.detail.map(|d| match d {
-            DetailArg::Request => Detail::Request,
-            DetailArg::Phases => Detail::Phases,
-        }),
-        head_sample_ratio: args.head_sample,
-        tail_keep_errors: args.tail_keep_errors,
-        tail_sample_ratio: args.tail_sample,
-        tail_ttft_threshold_ms: args.tail_ttft_ms,
-        tail_e2e_threshold_ms: args.tail_e2e_ms,
-    };
+/// `ringside-agent set`: applies `change` to the selected engines.
+pub fn set(selection: &EngineSelection, change: &Change) -> Result<(), OperatorError> {
     if change.is_empty() {
         return Err(OperatorError::NothingToSet);
     }
-    change_all(&args.selection, &change)
+    change_all(selection, change)
 }

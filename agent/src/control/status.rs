@@ -1,8 +1,7 @@
 //! `ringside-agent status`: what every engine's segment says, joined with
 //! the counters the running agent publishes (see [`crate::control::published_state`]).
 
-use crate::config::StatusArgs;
-use crate::control::control_block::{self, ControlError, EngineSettings};
+use crate::control::control_block::{self, ControlError, EngineSelection, EngineSettings};
 use crate::control::published_state::{self, AgentState, EngineState};
 use ringside_shm_protocol::{AttachedSegment, monotonic_ns, realtime_ns};
 use std::io::Write;
@@ -273,9 +272,22 @@ pub fn render(engines: &[EngineStatus]) -> String {
     out
 }
 
+/// What `ringside-agent status` shows.
+#[derive(Clone, Debug, Default)]
+pub struct StatusOptions {
+    /// Which engines.
+    pub selection: EngineSelection,
+    /// JSON instead of a table.
+    pub json: bool,
+    /// The running agent's state file; default: every `agent-<pid>.json` in
+    /// the runtime directory, matched to each engine by its agent's pid.
+    pub state_file: Option<std::path::PathBuf>,
+}
+
 /// `ringside-agent status`.
-pub fn run(args: &StatusArgs) -> Result<(), StatusError> {
-    let opened = control_block::open_engines(&args.selection.engines, &args.selection.trusted_uids)?;
+pub fn run(args: &StatusOptions) -> Result<(), StatusError> {
+    let opened =
+        control_block::open_engines(&args.selection.engines, &args.selection.trusted_uids)?;
     for e in &opened.skipped {
         eprintln!("ringside-agent: skipped {e}");
     }

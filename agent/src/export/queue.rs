@@ -6,8 +6,8 @@
 //! spans only when its batch is sent (a queued request holds ~300 bytes, not
 //! the ~1.4 KiB of its encoded spans).
 
-use crate::pipeline::spans::{self, SpanContext};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
+use crate::pipeline::spans::{self, SpanContext};
 use ringside_shm_protocol::{Detail, RequestRecord};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -202,7 +202,9 @@ mod tests {
         } else {
             Detail::Request
         };
-        let ctx = Arc::new(crate::pipeline::spans::tests::ctx(crate::config::AttributeSet::Both));
+        let ctx = Arc::new(crate::pipeline::spans::tests::ctx(
+            crate::pipeline::spans::AttributeSet::Both,
+        ));
         let item = Item::new(Arc::clone(engine), ctx, record, detail);
         assert_eq!(item.spans, n);
         item

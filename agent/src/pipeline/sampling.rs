@@ -1,7 +1,6 @@
 //! Head sampling with `OTEL_TRACES_SAMPLER` semantics, decided per record.
 //! Sampled-out records still feed the metrics and are counted.
 
-use crate::config::ConfigError;
 use ringside_shm_protocol::{FinishReason, RecordKind, RequestRecord, TailSampling};
 use std::time::{Duration, Instant};
 
@@ -28,25 +27,6 @@ pub enum SamplerError {
     /// The ratio is not a number in [0, 1].
     #[error("sampler argument {0:?} is not a ratio in [0, 1]")]
     Arg(String),
-}
-
-impl SamplerError {
-    pub(crate) fn into_config(self, name_setting: &str, arg_setting: &str) -> ConfigError {
-        match self {
-            Self::Name(v) => ConfigError::Invalid {
-                setting: name_setting.to_owned(),
-                value: v,
-                reason: "expected always_on, always_off, traceidratio, parentbased_always_on, \
-                         parentbased_always_off or parentbased_traceidratio"
-                    .to_owned(),
-            },
-            Self::Arg(v) => ConfigError::Invalid {
-                setting: arg_setting.to_owned(),
-                value: v,
-                reason: "expected a ratio in [0, 1]".to_owned(),
-            },
-        }
-    }
 }
 
 impl Default for Sampler {

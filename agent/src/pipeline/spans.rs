@@ -7,7 +7,6 @@
 //! span id come from the record; child span ids are derived from the request
 //! span id, so converting a record twice gives identical spans.
 
-use crate::config::AttributeSet;
 use crate::export::wire;
 use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span, span, status};
 use prost::Message as _;
@@ -21,6 +20,29 @@ pub const PROVIDER_NAME: &str = "ringside";
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 /// OTLP span flag: the parent is remote.
 const FLAG_IS_REMOTE: u32 = 0x200;
+
+/// Which span attributes to emit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttributeSet {
+    /// The OpenTelemetry GenAI semantic conventions v1.41.
+    Semconv,
+    /// The attributes vLLM emits (`gen_ai.latency.*`, deprecated token names).
+    Vllm,
+    /// Both sets.
+    #[default]
+    Both,
+}
+
+impl AttributeSet {
+    /// Whether the semconv set is emitted.
+    pub fn semconv(self) -> bool {
+        matches!(self, Self::Semconv | Self::Both)
+    }
+    /// Whether the vLLM set is emitted.
+    pub fn vllm(self) -> bool {
+        matches!(self, Self::Vllm | Self::Both)
+    }
+}
 
 /// What converting one engine's records needs.
 #[derive(Clone, Debug)]
