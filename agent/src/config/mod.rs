@@ -1,5 +1,5 @@
 //! Command line and `OTEL_*` environment: parsed ([`cli`], with the
-//! `--config` file in [`file`]), checked and resolved into one [`Settings`]
+//! `--config` file in [`file`](mod@file)), checked and resolved into one [`Settings`]
 //! value ([`settings`], the OTLP settings in [`otlp`]). Flags override the
 //! environment; anything that cannot be understood is refused with a
 //! [`ConfigError`] naming the setting.

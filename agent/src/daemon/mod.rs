@@ -8,7 +8,7 @@
 //!    transport, the signal handlers, the export queue, the admin API, the
 //!    reader thread, the export task and the state-file publisher running;
 //!    systemd told `READY=1`. [`StartedApplication::run`] serves until
-//!    SIGTERM / SIGINT, applying SIGHUP reloads ([`reload`]).
+//!    SIGTERM / SIGINT, applying SIGHUP reloads (`reload`).
 //! 3. [`FinishedApplication::shutdown`]: the reader stopped and joined (its
 //!    cursors committed), the queue flushed within `--shutdown-timeout-ms`,
 //!    the final counters published, the admin API stopped, and the

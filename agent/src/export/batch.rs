@@ -1,5 +1,5 @@
 //! One batch: encoded once into an OTLP `ExportTraceServiceRequest`
-//! ([`encode_trace_request`], written by hand with [`wire`](super::wire)
+//! ([`encode_trace_request`], written by hand with `wire`
 //! straight from the records), then sent with retries and backoff until it
 //! is accepted, refused for good, or out of budget.
 

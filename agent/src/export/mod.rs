@@ -1,8 +1,8 @@
 //! Sending what the pipeline queued: batches of whole requests encoded by
-//! hand into one OTLP `ExportTraceServiceRequest` each ([`wire`], straight
+//! hand into one OTLP `ExportTraceServiceRequest` each (`wire`, straight
 //! from the records) and sent as raw bytes over OTLP/gRPC ([`otlp_grpc`]) or
 //! OTLP/HTTP with protobuf or JSON bodies ([`otlp_http`]), or written to the
-//! [`console`] or a [`file`]; metrics are sent every interval from the
+//! [`console`] or a [`file`](mod@file); metrics are sent every interval from the
 //! generated `opentelemetry-proto` structs. Retry classification and backoff
 //! in [`retry`]; the bounded queue in [`queue`]; one batch's encoding and
 //! retries in [`batch`]; the export task and the shutdown flush in

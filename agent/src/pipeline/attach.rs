@@ -5,9 +5,12 @@
 //! i.e. a new generation / pid / start time) and dead ones (liveness), drains
 //! what they left and detaches. Between scans it polls every attached ring,
 //! validates each record (`Record::decode`), feeds the metrics, applies the
-//! head sampler, converts to spans and hands them to the export queue; only
-//! then is the cursor committed to the segment, so a restarted agent resumes
-//! exactly after the last request it handed on.
+//! head and tail samplers and hands the kept records to the export queue
+//! (they become spans only when their batch is encoded); only then is the
+//! cursor committed to the segment, so a restarted agent resumes exactly
+//! after the last request it handed on.
+//!
+//! It takes its settings as a plain [`ReaderSettings`] value.
 //!
 //! Where a new consumer starts:
 //! * a stored cursor, or a segment an agent attached to before: that cursor

@@ -1,5 +1,6 @@
-//! Head sampling with `OTEL_TRACES_SAMPLER` semantics, decided per record.
-//! Sampled-out records still feed the metrics and are counted.
+//! Head sampling with `OTEL_TRACES_SAMPLER` semantics and tail sampling (the
+//! control block's rules, optionally above the live p99), decided per
+//! record. Sampled-out records still feed the metrics and are counted.
 
 use ringside_shm_protocol::{FinishReason, RecordKind, RequestRecord, TailSampling};
 use std::time::{Duration, Instant};

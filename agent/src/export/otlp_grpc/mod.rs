@@ -1,7 +1,7 @@
 //! OTLP/gRPC over tonic: one channel per signal endpoint, the headers as
 //! metadata, optional gzip. Traces go out as the pre-encoded request bytes
-//! through a raw codec ([`trace`]); metrics through the generated
-//! `opentelemetry-proto` client ([`metrics`]).
+//! through a raw codec (`trace.rs`); metrics through the generated
+//! `opentelemetry-proto` client (`metrics.rs`).
 
 mod metrics;
 mod trace;

@@ -1,8 +1,8 @@
 //! OTLP/HTTP over reqwest: protobuf or JSON bodies, optional gzip, the
 //! headers on every request; the status code and `Retry-After` are
-//! classified by [`retry`](crate::export::retry), the partial success read
-//! out of the response body. One POST path for both signals ([`trace`],
-//! [`metrics`]).
+//! classified by [`crate::export::retry`], the partial success read
+//! out of the response body. One POST path for both signals (`trace.rs`,
+//! `metrics.rs`).
 
 mod metrics;
 mod trace;
