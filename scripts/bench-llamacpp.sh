@@ -113,7 +113,9 @@ for _ in $(seq 1 300); do
     kill -0 "$lpid" 2>/dev/null || die "llama-server exited: $(tail -5 "$logs/llama.log")"
     sleep 0.5
 done
-ready "$eport" && ready "$lport" || die "servers not ready after 150 s (logs in $logs)"
+if ! { ready "$eport" && ready "$lport"; }; then
+    die "servers not ready after 150 s (logs in $logs)"
+fi
 
 report_args=()
 [[ -n "${RINGSIDE_BENCH_REPORT_DIR:-}" ]] && report_args=(--report "$RINGSIDE_BENCH_REPORT_DIR/llamacpp.md")

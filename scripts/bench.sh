@@ -63,6 +63,7 @@ part() {
     say "$name ($mode)"
     if ! "$@"; then
         failed+=("$name")
+        # shellcheck disable=SC2016 # the backquotes are markdown, not expansions
         printf '## %s\n\n**Failed**: the harness broke (see the output of `scripts/bench.sh`); no figures.\n' \
             "$name" >>"$report_dir/$name.md"
     fi
@@ -75,6 +76,7 @@ if [[ $mode == quick ]]; then
         --rates 2500,10000,100000,0 --freshness-rates 10000
     part engine_tracing env ENGINE_BENCH_CLIENTS=2 ENGINE_BENCH_BLOCKS=4 ENGINE_BENCH_REQUESTS=2 \
         ENGINE_BENCH_MAX_TOKENS=32 cargo bench -p ringside-perf --locked --bench engine_tracing
+    # shellcheck disable=SC2016 # the backquotes are markdown, not expansions
     printf '## Engine vs llama.cpp\n\nNot run in quick mode (building llama-server takes ~10 min on 2 cores): `scripts/bench.sh --full` or `scripts/bench-llamacpp.sh`. Earlier figures and the investigation: [ENGINE_VS_LLAMACPP.md](ENGINE_VS_LLAMACPP.md).\n' \
         >"$report_dir/llamacpp.md"
 else

@@ -27,7 +27,9 @@ agent_log="$(mktemp -t ringside-agent.XXXXXX.log)"
 engine_pid=$!
 agent_pid=""
 cleanup() {
-    [[ -n "$agent_pid" ]] && kill "$agent_pid" 2>/dev/null || true
+    if [[ -n "$agent_pid" ]]; then
+        kill "$agent_pid" 2>/dev/null || true
+    fi
     kill "$engine_pid" 2>/dev/null || true
     wait 2>/dev/null || true
 }

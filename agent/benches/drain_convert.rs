@@ -9,12 +9,9 @@
 //! `cargo bench -p ringside-agent --bench drain_convert`
 
 use clap::Parser;
-use ringside_agent::attach::Reader;
-use ringside_agent::config::{Cli, Command, Settings};
-use ringside_agent::export::encode_trace_request;
-use ringside_agent::metrics::Metrics;
-use ringside_agent::queue::ExportQueue;
-use ringside_agent::resource::ResourceEnv;
+use ringside_agent::{
+    Cli, Command, ExportQueue, Metrics, Reader, ResourceEnv, Settings, encode_trace_request,
+};
 use ringside_shm_protocol::{CreateOptions, EngineSegment, OverflowMode, monotonic_ns};
 use ringside_tests::finished_chat_record;
 use ringside_tests::harness::cpu_time;
@@ -44,7 +41,7 @@ fn reader(name: &str) -> (Reader, Arc<ExportQueue>) {
     let settings = Settings::resolve(&args, &|_| None).expect("bench settings");
     let queue = Arc::new(ExportQueue::new(10_000_000, 1 << 36, 512));
     let r = Reader::new(
-        settings,
+        settings.reader(),
         ResourceEnv::from_env(&|_| None, "bench".into()),
         Arc::clone(&queue),
         Arc::new(Mutex::new(Metrics::new(0))),

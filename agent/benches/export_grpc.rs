@@ -4,13 +4,11 @@
 //!
 //! `cargo bench -p ringside-agent --bench export_grpc`
 
-use ringside_agent::config::{Compression, ExportTarget, OtlpSettings, Protocol};
-use ringside_agent::export::{Exporter, Transport};
-use ringside_agent::metrics::{ExportCounters, Metrics};
-use ringside_agent::queue::{ExportQueue, Item};
-use ringside_agent::resource::ResourceEnv;
-use ringside_agent::spans::SpanContext;
-use ringside_agent::stats::{EngineHandle, EngineStats};
+use ringside_agent::{
+    AttributeSet, Compression, EngineHandle, EngineStats, ExportCounters, ExportQueue,
+    ExportTarget, Exporter, Item, Metrics, OtlpSettings, Protocol, ResourceEnv, SpanContext,
+    Transport,
+};
 use ringside_shm_protocol::{ClockPair, Detail};
 use ringside_tests::finished_chat_record;
 use ringside_tests::harness::{cpu_time, find_rotel};
@@ -71,7 +69,7 @@ fn main() {
             monotonic_ns: 0,
         },
         models: vec!["bench-model".into()],
-        attributes: ringside_agent::config::AttributeSet::Both,
+        attributes: AttributeSet::Both,
         server_address: "bench".into(),
         server_port: None,
     });

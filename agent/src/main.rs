@@ -1,6 +1,10 @@
-//! `ringside-agent`: see the library crate for everything it does.
+//! `ringside-agent`: see the library crate for everything it does. This
+//! binary only parses the command line, sets up logging (`RINGSIDE_LOG`) and
+//! maps the result of [`ringside_agent::run`] to an exit code.
 
-use ringside_agent::config::{ParseError, parse_command_line};
+#![forbid(unsafe_code)]
+
+use ringside_agent::{ParseError, parse_command_line};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {

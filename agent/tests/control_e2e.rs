@@ -8,8 +8,8 @@
 #![allow(clippy::unwrap_used)]
 
 use ringside_shm_protocol::{
-    CreateOptions, EngineSegment, ErrorType, FLAG_REMOTE_PARENT, FinishReason, Operation, Record,
-    RecordKind, monotonic_ns, params,
+    CreateOptions, EngineSegment, ErrorType, FinishReason, Operation, Record, RecordKind,
+    RequestRecord, Sampling, Timestamps, monotonic_ns, params,
 };
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -102,36 +102,49 @@ impl FakeEngine {
     fn record(&self, error: bool) -> Record {
         let seq = SEQ.fetch_add(1, Ordering::Relaxed) ^ (u64::from(std::process::id()) << 32);
         let now = monotonic_ns();
-        let mut r: Record = bytemuck::Zeroable::zeroed();
-        r.request_id = (u128::from(seq) << 1 | 1).to_be_bytes();
-        r.trace_id[0..8].copy_from_slice(&seq.to_be_bytes());
-        r.trace_id[8..].copy_from_slice(&seq.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
-        r.parent_span_id = (seq ^ 0xaaaa_0000_0000_0000).to_be_bytes();
-        r.span_id = (seq ^ 0x5555_0000_0000_0000).to_be_bytes();
-        r.t_arrival_ns = now - 900_000_000;
-        r.t_scheduled_ns = now - 800_000_000;
-        r.t_first_token_ns = now - 500_000_000;
-        r.t_last_token_ns = now - 100_000_000;
-        r.t_finished_ns = now - 50_000_000;
-        r.prompt_tokens = 17;
-        r.completion_tokens = 9;
-        r.max_tokens = 32;
-        r.http_status = 200;
-        r.kind = RecordKind::RequestFinished as u8;
-        r.operation = Operation::Chat as u8;
-        r.finish_reason = FinishReason::Stop as u8;
-        r.trace_flags = 1;
-        r.flags = FLAG_REMOTE_PARENT;
-        r.params_set = params::MAX_TOKENS;
+        let mut trace_id = [0; 16];
+        trace_id[0..8].copy_from_slice(&seq.to_be_bytes());
+        trace_id[8..].copy_from_slice(&seq.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+        let mut r = RequestRecord {
+            kind: RecordKind::RequestFinished,
+            operation: Operation::Chat,
+            request_id: (u128::from(seq) << 1 | 1).to_be_bytes(),
+            trace_id,
+            parent_span_id: Some((seq ^ 0xaaaa_0000_0000_0000).to_be_bytes()),
+            span_id: (seq ^ 0x5555_0000_0000_0000).to_be_bytes(),
+            trace_flags: 1,
+            timestamps: Timestamps {
+                arrival_ns: now - 900_000_000,
+                scheduled_ns: Some(now - 800_000_000),
+                first_token_ns: Some(now - 500_000_000),
+                last_token_ns: Some(now - 100_000_000),
+                finished_ns: now - 50_000_000,
+            },
+            prompt_tokens: 17,
+            completion_tokens: 9,
+            cached_prompt_tokens: 0,
+            sampling: Sampling {
+                max_tokens: 32,
+                ..Sampling::default()
+            },
+            params_set: params::MAX_TOKENS,
+            stream: false,
+            finish_reason: FinishReason::Stop,
+            http_status: 200,
+            error_type: ErrorType::None,
+            model_index: 0,
+            queue_depth: 0,
+            running: 0,
+        };
         if error {
             r.http_status = 400;
-            r.error_type = ErrorType::InvalidRequest as u8;
-            r.finish_reason = FinishReason::Error as u8;
+            r.error_type = ErrorType::InvalidRequest;
+            r.finish_reason = FinishReason::Error;
             r.completion_tokens = 0;
-            r.t_first_token_ns = 0;
-            r.t_last_token_ns = 0;
+            r.timestamps.first_token_ns = None;
+            r.timestamps.last_token_ns = None;
         }
-        r
+        r.encode()
     }
 
     /// Writes a record if the control word says tracing is on, as the

@@ -7,6 +7,8 @@
 //! and at the end records a [`telemetry::RequestOutcome`]. [`metrics`] backs `/metrics`;
 //! [`server`] wires it together from the [`cli`] arguments.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod chat_template;
 pub mod cli;

@@ -1,5 +1,7 @@
 //! `ringside-engine` binary: parse the command line, run, map errors to an exit code.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use anyhow::Context as _;

@@ -1,11 +1,27 @@
 //! `serve`: bind, load the model in the background (503 until ready), serve until a signal.
+//!
+//! In three phases, each handing its state to the next (the shape of vector's `src/app.rs`):
+//!
+//! 1. **Start-up** — `Application::prepare` resolves the model, binds the socket, creates
+//!    the telemetry segment and starts the companion agent; `Application::start` then starts
+//!    the heartbeat, the HTTP server (503 until ready) and the model load in the background,
+//!    which starts the scheduler's inference thread and tells systemd `READY=1`.
+//! 2. **Run** — `StartedApplication::run` serves until SIGINT/SIGTERM or until loading fails.
+//! 3. **Shutdown** — `FinishedApplication::shutdown` tells systemd `STOPPING=1`, drains the
+//!    HTTP server, drops the scheduler so the inference thread ends and joins it (the
+//!    telemetry segment's name goes with the last handle), then stops the companion agent.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
 use crate::api::{AppState, Ready, router};
 use crate::cli::ServeArgs;
+use crate::companion::{self, Companion};
 use crate::metrics::Metrics;
 use crate::model::{self, LoadModelError};
 use crate::scheduler::{self, SchedulerConfig, StartError};
@@ -95,83 +111,167 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
 /// # Errors
 /// See [`ServeError`].
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
-    let path = model::resolve_model_path(args.model.as_deref())?;
-    let names = model_names(&args, &path);
-    let threads = args.effective_threads();
-    let addr = SocketAddr::new(args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    let telemetry = Telemetry::create(
-        &args.instance_name(),
-        &names,
-        args.ring_capacity,
-        inflight_capacity(args.parallel, args.max_queue),
-        args.tracing == crate::cli::Switch::On,
-        // The bound port: `--port 0` picks one.
-        listener.local_addr().map_or(args.port, |a| a.port()),
-    )?;
-    if let Some(segment) = telemetry.segment_path() {
-        tracing::info!(%segment, tracing = ?args.tracing, capacity = args.ring_capacity,
-            "telemetry ring created");
-    }
-    let companion = match crate::companion::wanted(&args, |name| std::env::var(name).ok()) {
-        None => None,
-        Some(target) => match crate::companion::Companion::start(&args.instance_name(), &target) {
-            Ok(companion) => Some(companion),
-            // Asked for on the command line: refuse to run without it.
-            Err(e) if matches!(target, crate::companion::Target::Endpoint(_)) => {
-                return Err(e.into());
-            }
-            Err(e) => {
-                tracing::warn!("OTEL_EXPORTER_OTLP_* is set but {e}; not exporting");
-                None
-            }
-        },
-    };
-    let heartbeat = telemetry.clone();
-    let heartbeat_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            heartbeat.heartbeat();
+    let application = Application::prepare(args).await?;
+    let finished = application.start().run().await;
+    finished.shutdown().await
+}
+
+/// Start-up, first half: everything that can refuse to start before anything runs.
+struct Application {
+    args: ServeArgs,
+    /// The model file.
+    path: PathBuf,
+    /// Served model names (the telemetry segment's model table).
+    names: Vec<String>,
+    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    telemetry: Telemetry,
+    companion: Option<Companion>,
+}
+
+impl Application {
+    /// Resolves the model file, binds the socket, creates the telemetry segment and starts the
+    /// companion agent (when one is wanted).
+    async fn prepare(args: ServeArgs) -> Result<Self, ServeError> {
+        let path = model::resolve_model_path(args.model.as_deref())?;
+        let names = model_names(&args, &path);
+        let addr = SocketAddr::new(args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let telemetry = Telemetry::create(
+            &args.instance_name(),
+            &names,
+            args.ring_capacity,
+            inflight_capacity(args.parallel, args.max_queue),
+            args.tracing == crate::cli::Switch::On,
+            // The bound port: `--port 0` picks one.
+            listener.local_addr().map_or(args.port, |a| a.port()),
+        )?;
+        if let Some(segment) = telemetry.segment_path() {
+            tracing::info!(%segment, tracing = ?args.tracing, capacity = args.ring_capacity,
+                "telemetry ring created");
         }
-    });
-    let metrics = Arc::new(Metrics::default());
-    let state = Arc::new(AppState {
-        model_names: names.clone(),
-        api_key: args.effective_api_key(),
-        max_request_bytes: args.max_request_bytes,
-        max_queue: args.max_queue,
-        metrics: Arc::clone(&metrics),
-        telemetry: telemetry.clone(),
-        ready: OnceLock::new(),
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    });
+        let companion = match companion::wanted(&args, |name| std::env::var(name).ok()) {
+            None => None,
+            Some(target) => match Companion::start(&args.instance_name(), &target) {
+                Ok(companion) => Some(companion),
+                // Asked for on the command line: refuse to run without it.
+                Err(e) if matches!(target, companion::Target::Endpoint(_)) => {
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    tracing::warn!("OTEL_EXPORTER_OTLP_* is set but {e}; not exporting");
+                    None
+                }
+            },
+        };
+        Ok(Self {
+            args,
+            path,
+            names,
+            addr,
+            listener,
+            telemetry,
+            companion,
+        })
+    }
 
-    tracing::info!(%addr, model = %path.display(), names = ?names, threads,
-        parallel = args.parallel, ctx_size = args.ctx_size.get(), instance = %args.instance_name(),
-        "listening; loading model");
+    /// Start-up, second half: starts the heartbeat, the model load in the background (which
+    /// starts the scheduler and tells systemd `READY=1`) and the HTTP server.
+    fn start(self) -> StartedApplication {
+        let Self {
+            args,
+            path,
+            names,
+            addr,
+            listener,
+            telemetry,
+            companion,
+        } = self;
+        let threads = args.effective_threads();
+        let heartbeat = telemetry.clone();
+        let heartbeat_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                heartbeat.heartbeat();
+            }
+        });
+        let metrics = Arc::new(Metrics::default());
+        let state = Arc::new(AppState {
+            model_names: names.clone(),
+            api_key: args.effective_api_key(),
+            max_request_bytes: args.max_request_bytes,
+            max_queue: args.max_queue,
+            metrics: Arc::clone(&metrics),
+            telemetry: telemetry.clone(),
+            ready: OnceLock::new(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        });
 
-    let config = SchedulerConfig {
-        parallel: args.parallel,
-        ctx_size: args.ctx_size,
-        batch_size: args.batch_size,
-        threads,
-        max_queue: args.max_queue,
-        prompt_cache: !args.no_prompt_cache,
-    };
-    let load_state = Arc::clone(&state);
-    let n_gpu_layers = args.n_gpu_layers;
-    let chat_template = args.chat_template.clone();
+        tracing::info!(%addr, model = %path.display(), names = ?names, threads,
+            parallel = args.parallel, ctx_size = args.ctx_size.get(), instance = %args.instance_name(),
+            "listening; loading model");
+
+        let config = SchedulerConfig {
+            parallel: args.parallel,
+            ctx_size: args.ctx_size,
+            batch_size: args.batch_size,
+            threads,
+            max_queue: args.max_queue,
+            prompt_cache: !args.no_prompt_cache,
+        };
+        let (fatal_tx, fatal_rx) = oneshot::channel::<ServeError>();
+        let load_watch = load_in_background(
+            path,
+            args.n_gpu_layers,
+            args.chat_template.clone(),
+            config,
+            Arc::clone(&state),
+            telemetry,
+            fatal_tx,
+        );
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server =
+            axum::serve(listener, router(Arc::clone(&state))).with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            });
+        let server = tokio::spawn(async move { server.await });
+
+        StartedApplication {
+            state,
+            heartbeat_task,
+            companion,
+            load_watch,
+            fatal_rx,
+            stop_tx,
+            server,
+        }
+    }
+}
+
+/// Loads the model and starts the scheduler on a blocking thread; once it is ready, marks the
+/// state ready and tells systemd `READY=1`. The returned task yields the inference thread, or
+/// `None` after sending the load's error to `fatal_tx`.
+fn load_in_background(
+    path: PathBuf,
+    n_gpu_layers: u32,
+    chat_template: Option<String>,
+    config: SchedulerConfig,
+    state: Arc<AppState>,
+    telemetry: Telemetry,
+    fatal_tx: oneshot::Sender<ServeError>,
+) -> JoinHandle<Option<std::thread::JoinHandle<()>>> {
     let loader = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
         let started = std::time::Instant::now();
         let loaded = model::load(&path, n_gpu_layers, chat_template.as_deref())?;
         let model = Arc::clone(&loaded.model);
         let (scheduler, thread) =
-            scheduler::start(loaded, config, Arc::clone(&load_state.metrics), telemetry)?;
+            scheduler::start(loaded, config, Arc::clone(&state.metrics), telemetry)?;
         tracing::info!(
             seconds = started.elapsed().as_secs_f32(),
             architecture = %model.architecture,
@@ -179,8 +279,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             n_ctx_per_sequence = scheduler.n_ctx_seq,
             "model loaded; serving"
         );
-        let _ = load_state.ready.set(Ready { model, scheduler });
-        load_state.metrics.loaded.store(1, Ordering::Relaxed);
+        let _ = state.ready.set(Ready { model, scheduler });
+        state.metrics.loaded.store(1, Ordering::Relaxed);
         // Under systemd (Type=notify) the unit is started only now; dependants wait for
         // the model, not the socket.
         notify_systemd(&[
@@ -189,9 +289,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         ]);
         Ok(thread)
     });
-
-    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<ServeError>();
-    let load_watch = tokio::spawn(async move {
+    tokio::spawn(async move {
         let result = match loader.await {
             Ok(r) => r,
             Err(e) => Err(ServeError::LoadTask(e.to_string())),
@@ -203,56 +301,98 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
                 None
             }
         }
-    });
+    })
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut fatal_rx = fatal_rx;
-    let server =
-        axum::serve(listener, router(Arc::clone(&state))).with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-        });
-    let server = tokio::spawn(async move { server.await });
+/// Serving: the HTTP server, the model load (or the loaded scheduler) and the heartbeat run.
+struct StartedApplication {
+    state: Arc<AppState>,
+    heartbeat_task: JoinHandle<()>,
+    companion: Option<Companion>,
+    /// Yields the inference thread once the model is loaded (`None` if loading failed).
+    load_watch: JoinHandle<Option<std::thread::JoinHandle<()>>>,
+    /// Loading's error; dropped unsent when loading succeeds.
+    fatal_rx: oneshot::Receiver<ServeError>,
+    /// Starts the HTTP server's graceful shutdown.
+    stop_tx: oneshot::Sender<()>,
+    server: JoinHandle<std::io::Result<()>>,
+}
 
-    let fatal = tokio::select! {
-        () = shutdown_signal() => {
-            tracing::info!("shutting down");
-            None
+impl StartedApplication {
+    /// Serves until SIGINT/SIGTERM, or until loading fails.
+    async fn run(mut self) -> FinishedApplication {
+        let fatal = tokio::select! {
+            () = shutdown_signal() => {
+                tracing::info!("shutting down");
+                None
+            }
+            // A dropped sender means loading succeeded: keep serving until a signal.
+            Ok(e) = &mut self.fatal_rx => Some(e),
+        };
+        FinishedApplication {
+            started: self,
+            fatal,
         }
-        // A dropped sender means loading succeeded: keep serving until a signal.
-        Ok(e) = &mut fatal_rx => Some(e),
-    };
-    notify_systemd(&[
-        sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("draining requests in flight"),
-    ]);
-    let _ = stop_tx.send(());
-    if let Some(e) = fatal {
+    }
+}
+
+/// Stopped serving, by a signal or because loading failed (`fatal`).
+struct FinishedApplication {
+    started: StartedApplication,
+    fatal: Option<ServeError>,
+}
+
+impl FinishedApplication {
+    /// Tells systemd `STOPPING=1`, drains the requests in flight, joins the inference thread
+    /// and stops the companion agent last. After a failed load: the error, once the heartbeat
+    /// and the companion are stopped.
+    async fn shutdown(self) -> Result<(), ServeError> {
+        let Self { started, fatal } = self;
+        let StartedApplication {
+            state,
+            heartbeat_task,
+            companion,
+            load_watch,
+            fatal_rx: _,
+            stop_tx,
+            server,
+        } = started;
+        notify_systemd(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("draining requests in flight"),
+        ]);
+        let _ = stop_tx.send(());
+        if let Some(e) = fatal {
+            heartbeat_task.abort();
+            stop_companion(companion).await;
+            return Err(e);
+        }
+        let served = match server.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Http(e)),
+            Err(e) => Err(ServeError::LoadTask(e.to_string())),
+        };
+        // Orderly teardown, so the telemetry segment's name is removed: the scheduler handle
+        // goes with the state, the inference thread then drains and ends, and the last
+        // telemetry clone (the heartbeat's) is dropped.
+        let thread = load_watch.await.ok().flatten();
+        drop(state);
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         heartbeat_task.abort();
-        if let Some(companion) = companion {
-            let _ = tokio::task::spawn_blocking(move || companion.stop()).await;
-        }
-        return Err(e);
+        let _ = heartbeat_task.await;
+        // Last: the companion drains what the engine wrote, flushes, and exits.
+        stop_companion(companion).await;
+        served
     }
-    let served = match server.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ServeError::Http(e)),
-        Err(e) => Err(ServeError::LoadTask(e.to_string())),
-    };
-    // Orderly teardown, so the telemetry segment's name is removed: the scheduler handle goes
-    // with the state, the inference thread then drains and ends, and the last telemetry clone
-    // (the heartbeat's) is dropped.
-    let thread = load_watch.await.ok().flatten();
-    drop(state);
-    if let Some(thread) = thread {
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    }
-    heartbeat_task.abort();
-    let _ = heartbeat_task.await;
-    // Last: the companion drains what the engine wrote, flushes, and exits.
+}
+
+/// Stops the companion agent, if there is one, off the async threads.
+async fn stop_companion(companion: Option<Companion>) {
     if let Some(companion) = companion {
         let _ = tokio::task::spawn_blocking(move || companion.stop()).await;
     }
-    served
 }
 
 /// One in-flight entry per request the engine can hold at once: every slot and every queue

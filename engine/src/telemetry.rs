@@ -5,7 +5,8 @@
 //! and hands it to [`Telemetry::record`]. That call is on the request path, so it takes no lock,
 //! allocates nothing and makes no syscall.
 //!
-//! [`Telemetry`] writes each outcome as one [`shm::Record`] into the engine's shared-memory ring
+//! [`Telemetry`] writes each outcome as one [`shm::Record`] (built by the protocol crate's one
+//! record builder, [`shm::RequestRecord::encode`], via [`to_record`]) into the engine's shared-memory ring
 //! (`ringside-shm-protocol`), created at start-up with the `--instance` name, the served model
 //! names as its model table, `--ring-capacity` slots and `--tracing` as the initial control
 //! word. When the agent or CLI switches tracing off, `record` does one relaxed load and returns.
@@ -211,52 +212,60 @@ impl Telemetry {
     }
 }
 
-/// The ABI record for an outcome.
+impl RequestOutcome {
+    /// The outcome as the ring ABI's [`shm::RequestRecord`]: a stamp of 0 ("did not happen")
+    /// becomes `None`. Plain copies, no allocation.
+    #[must_use]
+    pub fn request_record(&self) -> shm::RequestRecord {
+        let stamp = |ns: u64| (ns != 0).then_some(ns);
+        let s = &self.sampling;
+        shm::RequestRecord {
+            kind: match self.kind {
+                OutcomeKind::Finished => shm::RecordKind::RequestFinished,
+                OutcomeKind::Rejected => shm::RecordKind::RequestRejected,
+            },
+            operation: self.operation,
+            request_id: self.request_id,
+            trace_id: self.trace_id,
+            parent_span_id: self.parent_span_id,
+            span_id: self.span_id,
+            trace_flags: self.trace_flags,
+            timestamps: shm::Timestamps {
+                arrival_ns: self.t_arrival_ns,
+                scheduled_ns: stamp(self.t_scheduled_ns),
+                first_token_ns: stamp(self.t_first_token_ns),
+                last_token_ns: stamp(self.t_last_token_ns),
+                finished_ns: self.t_finished_ns,
+            },
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            sampling: shm::Sampling {
+                max_tokens: s.max_tokens,
+                temperature: s.temperature,
+                top_p: s.top_p,
+                top_k: s.top_k,
+                seed: s.seed,
+                frequency_penalty: s.frequency_penalty,
+                presence_penalty: s.presence_penalty,
+            },
+            params_set: s.params_set,
+            stream: self.stream,
+            finish_reason: self.finish_reason,
+            http_status: self.http_status,
+            error_type: self.error,
+            model_index: self.model_index,
+            queue_depth: self.queue_depth,
+            running: self.running,
+        }
+    }
+}
+
+/// The ABI record for an outcome, written by the protocol crate's one record builder
+/// ([`shm::RequestRecord::encode`]).
 #[must_use]
 pub fn to_record(o: &RequestOutcome) -> shm::Record {
-    let mut flags = 0;
-    if o.stream {
-        flags |= shm::FLAG_STREAM;
-    }
-    if o.parent_span_id.is_some() {
-        flags |= shm::FLAG_REMOTE_PARENT;
-    }
-    shm::Record {
-        request_id: o.request_id,
-        trace_id: o.trace_id,
-        parent_span_id: o.parent_span_id.unwrap_or([0; 8]),
-        span_id: o.span_id,
-        t_arrival_ns: o.t_arrival_ns,
-        t_scheduled_ns: o.t_scheduled_ns,
-        t_first_token_ns: o.t_first_token_ns,
-        t_last_token_ns: o.t_last_token_ns,
-        t_finished_ns: o.t_finished_ns,
-        seed: o.sampling.seed,
-        prompt_tokens: o.prompt_tokens,
-        completion_tokens: o.completion_tokens,
-        cached_prompt_tokens: o.cached_prompt_tokens,
-        max_tokens: o.sampling.max_tokens,
-        temperature: o.sampling.temperature,
-        top_p: o.sampling.top_p,
-        frequency_penalty: o.sampling.frequency_penalty,
-        presence_penalty: o.sampling.presence_penalty,
-        top_k: o.sampling.top_k,
-        http_status: o.http_status,
-        model_index: o.model_index,
-        queue_depth: o.queue_depth,
-        running: o.running,
-        kind: match o.kind {
-            OutcomeKind::Finished => shm::RecordKind::RequestFinished,
-            OutcomeKind::Rejected => shm::RecordKind::RequestRejected,
-        } as u8,
-        operation: o.operation as u8,
-        finish_reason: o.finish_reason as u8,
-        error_type: o.error as u8,
-        trace_flags: o.trace_flags,
-        flags,
-        params_set: o.sampling.params_set,
-        reserved: [0; 100],
-    }
+    o.request_record().encode()
 }
 
 #[cfg(test)]
@@ -332,6 +341,13 @@ mod tests {
         let decoded = to_record(&o).decode(1).unwrap();
         assert_eq!(decoded.parent_span_id, None);
         assert_eq!(decoded.error_type, shm::ErrorType::QueueFull);
+    }
+
+    #[test]
+    fn the_record_decodes_to_the_outcome_it_was_built_from() {
+        let o = outcome();
+        assert_eq!(to_record(&o).decode(1), Ok(o.request_record()));
+        assert_eq!(to_record(&o).reserved, [0; 100]);
     }
 
     #[test]

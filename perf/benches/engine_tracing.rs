@@ -20,8 +20,11 @@
 //! block per mode; default 8), `ENGINE_BENCH_REQUESTS` (per client per
 //! block, default 2), `ENGINE_BENCH_MAX_TOKENS` (default 32).
 
+#![forbid(unsafe_code)]
+
 use ringside_perf::{Report, Rotel, env_usize, fmt_summary, machine_line, workspace_bin};
 use ringside_shm_protocol::{AttachedSegment, OpenOptions};
+use rustix::process::{Pid, Signal, kill_process};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -163,9 +166,9 @@ fn block(port: u16, clients: usize, per_client: usize, max_tokens: usize) -> (f6
     (start.elapsed().as_secs_f64(), requests)
 }
 
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill with the pid of a child we spawned and have not reaped.
-    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+fn signal(child: &Child, sig: Signal) {
+    // The child is not reaped yet, so its pid is still its own.
+    let _ = kill_process(Pid::from_child(child), sig);
 }
 
 fn percentile(values: &[f64], q: f64) -> f64 {
@@ -178,8 +181,8 @@ fn percentile(values: &[f64], q: f64) -> f64 {
 }
 
 fn stop(child: &mut Child) {
-    signal(child, libc::SIGCONT);
-    signal(child, libc::SIGTERM);
+    signal(child, Signal::CONT);
+    signal(child, Signal::TERM);
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if !matches!(child.try_wait(), Ok(None)) {
@@ -269,7 +272,7 @@ fn main() {
     }
     // Warm up with tracing off (the first requests page the model in).
     segment.ring().control().set_tracing_enabled(false);
-    signal(&agent, libc::SIGSTOP);
+    signal(&agent, Signal::STOP);
     block(port, clients, 1, max_tokens);
 
     let modes = [Mode::Off, Mode::On, Mode::OnAgent];
@@ -301,9 +304,9 @@ fn main() {
             signal(
                 &agent,
                 if mode == Mode::OnAgent {
-                    libc::SIGCONT
+                    Signal::CONT
                 } else {
-                    libc::SIGSTOP
+                    Signal::STOP
                 },
             );
             let (wall, requests) = block(port, clients, per_client, max_tokens);
@@ -320,7 +323,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     let written = segment.ring().counters().head;
     // Let the agent export the rest and account for it.
-    signal(&agent, libc::SIGCONT);
+    signal(&agent, Signal::CONT);
     std::thread::sleep(Duration::from_millis(1500));
     stop(&mut agent);
     let exported = std::fs::read_to_string(&state_file)

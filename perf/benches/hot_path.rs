@@ -28,6 +28,8 @@
 //! (default 6), `HOT_PATH_CALLS` (per subject, thread and round; default
 //! 20 000), `HOT_PATH_RATE` (calls/s per thread; 0 = flat out).
 
+#![forbid(unsafe_code)]
+
 use hdrhistogram::Histogram;
 use opentelemetry::trace::{
     SpanBuilder, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
@@ -39,6 +41,7 @@ use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider};
 use ringside_perf::alloc::{Counting, process_counts, thread_counts};
 use ringside_perf::{Report, Rotel, env_usize, fmt_summary, machine_line};
 use ringside_shm_protocol::{CreateOptions, EngineSegment, Producer, monotonic_ns};
+use rustix::time::{ClockId, clock_gettime};
 use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant, SystemTime};
@@ -70,17 +73,13 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("histogram bounds")
 }
 
-fn cpu_time(who: libc::c_int) -> Duration {
-    // SAFETY: getrusage writes one rusage into the zeroed struct we own.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `usage` is a valid, writable rusage.
-    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+/// CPU time (user and system) of the calling thread or the whole process.
+fn cpu_time(clock: ClockId) -> Duration {
+    let t = clock_gettime(clock);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// The request span's attributes as an in-process engine would set them:
@@ -178,7 +177,7 @@ fn pass(
     let mut latency = histogram();
     barriers.0.wait();
     let allocs0 = thread_counts();
-    let cpu0 = cpu_time(libc::RUSAGE_THREAD);
+    let cpu0 = cpu_time(ClockId::ThreadCPUTime);
     let start = Instant::now();
     // Threads are phase-shifted by a fraction of the gap: requests do not
     // finish in lockstep, and calls at the very same instant on every
@@ -203,7 +202,7 @@ fn pass(
         let ns = t0.elapsed().as_nanos() as u64;
         latency.saturating_record(ns.max(1));
     }
-    let cpu = cpu_time(libc::RUSAGE_THREAD).saturating_sub(cpu0);
+    let cpu = cpu_time(ClockId::ThreadCPUTime).saturating_sub(cpu0);
     let allocs = thread_counts().since(allocs0);
     barriers.1.wait();
     Pass {
@@ -259,14 +258,14 @@ fn run(
             .collect();
         start.wait();
         let process_allocs0 = process_counts();
-        let process_cpu0 = cpu_time(libc::RUSAGE_SELF);
+        let process_cpu0 = cpu_time(ClockId::ProcessCPUTime);
         done.wait();
         if subject == Subject::Otel {
             // What is still queued is exported now, so that its cost is
             // charged to this pass and not to the next subject's.
             provider.force_flush().expect("flush the span processor");
         }
-        let process_cpu = cpu_time(libc::RUSAGE_SELF).saturating_sub(process_cpu0);
+        let process_cpu = cpu_time(ClockId::ProcessCPUTime).saturating_sub(process_cpu0);
         let process_allocs = process_counts().since(process_allocs0);
         let passes: Vec<Pass> = handles
             .into_iter()

@@ -1,6 +1,8 @@
 //! Criterion benchmarks of the ring: one push as the engine does it
 //! (timestamp read + record copy + commit), and draining a full ring.
 
+#![forbid(unsafe_code)]
+
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use ringside_perf::{engine_like_record, machine};
 use ringside_shm_protocol::{ControlDefaults, Ring, StartAt, monotonic_ns};

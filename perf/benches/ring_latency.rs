@@ -4,6 +4,8 @@
 //!
 //! `cargo bench -p ringside-perf --bench ring_latency`
 
+#![forbid(unsafe_code)]
+
 use hdrhistogram::Histogram;
 use ringside_perf::{engine_like_record, machine};
 use ringside_shm_protocol::{ControlDefaults, Ring, monotonic_ns};

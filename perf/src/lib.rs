@@ -3,10 +3,14 @@
 //! rotel collector, summaries (median with min–max over repeated runs) and
 //! the markdown fragments `scripts/bench.sh` assembles into `perf/RESULTS.md`.
 
-pub mod alloc;
+#![forbid(unsafe_code)]
+
+pub use ringside_alloc_counter as alloc;
 pub mod sink;
 
-use ringside_shm_protocol::{FinishReason, Operation, Record, RecordKind};
+use ringside_shm_protocol::{
+    ErrorType, FinishReason, Operation, Record, RecordKind, RequestRecord, Sampling, Timestamps,
+};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,25 +18,40 @@ use std::time::{Duration, Instant};
 
 /// A record with every field set, as the engine fills it at the end of a request.
 pub fn engine_like_record(seq: u64) -> Record {
-    let mut r: Record = bytemuck::Zeroable::zeroed();
-    r.request_id = u128::from(seq).to_le_bytes();
-    r.trace_id = [7; 16];
-    r.span_id = [9; 8];
-    r.t_arrival_ns = 1;
-    r.t_scheduled_ns = 2;
-    r.t_first_token_ns = 3;
-    r.t_last_token_ns = 4;
-    r.t_finished_ns = 5;
-    r.prompt_tokens = 100;
-    r.completion_tokens = 50;
-    r.max_tokens = 256;
-    r.temperature = 0.7;
-    r.top_p = 0.95;
-    r.http_status = 200;
-    r.kind = RecordKind::RequestFinished as u8;
-    r.operation = Operation::Chat as u8;
-    r.finish_reason = FinishReason::Stop as u8;
-    r
+    RequestRecord {
+        kind: RecordKind::RequestFinished,
+        operation: Operation::Chat,
+        request_id: u128::from(seq).to_le_bytes(),
+        trace_id: [7; 16],
+        parent_span_id: None,
+        span_id: [9; 8],
+        trace_flags: 0,
+        timestamps: Timestamps {
+            arrival_ns: 1,
+            scheduled_ns: Some(2),
+            first_token_ns: Some(3),
+            last_token_ns: Some(4),
+            finished_ns: 5,
+        },
+        prompt_tokens: 100,
+        completion_tokens: 50,
+        cached_prompt_tokens: 0,
+        sampling: Sampling {
+            max_tokens: 256,
+            temperature: 0.7,
+            top_p: 0.95,
+            ..Sampling::default()
+        },
+        params_set: 0,
+        stream: false,
+        finish_reason: FinishReason::Stop,
+        http_status: 200,
+        error_type: ErrorType::None,
+        model_index: 0,
+        queue_depth: 0,
+        running: 0,
+    }
+    .encode()
 }
 
 /// A record the agent accepts and turns into a full span tree: unique ids,
@@ -113,9 +132,7 @@ pub fn proc_sample(pid: u32) -> Option<ProcSample> {
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
     // stat fields 14 (utime) and 15 (stime) are 11 and 12 after the name.
     let total_ticks = ticks(11)? + ticks(12)?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .ok()
+    let hz = Some(rustix::param::clock_ticks_per_second())
         .filter(|&hz| hz > 0)
         .unwrap_or(100);
     let kib = |key: &str| {

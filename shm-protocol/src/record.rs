@@ -1,9 +1,21 @@
-//! Checked decoding of a [`Record`] copied out of the ring.
+//! A [`Record`] and its validated form, [`RequestRecord`], both ways.
 //!
-//! A record's bytes come from another process and may be anything. Decoding
-//! works on a private copy, converts every enum with `TryFrom`, and checks the
-//! invariants the engine promises; a record that breaks one is rejected with
-//! a [`RecordError`] naming the field, and the reader skips and counts it.
+//! * Writing: [`RequestRecord::encode`] is the one way a record is built (the
+//!   engine, the tests and the benchmarks all go through it). It sets the
+//!   flags ([`FLAG_STREAM`], [`FLAG_REMOTE_PARENT`] from `parent_span_id`),
+//!   the kind and the enums, writes 0 for a stamp that did not happen and
+//!   leaves the reserved bytes zero.
+//! * Reading: [`Record::decode`] checks a record copied out of the ring. A
+//!   record's bytes come from another process and may be anything. Decoding
+//!   works on a private copy, converts every enum with `TryFrom`, and checks
+//!   the invariants the engine promises; a record that breaks one is rejected
+//!   with a [`RecordError`] naming the field, and the reader skips and counts
+//!   it.
+//!
+//! The two are inverses: `r.encode().decode(n) == Ok(r)` for every valid `r`,
+//! and a decoded record re-encodes to the bytes it came from (reserved bytes,
+//! unknown flag bits and a parent span id without [`FLAG_REMOTE_PARENT`]
+//! aside, which decoding ignores and encoding writes as zero).
 
 use crate::layout::{
     ErrorType, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason, Operation, Record, RecordKind,
@@ -263,6 +275,58 @@ impl Record {
 }
 
 impl RequestRecord {
+    /// The ABI record for this request: the inverse of [`Record::decode`].
+    ///
+    /// Sets [`FLAG_STREAM`] from `stream` and [`FLAG_REMOTE_PARENT`] (with the
+    /// parent span id) from `parent_span_id`, writes 0 for a `None` stamp and
+    /// zero reserved bytes. It checks nothing: encoding an invalid record gives
+    /// a record [`Record::decode`] rejects. Plain copies, no allocation.
+    #[must_use]
+    pub fn encode(&self) -> Record {
+        let mut flags = 0;
+        if self.stream {
+            flags |= FLAG_STREAM;
+        }
+        if self.parent_span_id.is_some() {
+            flags |= FLAG_REMOTE_PARENT;
+        }
+        let t = &self.timestamps;
+        let s = &self.sampling;
+        Record {
+            request_id: self.request_id,
+            trace_id: self.trace_id,
+            parent_span_id: self.parent_span_id.unwrap_or([0; 8]),
+            span_id: self.span_id,
+            t_arrival_ns: t.arrival_ns,
+            t_scheduled_ns: t.scheduled_ns.unwrap_or(0),
+            t_first_token_ns: t.first_token_ns.unwrap_or(0),
+            t_last_token_ns: t.last_token_ns.unwrap_or(0),
+            t_finished_ns: t.finished_ns,
+            seed: s.seed,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            max_tokens: s.max_tokens,
+            temperature: s.temperature,
+            top_p: s.top_p,
+            frequency_penalty: s.frequency_penalty,
+            presence_penalty: s.presence_penalty,
+            top_k: s.top_k,
+            http_status: self.http_status,
+            model_index: self.model_index,
+            queue_depth: self.queue_depth,
+            running: self.running,
+            kind: self.kind as u8,
+            operation: self.operation as u8,
+            finish_reason: self.finish_reason as u8,
+            error_type: self.error_type as u8,
+            trace_flags: self.trace_flags,
+            flags,
+            params_set: self.params_set,
+            reserved: [0; 100],
+        }
+    }
+
     /// Time in queue (arrival → scheduled), if scheduled.
     pub fn queue_ns(&self) -> Option<u64> {
         Some(self.timestamps.scheduled_ns? - self.timestamps.arrival_ns)
@@ -295,6 +359,13 @@ impl RequestRecord {
     }
 }
 
+impl From<&RequestRecord> for Record {
+    /// [`RequestRecord::encode`].
+    fn from(record: &RequestRecord) -> Self {
+        record.encode()
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -302,32 +373,76 @@ pub(crate) mod tests {
 
     /// A well-formed finished chat record with distinct, ordered stamps.
     pub(crate) fn sample_record(seq: u64) -> Record {
-        let mut r = bytemuck::Zeroable::zeroed();
-        let r: &mut Record = &mut r;
-        r.request_id = (u128::from(seq) + 1).to_le_bytes();
-        r.trace_id = [0xab; 16];
-        r.trace_id[0..8].copy_from_slice(&seq.to_le_bytes());
-        r.parent_span_id = [0x11; 8];
-        r.span_id = [0x22; 8];
-        r.t_arrival_ns = 1_000 + seq;
-        r.t_scheduled_ns = 2_000 + seq;
-        r.t_first_token_ns = 3_000 + seq;
-        r.t_last_token_ns = 4_000 + seq;
-        r.t_finished_ns = 5_000 + seq;
-        r.seed = seq;
-        r.prompt_tokens = 12;
-        r.completion_tokens = 7;
-        r.max_tokens = 16;
-        r.temperature = 0.0;
-        r.top_p = 1.0;
-        r.http_status = 200;
-        r.kind = RecordKind::RequestFinished as u8;
-        r.operation = Operation::Chat as u8;
-        r.finish_reason = FinishReason::Stop as u8;
-        r.trace_flags = 1;
-        r.flags = FLAG_STREAM | FLAG_REMOTE_PARENT;
-        r.params_set = params::TEMPERATURE | params::MAX_TOKENS;
-        *r
+        let mut trace_id = [0xab; 16];
+        trace_id[0..8].copy_from_slice(&seq.to_le_bytes());
+        RequestRecord {
+            kind: RecordKind::RequestFinished,
+            operation: Operation::Chat,
+            request_id: (u128::from(seq) + 1).to_le_bytes(),
+            trace_id,
+            parent_span_id: Some([0x11; 8]),
+            span_id: [0x22; 8],
+            trace_flags: 1,
+            timestamps: Timestamps {
+                arrival_ns: 1_000 + seq,
+                scheduled_ns: Some(2_000 + seq),
+                first_token_ns: Some(3_000 + seq),
+                last_token_ns: Some(4_000 + seq),
+                finished_ns: 5_000 + seq,
+            },
+            prompt_tokens: 12,
+            completion_tokens: 7,
+            cached_prompt_tokens: 0,
+            sampling: Sampling {
+                max_tokens: 16,
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: seq,
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
+            },
+            params_set: params::TEMPERATURE | params::MAX_TOKENS,
+            stream: true,
+            finish_reason: FinishReason::Stop,
+            http_status: 200,
+            error_type: ErrorType::None,
+            model_index: 0,
+            queue_depth: 0,
+            running: 0,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn sample_record_sets_the_flags_and_leaves_reserved_zero() {
+        let r = sample_record(5);
+        assert_eq!(r.flags, FLAG_STREAM | FLAG_REMOTE_PARENT);
+        assert_eq!(r.parent_span_id, [0x11; 8]);
+        assert_eq!(r.reserved, [0; 100]);
+        assert_eq!(r.kind, RecordKind::RequestFinished as u8);
+        assert_eq!(Record::from(&r.decode(1).unwrap()), r);
+    }
+
+    #[test]
+    fn none_stamps_and_no_parent_encode_as_zero() {
+        let mut d = sample_record(0).decode(1).unwrap();
+        d.kind = RecordKind::RequestRejected;
+        d.parent_span_id = None;
+        d.stream = false;
+        d.timestamps.scheduled_ns = None;
+        d.timestamps.first_token_ns = None;
+        d.timestamps.last_token_ns = None;
+        d.completion_tokens = 0;
+        let r = d.encode();
+        assert_eq!(r.flags, 0);
+        assert_eq!(r.parent_span_id, [0; 8]);
+        assert_eq!(
+            (r.t_scheduled_ns, r.t_first_token_ns, r.t_last_token_ns),
+            (0, 0, 0)
+        );
+        assert_eq!(r.kind, RecordKind::RequestRejected as u8);
+        assert_eq!(r.decode(1), Ok(d));
     }
 
     #[test]
@@ -454,5 +569,215 @@ pub(crate) mod tests {
         r.flags |= 0b1100_0000;
         r.reserved = [0x5a; 100];
         assert!(r.decode(1).is_ok());
+    }
+
+    mod round_trip {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KINDS: [RecordKind; 2] = [RecordKind::RequestFinished, RecordKind::RequestRejected];
+        const OPERATIONS: [Operation; 2] = [Operation::Chat, Operation::TextCompletion];
+        const FINISH_REASONS: [FinishReason; 5] = [
+            FinishReason::None,
+            FinishReason::Stop,
+            FinishReason::Length,
+            FinishReason::Abort,
+            FinishReason::Error,
+        ];
+        const ERROR_TYPES: [ErrorType; 10] = [
+            ErrorType::None,
+            ErrorType::InvalidRequest,
+            ErrorType::Unauthorized,
+            ErrorType::ModelNotFound,
+            ErrorType::PayloadTooLarge,
+            ErrorType::QueueFull,
+            ErrorType::ContextLengthExceeded,
+            ErrorType::ClientDisconnected,
+            ErrorType::Internal,
+            ErrorType::Unavailable,
+        ];
+
+        fn nonzero_id<const N: usize>() -> impl Strategy<Value = [u8; N]> {
+            any::<[u8; N]>().prop_filter("all-zero id", |id| id.iter().any(|b| *b != 0))
+        }
+
+        /// Ordered stamps: a rejected request is never scheduled, and the first
+        /// and last token stamps come together, only after scheduling.
+        fn timestamps(rejected: bool) -> impl Strategy<Value = Timestamps> {
+            (
+                1..=u64::MAX / 2,
+                proptest::option::of(0..=u64::from(u32::MAX)),
+                proptest::option::of((0..=u64::from(u32::MAX), 0..=u64::from(u32::MAX))),
+                0..=u64::from(u32::MAX),
+            )
+                .prop_map(move |(arrival, scheduled, tokens, tail)| {
+                    let scheduled = if rejected { None } else { scheduled };
+                    let scheduled_ns = scheduled.map(|d| arrival + d);
+                    let (first_token_ns, last_token_ns) = match (scheduled_ns, tokens) {
+                        (Some(s), Some((to_first, to_last))) => {
+                            (Some(s + to_first), Some(s + to_first + to_last))
+                        }
+                        _ => (None, None),
+                    };
+                    let latest = last_token_ns.or(scheduled_ns).unwrap_or(arrival);
+                    Timestamps {
+                        arrival_ns: arrival,
+                        scheduled_ns,
+                        first_token_ns,
+                        last_token_ns,
+                        finished_ns: latest + tail,
+                    }
+                })
+        }
+
+        fn sampling() -> impl Strategy<Value = Sampling> {
+            (
+                any::<u32>(),
+                0.0f32..1.0e6,
+                0.0f32..1.0e6,
+                any::<u32>(),
+                any::<u64>(),
+                -1.0e6f32..1.0e6,
+                -1.0e6f32..1.0e6,
+            )
+                .prop_map(
+                    |(max_tokens, temperature, top_p, top_k, seed, frequency, presence)| Sampling {
+                        max_tokens,
+                        temperature,
+                        top_p,
+                        top_k,
+                        seed,
+                        frequency_penalty: frequency,
+                        presence_penalty: presence,
+                    },
+                )
+        }
+
+        /// Any record [`Record::decode`] accepts with a model table of `models`.
+        fn valid_record(models: u16) -> impl Strategy<Value = RequestRecord> {
+            (0..KINDS.len()).prop_flat_map(move |kind| {
+                let kind = KINDS[kind];
+                (
+                    (
+                        prop::sample::select(&OPERATIONS[..]),
+                        any::<[u8; 16]>(),
+                        nonzero_id::<16>(),
+                        proptest::option::of(nonzero_id::<8>()),
+                        nonzero_id::<8>(),
+                        any::<u8>(),
+                        timestamps(kind == RecordKind::RequestRejected),
+                    ),
+                    (
+                        any::<u32>(),
+                        any::<u32>(),
+                        any::<u32>(),
+                        sampling(),
+                        any::<u16>(),
+                        any::<bool>(),
+                        prop::sample::select(&FINISH_REASONS[..]),
+                    ),
+                    (
+                        100u16..=599,
+                        prop::sample::select(&ERROR_TYPES[..]),
+                        0..models,
+                        any::<u16>(),
+                        any::<u16>(),
+                    ),
+                )
+                    .prop_map(
+                        move |(
+                            (
+                                operation,
+                                request_id,
+                                trace_id,
+                                parent_span_id,
+                                span_id,
+                                trace_flags,
+                                timestamps,
+                            ),
+                            (
+                                prompt,
+                                completion,
+                                cached,
+                                sampling,
+                                params_set,
+                                stream,
+                                finish_reason,
+                            ),
+                            (http_status, error_type, model_index, queue_depth, running),
+                        )| {
+                            let completion_tokens = if timestamps.first_token_ns.is_some() {
+                                completion
+                            } else {
+                                0
+                            };
+                            RequestRecord {
+                                kind,
+                                operation,
+                                request_id,
+                                trace_id,
+                                parent_span_id,
+                                span_id,
+                                trace_flags,
+                                timestamps,
+                                prompt_tokens: prompt,
+                                completion_tokens,
+                                cached_prompt_tokens: cached.min(prompt),
+                                sampling,
+                                params_set,
+                                stream,
+                                finish_reason,
+                                http_status,
+                                error_type,
+                                model_index,
+                                queue_depth,
+                                running,
+                            }
+                        },
+                    )
+            })
+        }
+
+        proptest! {
+            // Miri runs these too (scripts/test.sh): a few cases there.
+            #![proptest_config(ProptestConfig { cases: if cfg!(miri) { 4 } else { 256 }, ..ProptestConfig::default() })]
+
+            #[test]
+            fn encode_then_decode_gives_the_record_back(
+                (models, record) in (1..=u16::MAX)
+                    .prop_flat_map(|n| (Just(n), valid_record(n)))
+            ) {
+                prop_assert_eq!(record.encode().decode(models), Ok(record));
+            }
+
+            #[test]
+            fn a_valid_raw_record_survives_decode_then_encode_byte_for_byte(
+                record in valid_record(1)
+            ) {
+                let raw = record.encode();
+                let again = raw.decode(1).map(|d| d.encode());
+                prop_assert_eq!(again.map(|r| bytemuck::bytes_of(&r).to_vec()),
+                    Ok(bytemuck::bytes_of(&raw).to_vec()));
+            }
+
+            #[test]
+            fn what_decode_ignores_is_written_as_zero(
+                record in valid_record(1),
+                reserved in any::<[u8; 100]>(),
+                unknown_flags in any::<u8>(),
+                stray_parent in nonzero_id::<8>(),
+            ) {
+                let canonical = record.encode();
+                let mut raw = canonical;
+                raw.reserved = reserved;
+                raw.flags |= unknown_flags & !(FLAG_STREAM | FLAG_REMOTE_PARENT);
+                if record.parent_span_id.is_none() {
+                    raw.parent_span_id = stray_parent;
+                }
+                let again = raw.decode(1).map(|d| d.encode());
+                prop_assert_eq!(again.map(|r| bytemuck::bytes_of(&r).to_vec()),
+                    Ok(bytemuck::bytes_of(&canonical).to_vec()));
+            }
+        }
     }
 }

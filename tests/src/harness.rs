@@ -10,13 +10,26 @@ use std::time::{Duration, Instant};
 
 /// End-to-end tests need the model, the Python tools and a release build; they
 /// run when `RINGSIDE_E2E=1` (as `scripts/test.sh` sets it) and are skipped,
-/// saying so, otherwise.
+/// saying so, otherwise ([`skip`]: under `CI=true` that fails the test).
 pub fn e2e_enabled(test: &str) -> bool {
     let on = std::env::var("RINGSIDE_E2E").is_ok_and(|v| v == "1");
     if !on {
-        eprintln!("{test}: skipped (set RINGSIDE_E2E=1; scripts/test.sh does)");
+        skip(test, "set RINGSIDE_E2E=1; scripts/test.sh does");
     }
     on
+}
+
+/// A test that cannot run here says so and returns; under `CI=true` (as
+/// `.ci/run` sets it) it fails instead, naming what it could not do: a CI run
+/// never passes a check it skipped.
+///
+/// # Panics
+/// Under `CI=true`.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: cannot run under CI=true: {why}");
+    }
+    eprintln!("{test}: skipped ({why})");
 }
 
 /// The directory holding the workspace's binaries for the profile the tests

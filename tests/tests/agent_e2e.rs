@@ -2,6 +2,8 @@
 //! in its own process, a real OpenTelemetry collector (rotel), real requests.
 //! Needs `RINGSIDE_E2E=1`.
 
+#![forbid(unsafe_code)]
+
 use ringside_tests::harness::{
     Collector, Engine, e2e_enabled, hex, http, records, span_field, wait_for_records, workspace_bin,
 };

@@ -2,6 +2,8 @@
 //! Python client and by raw HTTP; every response is checked against the
 //! record the engine wrote into its ring. Needs `RINGSIDE_E2E=1`.
 
+#![forbid(unsafe_code)]
+
 use ringside_shm_protocol::{ErrorType, FinishReason, Operation, RecordKind, RequestRecord};
 use ringside_tests::harness::{Engine, e2e_enabled, hex, http, records, wait_for_records};
 use std::collections::HashMap;

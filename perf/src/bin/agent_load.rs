@@ -24,12 +24,17 @@
 //!            [--freshness-rates 2500,10000,100000] [--agent PATH] [--pin]
 //! ```
 
+#![forbid(unsafe_code)]
+
 use hdrhistogram::Histogram;
 use ringside_perf::sink::TimingSink;
 use ringside_perf::{
     Report, Rotel, agent_record, fmt_summary, machine_line, proc_sample, workspace_bin,
 };
 use ringside_shm_protocol::{CreateOptions, EngineSegment, monotonic_ns};
+use rustix::process::{Pid, Signal, kill_process};
+use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
+use rustix::time::{ClockId, clock_gettime};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -230,8 +235,8 @@ impl Agent {
 
     /// SIGTERM, then wait for the agent's flush and exit.
     fn stop(&mut self) -> Result<(), String> {
-        // SAFETY: kill with a pid we spawned and have not reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        // The child is not reaped yet, so its pid is still its own.
+        let _ = kill_process(Pid::from_child(&self.child), Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match self.child.try_wait() {
@@ -329,18 +334,13 @@ fn produce(
     (pushed, hist, thread_cpu().saturating_sub(cpu0))
 }
 
-/// The calling thread's CPU time.
+/// The calling thread's CPU time (user and system).
 fn thread_cpu() -> Duration {
-    // SAFETY: getrusage fills the zeroed rusage we own.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `usage` is valid and writable.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    let t = clock_gettime(ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// What the sampler thread saw during a run.
@@ -390,20 +390,13 @@ fn unix_ms() -> u64 {
 
 /// Restricts `pid` (0: the calling thread) to `cpus`; false if refused.
 fn pin(pid: u32, cpus: &[usize]) -> bool {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        // SAFETY: `set` is a valid cpu_set_t and CPU_SET bounds-checks `cpu`.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
+    let mut set = CpuSet::new();
+    for &cpu in cpus.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
+        set.set(cpu);
     }
-    // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    unsafe {
-        libc::sched_setaffinity(
-            pid as libc::pid_t,
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &set,
-        ) == 0
-    }
+    // `Pid::from_raw(0)` is `None`: the calling thread.
+    let pid = i32::try_from(pid).ok().and_then(Pid::from_raw);
+    sched_setaffinity(pid, &set).is_ok()
 }
 
 /// Pins every thread of process `pid` (the agent spawns its threads at
@@ -459,17 +452,10 @@ fn produce_maybe_pinned(
 
 /// The CPUs this process may run on.
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: as in `pin`; sched_getaffinity fills the set we own.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
-    {
+    let Ok(set) = sched_getaffinity(None) else {
         return vec![];
-    }
-    // SAFETY: CPU_ISSET reads inside the valid set.
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
+    };
+    (0..CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect()
 }
 
 static RUN: AtomicU64 = AtomicU64::new(0);

@@ -5,6 +5,8 @@
 //! `ring-writer <instance> <before> <stop-after-words|none> <after>`
 //! (ring capacity from `RING_WRITER_CAPACITY`, default 64)
 
+#![forbid(unsafe_code)]
+
 use ringside_shm_protocol::{CreateOptions, EngineSegment};
 use ringside_tests::numbered_record;
 use std::io::Write;

@@ -1,9 +1,8 @@
 //! `ringside-agent status`: what every engine's segment says, joined with
-//! the counters the running agent publishes (see [`crate::state`]).
+//! the counters the running agent publishes (see [`crate::control::published_state`]).
 
-use crate::config::StatusArgs;
-use crate::control::{self, ControlError, EngineSettings};
-use crate::state::{self, AgentState, EngineState};
+use crate::control::control_block::{self, ControlError, EngineSelection, EngineSettings};
+use crate::control::published_state::{self, AgentState, EngineState};
 use ringside_shm_protocol::{AttachedSegment, monotonic_ns, realtime_ns};
 use std::io::Write;
 
@@ -194,7 +193,7 @@ pub fn engine_status(segment: &AttachedSegment, agent_state: Option<&AgentState>
         alive: segment.liveness() == ringside_shm_protocol::Liveness::Alive,
         models: info.models.clone(),
         uptime_s: realtime_ns().saturating_sub(info.identity.created_realtime_ns) / 1_000_000_000,
-        tracing: control::read_settings(segment),
+        tracing: control_block::read_settings(segment),
         ring: RingStatus {
             capacity: ring.capacity(),
             fill: unread.min(ring.capacity()),
@@ -248,7 +247,7 @@ pub fn render(engines: &[EngineStatus]) -> String {
                 .map_or_else(dash, |g| g.lag.to_string()),
         ]);
     }
-    let mut out = crate::table::render(&rows);
+    let mut out = crate::control::table::render(&rows);
     for e in engines {
         if let Some(a) = &e.accounting {
             let l = &a.lost;
@@ -273,17 +272,30 @@ pub fn render(engines: &[EngineStatus]) -> String {
     out
 }
 
+/// What `ringside-agent status` shows.
+#[derive(Clone, Debug, Default)]
+pub struct StatusOptions {
+    /// Which engines.
+    pub selection: EngineSelection,
+    /// JSON instead of a table.
+    pub json: bool,
+    /// The running agent's state file; default: every `agent-<pid>.json` in
+    /// the runtime directory, matched to each engine by its agent's pid.
+    pub state_file: Option<std::path::PathBuf>,
+}
+
 /// `ringside-agent status`.
-pub fn run(args: &StatusArgs) -> Result<(), StatusError> {
-    let opened = control::open_engines(&args.selection.engines, &args.selection.trusted_uids)?;
+pub fn run(args: &StatusOptions) -> Result<(), StatusError> {
+    let opened =
+        control_block::open_engines(&args.selection.engines, &args.selection.trusted_uids)?;
     for e in &opened.skipped {
         eprintln!("ringside-agent: skipped {e}");
     }
     let states = match &args.state_file {
-        Some(path) => state::read(path).into_iter().collect(),
+        Some(path) => published_state::read(path).into_iter().collect(),
         None => {
             let env = |n: &str| std::env::var(n).ok();
-            state::read_dir(&state::default_dir(&env))
+            published_state::read_dir(&published_state::default_dir(&env))
         }
     };
     let engines: Vec<EngineStatus> = opened
@@ -313,7 +325,7 @@ pub fn run(args: &StatusArgs) -> Result<(), StatusError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::StatsSnapshot;
+    use crate::pipeline::accounting::StatsSnapshot;
 
     #[test]
     fn the_accounting_identity_covers_every_counter() {

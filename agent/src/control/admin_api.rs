@@ -6,10 +6,10 @@
 //! Loopback by default. Bound to any other address it requires a bearer
 //! token; everything but the probes `/healthz` and `/readyz` then answers 401 without it.
 
-use crate::control::{self, Change, ControlError, EngineSettings};
-use crate::metrics::{ExportCounters, Metrics};
-use crate::queue::ExportQueue;
-use crate::stats::EngineHandle;
+use crate::control::control_block::{self, Change, ControlError, EngineSettings};
+use crate::export::queue::ExportQueue;
+use crate::pipeline::accounting::EngineHandle;
+use crate::pipeline::metrics::{ExportCounters, Metrics};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -20,6 +20,17 @@ use ringside_shm_protocol::Detail;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
+/// Where the admin API listens and how it authenticates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// The address.
+    pub listen: std::net::SocketAddr,
+    /// Whether the address was given (a taken default is not fatal).
+    pub explicit: bool,
+    /// The bearer token (required beyond loopback).
+    pub token: Option<String>,
+}
 
 /// Why the admin API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -153,14 +164,17 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         metrics.to_request(
-            crate::unix_now_ns(),
+            crate::pipeline::metrics::unix_now_ns(),
             state.queue.len() as u64,
             &state.counters,
         )
     };
     (
-        [(header::CONTENT_TYPE, crate::prometheus::CONTENT_TYPE)],
-        crate::prometheus::render(&request),
+        [(
+            header::CONTENT_TYPE,
+            crate::control::prometheus::CONTENT_TYPE,
+        )],
+        crate::control::prometheus::render(&request),
     )
         .into_response()
 }
@@ -185,8 +199,12 @@ fn settings_of(names: &[String], state: &AdminState) -> Result<Vec<EngineSetting
     } else {
         names
     };
-    let opened = control::open_engines(names, &state.trusted_uids)?;
-    Ok(opened.engines.iter().map(control::read_settings).collect())
+    let opened = control_block::open_engines(names, &state.trusted_uids)?;
+    Ok(opened
+        .engines
+        .iter()
+        .map(control_block::read_settings)
+        .collect())
 }
 
 async fn get_tracing(State(state): State<AdminState>) -> Response {
@@ -324,7 +342,7 @@ async fn put_tracing(
     } else {
         &update.engines
     };
-    let opened = match control::open_engines(names, &state.trusted_uids) {
+    let opened = match control_block::open_engines(names, &state.trusted_uids) {
         Ok(o) => o,
         Err(e) => return control_error(e),
     };
@@ -333,7 +351,7 @@ async fn put_tracing(
         if let Err(e) = update.change.apply(segment) {
             return control_error(e);
         }
-        changed.push(control::read_settings(segment));
+        changed.push(control_block::read_settings(segment));
     }
     tracing::info!(engines = ?changed.iter().map(|s| s.engine.as_str()).collect::<Vec<_>>(), change = ?update.change, "admin API: tracing settings changed");
     axum::Json(json!({ "engines": changed })).into_response()

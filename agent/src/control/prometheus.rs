@@ -204,8 +204,8 @@ pub fn render(request: &ExportMetricsServiceRequest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::stats::{EngineHandle, EngineStats};
+    use crate::pipeline::accounting::{EngineHandle, EngineStats};
+    use crate::pipeline::metrics::Metrics;
     use std::sync::Arc;
 
     #[test]
@@ -214,16 +214,19 @@ mod tests {
             id: 0,
             instance: "eng\"1".into(),
             pid: 1,
-            resource: crate::resource::ResourceEnv::from_env(&|_| None, "h".into())
+            resource: crate::pipeline::resource::ResourceEnv::from_env(&|_| None, "h".into())
                 .engine_resource("eng\"1", 1),
             stats: EngineStats::default(),
         });
         let mut m = Metrics::new(0);
         m.attach(&handle);
-        let record = crate::spans::tests::raw_record(1).decode(1).unwrap();
+        let record = crate::pipeline::spans::tests::raw_record(1)
+            .decode(1)
+            .unwrap();
         m.record(&handle, "m", &record);
         m.record(&handle, "m", &record);
-        let text = render(&m.to_request(1, 0, &crate::metrics::ExportCounters::default()));
+        let text =
+            render(&m.to_request(1, 0, &crate::pipeline::metrics::ExportCounters::default()));
         assert!(
             text.contains("# TYPE ringside_agent_records_read_total counter"),
             "{text}"
@@ -238,7 +241,10 @@ mod tests {
             .filter(|l| l.starts_with("gen_ai_server_request_duration_seconds_bucket"))
             .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
             .collect();
-        assert_eq!(buckets.len(), crate::metrics::DURATION_BOUNDS.len() + 1);
+        assert_eq!(
+            buckets.len(),
+            crate::pipeline::metrics::DURATION_BOUNDS.len() + 1
+        );
         assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "cumulative");
         assert_eq!(buckets.last(), Some(&2));
         assert!(text.contains("le=\"+Inf\""), "{text}");

@@ -1,7 +1,7 @@
-//! Head sampling with `OTEL_TRACES_SAMPLER` semantics, decided per record.
-//! Sampled-out records still feed the metrics and are counted.
+//! Head sampling with `OTEL_TRACES_SAMPLER` semantics and tail sampling (the
+//! control block's rules, optionally above the live p99), decided per
+//! record. Sampled-out records still feed the metrics and are counted.
 
-use crate::config::ConfigError;
 use ringside_shm_protocol::{FinishReason, RecordKind, RequestRecord, TailSampling};
 use std::time::{Duration, Instant};
 
@@ -28,25 +28,6 @@ pub enum SamplerError {
     /// The ratio is not a number in [0, 1].
     #[error("sampler argument {0:?} is not a ratio in [0, 1]")]
     Arg(String),
-}
-
-impl SamplerError {
-    pub(crate) fn into_config(self, name_setting: &str, arg_setting: &str) -> ConfigError {
-        match self {
-            Self::Name(v) => ConfigError::Invalid {
-                setting: name_setting.to_owned(),
-                value: v,
-                reason: "expected always_on, always_off, traceidratio, parentbased_always_on, \
-                         parentbased_always_off or parentbased_traceidratio"
-                    .to_owned(),
-            },
-            Self::Arg(v) => ConfigError::Invalid {
-                setting: arg_setting.to_owned(),
-                value: v,
-                reason: "expected a ratio in [0, 1]".to_owned(),
-            },
-        }
-    }
 }
 
 impl Default for Sampler {
@@ -281,27 +262,46 @@ mod tests {
     }
 
     fn record(error: bool, e2e_ms: u64, low: u64) -> RequestRecord {
-        use ringside_shm_protocol::{ErrorType, Record};
-        let mut r: Record = bytemuck::Zeroable::zeroed();
-        r.request_id = [1; 16];
-        r.trace_id[0] = 1;
-        r.trace_id[8..].copy_from_slice(&low.to_be_bytes());
-        r.span_id = [2; 8];
-        r.t_arrival_ns = 1_000_000_000;
-        r.t_scheduled_ns = 1_000_000_001;
-        r.t_first_token_ns = 1_000_000_002;
-        r.t_last_token_ns = 1_000_000_003;
-        r.t_finished_ns = 1_000_000_000 + e2e_ms * 1_000_000;
-        r.kind = RecordKind::RequestFinished as u8;
-        r.operation = ringside_shm_protocol::Operation::Chat as u8;
-        r.finish_reason = FinishReason::Stop as u8;
-        r.http_status = 200;
+        use ringside_shm_protocol::{ErrorType, Operation, Sampling, Timestamps};
+        let mut trace_id = [0; 16];
+        trace_id[0] = 1;
+        trace_id[8..].copy_from_slice(&low.to_be_bytes());
+        let mut r = RequestRecord {
+            kind: RecordKind::RequestFinished,
+            operation: Operation::Chat,
+            request_id: [1; 16],
+            trace_id,
+            parent_span_id: None,
+            span_id: [2; 8],
+            trace_flags: 0,
+            timestamps: Timestamps {
+                arrival_ns: 1_000_000_000,
+                scheduled_ns: Some(1_000_000_001),
+                first_token_ns: Some(1_000_000_002),
+                last_token_ns: Some(1_000_000_003),
+                finished_ns: 1_000_000_000 + e2e_ms * 1_000_000,
+            },
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_prompt_tokens: 0,
+            sampling: Sampling::default(),
+            params_set: 0,
+            stream: false,
+            finish_reason: FinishReason::Stop,
+            http_status: 200,
+            error_type: ErrorType::None,
+            model_index: 0,
+            queue_depth: 0,
+            running: 0,
+        };
         if error {
-            r.error_type = ErrorType::InvalidRequest as u8;
+            r.error_type = ErrorType::InvalidRequest;
             r.http_status = 400;
-            r.finish_reason = FinishReason::Error as u8;
+            r.finish_reason = FinishReason::Error;
         }
-        r.decode(1).unwrap()
+        // What the engine would write decodes to the same value.
+        assert_eq!(r.encode().decode(1), Ok(r));
+        r
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The OTLP resource of an engine: who produced the spans and metrics.
 
-use crate::config::parse_key_values;
+use crate::key_values::parse_key_values;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 

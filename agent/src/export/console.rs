@@ -1,4 +1,4 @@
-//! The `console` exporter's output: one readable tree per trace.
+//! The `console` exporter: one readable tree per trace, written to stdout.
 //!
 //! ```text
 //! trace 4bf92f3577b34da6a3ce929d0e0e4736  engine gemma-1 (pid 4242)
@@ -9,7 +9,9 @@
 //!    └─ decode   1.000 s  +0.500
 //! ```
 
-use crate::queue::Item;
+use crate::export::queue::Item;
+use crate::export::retry::Verdict;
+use crate::export::transport::Attempt;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::{Span, status};
@@ -54,7 +56,7 @@ fn secs(ns: u64) -> f64 {
 pub fn render(items: &[Item]) -> String {
     let mut out = String::new();
     for item in items {
-        let spans = crate::spans::convert(&item.ctx, &item.record, item.detail);
+        let spans = crate::pipeline::spans::convert(&item.ctx, &item.record, item.detail);
         let Some((root, children)) = spans.split_first() else {
             continue;
         };
@@ -138,12 +140,25 @@ pub fn render(items: &[Item]) -> String {
     out
 }
 
+/// Writes one batch's rendered trees to stdout.
+pub(crate) fn write(text: &str) -> Attempt {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Attempt::accepted(),
+        Err(e) => Attempt::Failed {
+            verdict: Verdict::Permanent,
+            error: format!("stdout: {e}"),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::AttributeSet;
-    use crate::spans::tests::{ctx, raw_record};
-    use crate::stats::{EngineHandle, EngineStats};
+    use crate::pipeline::accounting::{EngineHandle, EngineStats};
+    use crate::pipeline::spans::AttributeSet;
+    use crate::pipeline::spans::tests::{ctx, raw_record};
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use ringside_shm_protocol::Detail;
     use std::sync::Arc;

@@ -6,8 +6,7 @@
 //! `q`, Esc or Ctrl-C, restoring the terminal; otherwise it prints one plain
 //! line per engine per refresh.
 
-use crate::config::TopArgs;
-use crate::control::{self, ControlError};
+use crate::control::control_block::{self, ControlError, EngineSelection};
 use ringside_shm_protocol::{AttachedSegment, Consumer, Liveness, StartAt, list_segments};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IsTerminal, Write};
@@ -253,7 +252,7 @@ pub fn render_table(rows: &[Row], window: Duration) -> String {
         "ringside top — {} engine(s), window {}s, percentiles p50/p90/p99 — q to quit\n\n{}",
         rows.len(),
         window.as_secs(),
-        crate::table::render(&table)
+        crate::control::table::render(&table)
     )
 }
 
@@ -290,7 +289,7 @@ struct Engines {
 impl Engines {
     fn refresh(&mut self) -> Result<(), ControlError> {
         if self.watched.is_empty() {
-            let opened = control::open_engines(&self.names, &self.trusted)?;
+            let opened = control_block::open_engines(&self.names, &self.trusted)?;
             for s in opened.engines {
                 self.watched
                     .insert(s.info().instance.clone(), Watched::open(s));
@@ -300,7 +299,7 @@ impl Engines {
             for name in list_segments()? {
                 if !self.watched.contains_key(&name)
                     && let Ok(opened) =
-                        control::open_engines(std::slice::from_ref(&name), &self.trusted)
+                        control_block::open_engines(std::slice::from_ref(&name), &self.trusted)
                 {
                     for s in opened.engines {
                         self.watched.insert(name.clone(), Watched::open(s));
@@ -365,8 +364,21 @@ fn quit_requested(timeout: Duration) -> std::io::Result<bool> {
     }
 }
 
+/// What `ringside-agent top` shows, and how often.
+#[derive(Clone, Debug, Default)]
+pub struct TopOptions {
+    /// Which engines.
+    pub selection: EngineSelection,
+    /// Refresh interval in milliseconds (at least 100).
+    pub interval_ms: u64,
+    /// Sliding window of the rates and percentiles, in seconds (at least 1).
+    pub window_s: u64,
+    /// Stop after this many refreshes (default: until q / Ctrl-C).
+    pub iterations: Option<u64>,
+}
+
 /// `ringside-agent top`.
-pub fn run(args: &TopArgs) -> Result<(), TopError> {
+pub fn run(args: &TopOptions) -> Result<(), TopError> {
     let interval = Duration::from_millis(args.interval_ms.max(100));
     let window = Duration::from_secs(args.window_s.max(1));
     let mut engines = Engines {

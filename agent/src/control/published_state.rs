@@ -2,7 +2,7 @@
 //! once a second and at shutdown, that `ringside-agent status` reads for
 //! what only the agent knows (exported, sampled out, lost in the agent).
 
-use crate::stats::{EngineHandle, StatsSnapshot};
+use crate::pipeline::accounting::{EngineHandle, StatsSnapshot};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -37,6 +37,15 @@ pub enum ControlError {
     },
 }
 
+/// Which engines a command acts on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineSelection {
+    /// Engine instances; empty: every segment under `/dev/shm`.
+    pub engines: Vec<String>,
+    /// Uids whose segments are trusted besides our own and root.
+    pub trusted_uids: Vec<u32>,
+}
+
 /// Opens the named engines, or every segment under `/dev/shm` when `names`
 /// is empty. A named engine that cannot be opened is an error naming it;
 /// when listing, segments that cannot be opened are returned in `skipped`.
@@ -274,7 +283,7 @@ pub fn settings_table(settings: &[EngineSettings]) -> String {
             describe_tail(&s.tail),
         ]);
     }
-    crate::table::render(&rows)
+    crate::control::table::render(&rows)
 }
 
 /// `errors, ttft>=500ms, rest 0.1`: what the tail sampler keeps.

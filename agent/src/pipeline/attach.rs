@@ -5,9 +5,12 @@
 //! i.e. a new generation / pid / start time) and dead ones (liveness), drains
 //! what they left and detaches. Between scans it polls every attached ring,
 //! validates each record (`Record::decode`), feeds the metrics, applies the
-//! head sampler, converts to spans and hands them to the export queue; only
-//! then is the cursor committed to the segment, so a restarted agent resumes
-//! exactly after the last request it handed on.
+//! head and tail samplers and hands the kept records to the export queue
+//! (they become spans only when their batch is encoded); only then is the
+//! cursor committed to the segment, so a restarted agent resumes exactly
+//! after the last request it handed on.
+//!
+//! It takes its settings as a plain [`ReaderSettings`] value.
 //!
 //! Where a new consumer starts:
 //! * a stored cursor, or a segment an agent attached to before: that cursor
@@ -16,13 +19,12 @@
 //!   agent runs: the oldest record the ring holds;
 //! * otherwise: the newest (only requests from now on).
 
-use crate::config::{DetailArg, Settings};
-use crate::metrics::Metrics;
-use crate::queue::{ExportQueue, Item};
-use crate::resource::ResourceEnv;
-use crate::sampling::{Sampler, TailSampler, keep_by_ppm};
-use crate::spans::SpanContext;
-use crate::stats::{EngineHandle, EngineStats};
+use crate::export::queue::{ExportQueue, Item};
+use crate::pipeline::accounting::{EngineHandle, EngineStats};
+use crate::pipeline::metrics::Metrics;
+use crate::pipeline::resource::ResourceEnv;
+use crate::pipeline::sampling::{Sampler, TailSampler, keep_by_ppm};
+use crate::pipeline::spans::{AttributeSet, SpanContext};
 use ringside_shm_protocol::{
     AttachedSegment, Consumer, Detail, EngineIdentity, Liveness, OpenError, OpenOptions, PollError,
     Record, StartAt, list_segments, monotonic_ns,
@@ -31,6 +33,33 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// What the reader needs to know: the resolved settings of `run` that
+/// concern attaching, decoding and sampling (plain values; the daemon builds
+/// them from the configuration).
+#[derive(Clone, Debug)]
+pub struct ReaderSettings {
+    /// Instances to attach to (empty: all).
+    pub engines: Vec<String>,
+    /// Export what the ring holds when attaching without a stored cursor.
+    pub backfill: bool,
+    /// Span detail overriding the engine's control block, if given.
+    pub detail: Option<Detail>,
+    /// Attribute set.
+    pub attributes: AttributeSet,
+    /// Ring poll interval.
+    pub poll_interval: Duration,
+    /// Discovery interval.
+    pub discover_interval: Duration,
+    /// Trusted segment owners.
+    pub trusted_uids: Vec<u32>,
+    /// Head sampler.
+    pub sampler: Sampler,
+    /// Keep requests above the live p99 (tail sampling).
+    pub tail_above_p99: bool,
+    /// Half the window of the live p99.
+    pub tail_window: Duration,
+}
 
 /// Records taken from one ring per poll.
 const POLL_BATCH: usize = 1024;
@@ -47,7 +76,7 @@ struct Attached {
 
 /// The reader: owns every attached segment and its consumer.
 pub struct Reader {
-    settings: Settings,
+    settings: ReaderSettings,
     resource_env: ResourceEnv,
     queue: Arc<ExportQueue>,
     metrics: Arc<Mutex<Metrics>>,
@@ -76,7 +105,7 @@ impl Reader {
     /// A reader feeding `queue` and `metrics`; every engine it attaches to is
     /// added to `registry` (for the final accounting).
     pub fn new(
-        settings: Settings,
+        settings: ReaderSettings,
         resource_env: ResourceEnv,
         queue: Arc<ExportQueue>,
         metrics: Arc<Mutex<Metrics>>,
@@ -355,7 +384,7 @@ impl Reader {
     fn poll_one(
         a: &mut Attached,
         buffer: &mut Vec<(u64, Record)>,
-        settings: &Settings,
+        settings: &ReaderSettings,
         queue: &ExportQueue,
         metrics: &Mutex<Metrics>,
     ) -> Result<(u64, bool), PollError> {
@@ -377,11 +406,9 @@ impl Reader {
         }
         if !buffer.is_empty() {
             let ring = a.segment.ring();
-            let detail = match settings.detail {
-                Some(DetailArg::Request) => Detail::Request,
-                Some(DetailArg::Phases) => Detail::Phases,
-                None => ring.control().detail().unwrap_or_default(),
-            };
+            let detail = settings
+                .detail
+                .unwrap_or_else(|| ring.control().detail().unwrap_or_default());
             let head_ppm = ring.control().head_sample_ppm();
             let tail_rules = ring.control().tail_sampling();
             let model_count = a.segment.info().model_count();

@@ -2,8 +2,8 @@
 //! not), and the agent's own health counters, as OTLP metrics with
 //! cumulative temporality.
 
-use crate::resource::{kv_int, kv_str};
-use crate::stats::EngineHandle;
+use crate::pipeline::accounting::EngineHandle;
+use crate::pipeline::resource::{kv_int, kv_str};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -14,6 +14,13 @@ use ringside_shm_protocol::RequestRecord;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Now, in nanoseconds since the Unix epoch (0 before it, saturating).
+pub(crate) fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
 
 /// Boundaries of `gen_ai.server.request.duration` (seconds), semconv v1.41.
 pub const DURATION_BOUNDS: &[f64] = &[
@@ -117,7 +124,7 @@ impl Series {
         Self {
             model: model.to_owned(),
             operation: record.operation.as_str(),
-            error: crate::spans::error_type(record),
+            error: crate::pipeline::spans::error_type(record),
             duration: Hist::new(DURATION_BOUNDS),
             ttft: Hist::new(TTFT_BOUNDS),
             tpot: Hist::new(TPOT_BOUNDS),
@@ -237,7 +244,10 @@ impl Metrics {
             for s in engine.series.values() {
                 let mut attrs = vec![
                     kv_str("gen_ai.operation.name", s.operation),
-                    kv_str("gen_ai.provider.name", crate::spans::PROVIDER_NAME),
+                    kv_str(
+                        "gen_ai.provider.name",
+                        crate::pipeline::spans::PROVIDER_NAME,
+                    ),
                     kv_str("gen_ai.request.model", s.model.clone()),
                     kv_str("gen_ai.response.model", s.model.clone()),
                 ];
@@ -460,8 +470,8 @@ fn health_metrics(engine: &EngineHandle, start: u64, now: u64) -> Vec<Metric> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::tests::raw_record;
-    use crate::stats::EngineStats;
+    use crate::pipeline::accounting::EngineStats;
+    use crate::pipeline::spans::tests::raw_record;
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
     #[test]

@@ -7,8 +7,7 @@
 //! span id come from the record; child span ids are derived from the request
 //! span id, so converting a record twice gives identical spans.
 
-use crate::config::AttributeSet;
-use crate::wire;
+use crate::export::wire;
 use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span, span, status};
 use prost::Message as _;
 use ringside_shm_protocol::{ClockPair, Detail, Operation, RequestRecord};
@@ -21,6 +20,29 @@ pub const PROVIDER_NAME: &str = "ringside";
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 /// OTLP span flag: the parent is remote.
 const FLAG_IS_REMOTE: u32 = 0x200;
+
+/// Which span attributes to emit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttributeSet {
+    /// The OpenTelemetry GenAI semantic conventions v1.41.
+    Semconv,
+    /// The attributes vLLM emits (`gen_ai.latency.*`, deprecated token names).
+    Vllm,
+    /// Both sets.
+    #[default]
+    Both,
+}
+
+impl AttributeSet {
+    /// Whether the semconv set is emitted.
+    pub fn semconv(self) -> bool {
+        matches!(self, Self::Semconv | Self::Both)
+    }
+    /// Whether the vLLM set is emitted.
+    pub fn vllm(self) -> bool {
+        matches!(self, Self::Vllm | Self::Both)
+    }
+}
 
 /// What converting one engine's records needs.
 #[derive(Clone, Debug)]
@@ -424,44 +446,55 @@ pub fn convert(ctx: &SpanContext, record: &RequestRecord, detail: Detail) -> Vec
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::resource::tests::attr;
+    use crate::pipeline::resource::tests::attr;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use ringside_shm_protocol::{
-        ErrorType, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason, Record, RecordKind, params,
+        ErrorType, FinishReason, Record, RecordKind, Sampling, Timestamps, params,
     };
 
     /// A well-formed record, as the engine writes one.
     pub(crate) fn raw_record(seq: u64) -> Record {
-        let mut r: Record = bytemuck::Zeroable::zeroed();
-        r.request_id = (u128::from(seq) + 1).to_be_bytes();
-        r.trace_id = [0xab; 16];
-        r.trace_id[0..8].copy_from_slice(&seq.to_be_bytes());
-        r.parent_span_id = [0x11; 8];
-        r.span_id = [0x22; 8];
-        r.span_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
-        r.t_arrival_ns = 1_000_000_000;
-        r.t_scheduled_ns = 1_250_000_000;
-        r.t_first_token_ns = 1_500_000_000;
-        r.t_last_token_ns = 2_500_000_000;
-        r.t_finished_ns = 2_600_000_000;
-        r.seed = 7;
-        r.prompt_tokens = 12;
-        r.completion_tokens = 11;
-        r.cached_prompt_tokens = 4;
-        r.max_tokens = 16;
-        r.temperature = 0.0;
-        r.top_p = 0.9;
-        r.top_k = 40;
-        r.frequency_penalty = 0.5;
-        r.presence_penalty = -0.5;
-        r.http_status = 200;
-        r.kind = RecordKind::RequestFinished as u8;
-        r.operation = Operation::Chat as u8;
-        r.finish_reason = FinishReason::Length as u8;
-        r.trace_flags = 1;
-        r.flags = FLAG_STREAM | FLAG_REMOTE_PARENT;
-        r.params_set = params::TEMPERATURE | params::MAX_TOKENS;
-        r
+        let mut trace_id = [0xab; 16];
+        trace_id[0..8].copy_from_slice(&seq.to_be_bytes());
+        let mut span_id = [0x22; 8];
+        span_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
+        RequestRecord {
+            kind: RecordKind::RequestFinished,
+            operation: Operation::Chat,
+            request_id: (u128::from(seq) + 1).to_be_bytes(),
+            trace_id,
+            parent_span_id: Some([0x11; 8]),
+            span_id,
+            trace_flags: 1,
+            timestamps: Timestamps {
+                arrival_ns: 1_000_000_000,
+                scheduled_ns: Some(1_250_000_000),
+                first_token_ns: Some(1_500_000_000),
+                last_token_ns: Some(2_500_000_000),
+                finished_ns: 2_600_000_000,
+            },
+            prompt_tokens: 12,
+            completion_tokens: 11,
+            cached_prompt_tokens: 4,
+            sampling: Sampling {
+                max_tokens: 16,
+                temperature: 0.0,
+                top_p: 0.9,
+                top_k: 40,
+                seed: 7,
+                frequency_penalty: 0.5,
+                presence_penalty: -0.5,
+            },
+            params_set: params::TEMPERATURE | params::MAX_TOKENS,
+            stream: true,
+            finish_reason: FinishReason::Length,
+            http_status: 200,
+            error_type: ErrorType::None,
+            model_index: 0,
+            queue_depth: 0,
+            running: 0,
+        }
+        .encode()
     }
 
     pub(crate) fn ctx(attributes: AttributeSet) -> SpanContext {

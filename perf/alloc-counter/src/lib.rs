@@ -3,6 +3,10 @@
 //! allocates per call) and per process (that plus background threads, e.g. a
 //! span exporter). Install it in a bench with
 //! `#[global_allocator] static A: ringside_perf::alloc::Counting = ringside_perf::alloc::Counting;`.
+//!
+//! A crate of its own because a [`GlobalAlloc`] cannot be implemented without
+//! `unsafe`: the benchmark crates (`ringside-perf`, its binaries and benches)
+//! forbid unsafe code, and re-export this crate as `ringside_perf::alloc`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

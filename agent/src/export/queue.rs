@@ -6,8 +6,8 @@
 //! spans only when its batch is sent (a queued request holds ~300 bytes, not
 //! the ~1.4 KiB of its encoded spans).
 
-use crate::spans::{self, SpanContext};
-use crate::stats::{EngineHandle, EngineStats};
+use crate::pipeline::accounting::{EngineHandle, EngineStats};
+use crate::pipeline::spans::{self, SpanContext};
 use ringside_shm_protocol::{Detail, RequestRecord};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,7 +193,7 @@ mod tests {
     /// A request of `engine` with 4 spans (`Detail::Phases`) or 1, tagged
     /// in its request id.
     fn item(engine: &Arc<EngineHandle>, n: usize, tag: u8) -> Item {
-        let mut record = crate::spans::tests::raw_record(u64::from(tag))
+        let mut record = crate::pipeline::spans::tests::raw_record(u64::from(tag))
             .decode(1)
             .unwrap();
         record.request_id[0] = tag;
@@ -202,7 +202,9 @@ mod tests {
         } else {
             Detail::Request
         };
-        let ctx = Arc::new(crate::spans::tests::ctx(crate::config::AttributeSet::Both));
+        let ctx = Arc::new(crate::pipeline::spans::tests::ctx(
+            crate::pipeline::spans::AttributeSet::Both,
+        ));
         let item = Item::new(Arc::clone(engine), ctx, record, detail);
         assert_eq!(item.spans, n);
         item

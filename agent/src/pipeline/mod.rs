@@ -1,0 +1,12 @@
+//! From the engines' rings to validated, sampled records on the export
+//! queue: [`attach`] (discovery and the reader thread), [`spans`] (record →
+//! spans), [`metrics`], [`sampling`], [`resource`], and per-engine
+//! [`accounting`]. Settings come in as plain values
+//! ([`attach::ReaderSettings`]).
+
+pub mod accounting;
+pub mod attach;
+pub mod metrics;
+pub mod resource;
+pub mod sampling;
+pub mod spans;
