@@ -488,6 +488,9 @@ pub enum ErrorType {
     Internal = 8,
     /// 503: the model is still loading or the engine is shutting down.
     Unavailable = 9,
+    /// Since 1.2. Never written by an engine: the class an agent gives a
+    /// request it found in the in-flight table of an engine that died.
+    EngineCrashed = 10,
 }
 
 impl ErrorType {
@@ -504,6 +507,7 @@ impl ErrorType {
             Self::ClientDisconnected => Some("client_disconnected"),
             Self::Internal => Some("internal"),
             Self::Unavailable => Some("unavailable"),
+            Self::EngineCrashed => Some("engine_crashed"),
         }
     }
 }
@@ -551,6 +555,7 @@ u8_enum_try_from!(ErrorType {
     ClientDisconnected,
     Internal,
     Unavailable,
+    EngineCrashed,
 });
 
 /// [`Record::flags`]: the response was streamed.
@@ -840,6 +845,7 @@ mod tests {
         assert_eq!(Operation::TextCompletion as u8, 2);
         assert_eq!(FinishReason::Error as u8, 4);
         assert_eq!(ErrorType::Unavailable as u8, 9);
+        assert_eq!(ErrorType::EngineCrashed as u8, 10);
         assert_eq!(OverflowMode::Discard as u32, 1);
         assert_eq!(Detail::Phases as u32, 1);
         for raw in 0..=u8::MAX {
@@ -850,7 +856,7 @@ mod tests {
                 assert_eq!(f as u8, raw);
             }
         }
-        assert_eq!(ErrorType::try_from(10), Err(10));
+        assert_eq!(ErrorType::try_from(11), Err(11));
         assert_eq!(RecordKind::try_from(0), Err(0));
     }
 }

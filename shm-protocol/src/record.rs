@@ -584,7 +584,7 @@ pub(crate) mod tests {
             FinishReason::Abort,
             FinishReason::Error,
         ];
-        const ERROR_TYPES: [ErrorType; 10] = [
+        const ERROR_TYPES: [ErrorType; 11] = [
             ErrorType::None,
             ErrorType::InvalidRequest,
             ErrorType::Unauthorized,
@@ -595,6 +595,7 @@ pub(crate) mod tests {
             ErrorType::ClientDisconnected,
             ErrorType::Internal,
             ErrorType::Unavailable,
+            ErrorType::EngineCrashed,
         ];
 
         fn nonzero_id<const N: usize>() -> impl Strategy<Value = [u8; N]> {
