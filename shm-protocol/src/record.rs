@@ -353,6 +353,12 @@ impl RequestRecord {
         let steps = u64::from(self.completion_tokens.checked_sub(1).filter(|s| *s > 0)?);
         Some(decode / steps)
     }
+    /// Whether [`Self::sampling`] holds the request's real parameters: false for the
+    /// records an agent makes of the requests a dead engine held
+    /// ([`ErrorType::EngineCrashed`]), whose parameters the in-flight table does not carry.
+    pub fn sampling_known(&self) -> bool {
+        self.error_type != ErrorType::EngineCrashed
+    }
     /// Whether the request failed, was aborted or was rejected.
     pub fn is_error(&self) -> bool {
         self.error_type != ErrorType::None || self.http_status >= 400

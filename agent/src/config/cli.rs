@@ -288,6 +288,12 @@ pub struct RunArgs {
     /// Sliding window of the live p99, in seconds (two halves of this).
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub tail_window_s: u64,
+    /// A request with no progress (no scheduling, prefill chunk or token) for
+    /// this long is stalled: logged once, counted in the stalled gauge, and
+    /// marked with a `ringside.stalled` span event. Reloadable (SIGHUP).
+    #[arg(long, default_value = "10s", value_name = "DURATION",
+          value_parser = super::duration::parse_duration)]
+    pub stall_after: std::time::Duration,
 }
 
 impl From<AttributeSetArg> for AttributeSet {

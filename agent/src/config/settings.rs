@@ -62,6 +62,8 @@ pub struct Settings {
     pub tail_above_p99: bool,
     /// Half the window of the live p99.
     pub tail_window: Duration,
+    /// The stall threshold.
+    pub stall_after: Duration,
     /// The published state file.
     pub state_file: PathBuf,
     /// Whether it is the default one (removed at exit).
@@ -103,6 +105,7 @@ impl Settings {
             sampler,
             tail_above_p99: args.tail_above_p99,
             tail_window: Duration::from_secs(args.tail_window_s.max(1)),
+            stall_after: args.stall_after,
             state_file: resolve_state_file(args.state_file.as_ref(), &env),
             state_file_default: args.state_file.is_none(),
             admin,
@@ -122,6 +125,7 @@ impl Settings {
             sampler: self.sampler.clone(),
             tail_above_p99: self.tail_above_p99,
             tail_window: self.tail_window,
+            stall_after: self.stall_after,
         }
     }
 }

@@ -77,8 +77,8 @@ pub struct AgentStatus {
 }
 
 /// Where every record the engine wrote went, as the running agent counts
-/// it: `written = not_observed + exported + sampled_out + lost.total +
-/// pending`.
+/// it: `written + crashed_in_flight = not_observed + exported + sampled_out +
+/// lost.total + pending`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Accounting {
     /// When the agent published these (Unix ms).
@@ -95,6 +95,10 @@ pub struct Accounting {
     pub lost: Lost,
     /// Read but not yet delivered, or not yet read.
     pub pending: u64,
+    /// Requests the engine held when it died (from its in-flight table),
+    /// exported as `engine_crashed` spans: `written + crashed_in_flight` is
+    /// what the other fields add up to.
+    pub crashed_in_flight: u64,
     /// Whether the identity above holds.
     pub balanced: bool,
 }
@@ -129,6 +133,9 @@ pub fn accounting(state: &EngineState, as_of_unix_ms: u64) -> Accounting {
     };
     let pending = s.pending() + state.lag;
     let accounted = s.skipped_at_attach + s.exported + s.sampled_out + lost.total + pending;
+    // Crash reports come from the in-flight table, not the ring: they are
+    // accounted on top of what the engine wrote.
+    let written_and_crashed = state.engine_written + s.crashed_in_flight;
     Accounting {
         as_of_unix_ms,
         written: state.engine_written,
@@ -137,7 +144,8 @@ pub fn accounting(state: &EngineState, as_of_unix_ms: u64) -> Accounting {
         sampled_out: s.sampled_out,
         lost,
         pending,
-        balanced: accounted == state.engine_written,
+        crashed_in_flight: s.crashed_in_flight,
+        balanced: accounted == written_and_crashed,
     }
 }
 
@@ -345,11 +353,38 @@ mod tests {
                 exported: 50,
                 export_failed: 1,
                 spans_exported: 200,
+                crashed_in_flight: 0,
             },
         };
         let a = accounting(&state, 0);
         assert_eq!(a.lost.total, 13);
         assert_eq!(a.pending, 4 + 3);
+        assert!(a.balanced, "{a:?}");
+    }
+
+    #[test]
+    fn requests_a_dead_engine_held_are_accounted_on_top_of_what_it_wrote() {
+        // 10 written and exported, then the engine died holding 3 requests,
+        // exported as engine_crashed spans: 13 exported, balanced.
+        let mut state = EngineState {
+            instance: "a".into(),
+            pid: 1,
+            engine_written: 10,
+            lag: 0,
+            stats: StatsSnapshot {
+                read: 10,
+                exported: 13,
+                crashed_in_flight: 3,
+                ..StatsSnapshot::default()
+            },
+        };
+        let a = accounting(&state, 0);
+        assert_eq!((a.crashed_in_flight, a.pending), (3, 0));
+        assert!(a.balanced, "{a:?}");
+        // Not yet exported: pending, still balanced.
+        state.stats.exported = 10;
+        let a = accounting(&state, 0);
+        assert_eq!(a.pending, 3);
         assert!(a.balanced, "{a:?}");
     }
 

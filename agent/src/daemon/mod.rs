@@ -126,6 +126,7 @@ impl Application {
         let sighup = install(SignalKind::hangup(), "installing the SIGHUP handler")?;
         let (update_tx, update_rx) = tokio::sync::mpsc::channel(1);
         let sampler_update;
+        let stall_after_update;
         let reader_thread = {
             let mut reader = attach::Reader::new(
                 settings.reader(),
@@ -135,6 +136,7 @@ impl Application {
                 Arc::clone(&registry),
             );
             sampler_update = reader.sampler_update();
+            stall_after_update = reader.stall_after_update();
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("ringside-reader".into())
@@ -184,6 +186,7 @@ impl Application {
             },
             update_tx,
             sampler_update,
+            stall_after_update,
             running: Running {
                 settings,
                 registry,
@@ -234,6 +237,8 @@ pub struct StartedApplication {
     update_tx: tokio::sync::mpsc::Sender<ExporterUpdate>,
     /// New head sampler on SIGHUP (taken by the reader thread).
     sampler_update: Arc<Mutex<Option<Sampler>>>,
+    /// New stall threshold (ns) on SIGHUP (read by the reader thread).
+    stall_after_update: Arc<std::sync::atomic::AtomicU64>,
     running: Running,
 }
 
@@ -251,6 +256,10 @@ impl StartedApplication {
                         if let Ok(mut slot) = self.sampler_update.lock() {
                             *slot = Some(new.sampler.clone());
                         }
+                        self.stall_after_update.store(
+                            u64::try_from(new.stall_after.as_nanos()).unwrap_or(u64::MAX),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                         if self.update_tx.send(update).await.is_err() {
                             tracing::warn!("reload: the exporter has stopped");
                         }

@@ -1,6 +1,7 @@
 //! SIGHUP: the command line and its config file read again, and what of
 //! the new configuration the running daemon can apply without a restart
-//! (the exporter's transport and batching, the head sampler).
+//! (the exporter's transport and batching, the head sampler, the stall
+//! threshold).
 
 use crate::config::{self, Command, Settings};
 use crate::export::{self, Transport};
@@ -56,6 +57,7 @@ pub(super) fn reload(current: &Settings) -> Option<(export::ExporterUpdate, Sett
     tracing::info!(
         exporter = %new.target.describe(),
         sampler = ?new.sampler,
+        stall_after_ms = new.stall_after.as_millis() as u64,
         batch_size = new.batch_size,
         batch_delay_ms = new.batch_delay.as_millis() as u64,
         "SIGHUP: configuration reloaded"

@@ -38,7 +38,13 @@ pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
             message(out, 2, |out| {
                 bytes_field(out, 1, &scope);
                 for item in items.iter().filter(|i| i.engine.id == engine.id) {
-                    crate::pipeline::spans::encode(&item.ctx, &item.record, item.detail, out);
+                    crate::pipeline::spans::encode_with_stalls(
+                        &item.ctx,
+                        &item.record,
+                        item.detail,
+                        &item.stalls,
+                        out,
+                    );
                 }
             });
         });

@@ -8,6 +8,7 @@
 
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::spans::{self, SpanContext};
+use crate::pipeline::stalls::Stall;
 use ringside_shm_protocol::{Detail, RequestRecord};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,9 @@ pub struct Item {
     pub spans: usize,
     /// Memory held.
     pub bytes: usize,
+    /// Stalls the agent saw in the engine's in-flight table while the request
+    /// ran (usually none: then nothing is allocated).
+    pub stalls: Box<[Stall]>,
 }
 
 impl Item {
@@ -45,7 +49,15 @@ impl Item {
             record,
             detail,
             bytes: std::mem::size_of::<Self>(),
+            stalls: Box::default(),
         }
+    }
+
+    /// The same, carrying the request's stalls as span events.
+    pub fn with_stalls(mut self, stalls: Vec<Stall>) -> Self {
+        self.bytes += stalls.len() * std::mem::size_of::<Stall>();
+        self.stalls = stalls.into_boxed_slice();
+        self
     }
 }
 

@@ -1,7 +1,9 @@
 //! Exact accounting per engine: every ticket the agent moves past ends in one
 //! counter, so `read + lost_overwritten + lost_abandoned` covers the ring and
-//! `read = invalid + sampled_out + queue_dropped + exported + export_failed +
-//! pending`.
+//! `read + crashed_in_flight = invalid + sampled_out + queue_dropped +
+//! exported + export_failed + pending`, where `crashed_in_flight` counts the
+//! requests a dead engine's in-flight table still held (each handed on as one
+//! `engine_crashed` record).
 
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +37,11 @@ pub struct EngineStats {
     pub engine_written: AtomicU64,
     /// Records the engine dropped before taking a ticket (discard mode).
     pub engine_dropped: AtomicU64,
+    /// Requests found in the engine's in-flight table after it died, handed
+    /// on as `engine_crashed` records.
+    pub crashed_in_flight: AtomicU64,
+    /// Requests of this engine stalled at the last look at its table (a gauge).
+    pub stalled: AtomicU64,
 }
 
 impl EngineStats {
@@ -57,6 +64,7 @@ impl EngineStats {
             exported: l(&self.exported),
             export_failed: l(&self.export_failed),
             spans_exported: l(&self.spans_exported),
+            crashed_in_flight: l(&self.crashed_in_flight),
         }
     }
 }
@@ -84,13 +92,16 @@ pub struct StatsSnapshot {
     pub export_failed: u64,
     /// See [`EngineStats::spans_exported`].
     pub spans_exported: u64,
+    /// See [`EngineStats::crashed_in_flight`].
+    #[serde(default)]
+    pub crashed_in_flight: u64,
 }
 
 impl StatsSnapshot {
     /// Records read but not yet exported, dropped or failed: still queued or
     /// in flight.
     pub fn pending(&self) -> u64 {
-        self.read.saturating_sub(
+        (self.read + self.crashed_in_flight).saturating_sub(
             self.invalid
                 + self.sampled_out
                 + self.queue_dropped

@@ -21,16 +21,19 @@
 
 use crate::export::queue::{ExportQueue, Item};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
+use crate::pipeline::crash::{crash_record, phase_name};
+use crate::pipeline::stalls::{Observed, StallTracker};
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::resource::ResourceEnv;
 use crate::pipeline::sampling::{Sampler, TailSampler, keep_by_ppm};
 use crate::pipeline::spans::{AttributeSet, SpanContext};
 use ringside_shm_protocol::{
-    AttachedSegment, Consumer, Detail, EngineIdentity, Liveness, OpenError, OpenOptions, PollError,
-    Record, StartAt, list_segments, monotonic_ns,
+    AttachedSegment, Consumer, Detail, EngineIdentity, InflightReader, InflightRequest, Liveness,
+    OpenError, OpenOptions, PollError, Record, StartAt, list_dead_generations, list_segments,
+    monotonic_ns,
 };
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,12 +62,16 @@ pub struct ReaderSettings {
     pub tail_above_p99: bool,
     /// Half the window of the live p99.
     pub tail_window: Duration,
+    /// A request with no progress for this long is stalled (`--stall-after`).
+    pub stall_after: Duration,
 }
 
 /// Records taken from one ring per poll.
 const POLL_BATCH: usize = 1024;
 /// An agent heartbeat younger than this marks another live agent.
 const AGENT_STALE_NS: u64 = 5_000_000_000;
+/// How often the in-flight tables are looked at for stalls.
+const STALL_LOOK_INTERVAL: Duration = Duration::from_millis(250);
 
 struct Attached {
     segment: AttachedSegment,
@@ -72,6 +79,12 @@ struct Attached {
     handle: Arc<EngineHandle>,
     ctx: Arc<SpanContext>,
     tail: TailSampler,
+    /// The in-flight table (ABI 1.2 segments).
+    inflight: Option<InflightReader>,
+    stalls: StallTracker,
+    /// Crash spans may be exported for this segment when it dies: the agent
+    /// saw the engine alive, attached after its first scan, or backfills.
+    may_report_crash: bool,
 }
 
 /// The reader: owns every attached segment and its consumer.
@@ -91,6 +104,9 @@ pub struct Reader {
     buffer: Vec<(u64, Record)>,
     my_pid: u32,
     sampler_update: Arc<Mutex<Option<Sampler>>>,
+    /// The stall threshold in ns; a reload stores a new one.
+    stall_after_ns: Arc<AtomicU64>,
+    next_stall_look: Instant,
 }
 
 impl std::fmt::Debug for Reader {
@@ -111,6 +127,7 @@ impl Reader {
         metrics: Arc<Mutex<Metrics>>,
         registry: Arc<Mutex<Vec<Arc<EngineHandle>>>>,
     ) -> Self {
+        let settings_stall_after = settings.stall_after;
         Self {
             settings,
             resource_env,
@@ -125,7 +142,14 @@ impl Reader {
             buffer: Vec::with_capacity(POLL_BATCH),
             my_pid: std::process::id(),
             sampler_update: Arc::default(),
+            stall_after_ns: Arc::new(AtomicU64::new(duration_ns(settings_stall_after))),
+            next_stall_look: Instant::now(),
         }
+    }
+
+    /// Where a configuration reload stores a new stall threshold (ns).
+    pub fn stall_after_update(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.stall_after_ns)
     }
 
     /// Where a configuration reload leaves a new head sampler; the reader
@@ -149,6 +173,10 @@ impl Reader {
                 next_scan = Instant::now() + self.settings.discover_interval;
             }
             let busy = self.poll_all();
+            if Instant::now() >= self.next_stall_look {
+                self.look_for_stalls();
+                self.next_stall_look = Instant::now() + STALL_LOOK_INTERVAL;
+            }
             if !busy {
                 std::thread::sleep(self.settings.poll_interval);
             }
@@ -197,7 +225,39 @@ impl Reader {
                 self.try_attach(name);
             }
         }
-        self.finished.retain(|name, _| names.contains(name));
+        // Generations a restarted engine kept for us: what their rings and
+        // in-flight tables still hold is read, then the file is let go. Found
+        // at start-up they are history, read only with --backfill.
+        let mut dead_names = Vec::new();
+        if self.initial_scan_done || self.settings.backfill {
+            match list_dead_generations() {
+                Ok(dead) => {
+                    for d in dead.into_iter().filter(|d| wanted(&d.instance)) {
+                        let key = format!("{}~dead.{}", d.instance, d.generation);
+                        dead_names.push(key.clone());
+                        if self.attached.contains_key(&key) || self.finished.contains_key(&key) {
+                            continue;
+                        }
+                        let options = OpenOptions {
+                            trusted_uids: self.settings.trusted_uids.clone(),
+                        };
+                        match AttachedSegment::open_dead(&d, &options) {
+                            Ok(segment) => self.attach_opened(&key, segment),
+                            Err(e) => {
+                                let text = e.to_string();
+                                if self.reported.get(&key) != Some(&text) {
+                                    tracing::warn!(segment = %key, error = %text, "not reading a dead generation");
+                                    self.reported.insert(key, text);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list dead engine generations"),
+            }
+        }
+        self.finished
+            .retain(|name, _| names.contains(name) || dead_names.contains(name));
         self.initial_scan_done = true;
     }
 
@@ -222,6 +282,12 @@ impl Reader {
             }
         };
         self.reported.remove(name);
+        self.attach_opened(name, segment);
+    }
+
+    /// Attaches to an opened segment under `name` (an instance, or a dead
+    /// generation's `instance~dead.generation`).
+    fn attach_opened(&mut self, name: &str, segment: AttachedSegment) {
         let info = segment.info().clone();
         if self.finished.get(name) == Some(&info.identity) {
             return;
@@ -291,6 +357,8 @@ impl Reader {
             server_address: self.resource_env.host_name.clone(),
             server_port: segment.info().listen_port,
         });
+        let alive = segment.liveness() == Liveness::Alive;
+        let inflight = segment.inflight();
         self.attached.insert(
             name.to_owned(),
             Attached {
@@ -299,6 +367,9 @@ impl Reader {
                 handle,
                 ctx,
                 tail: TailSampler::new(self.settings.tail_above_p99, self.settings.tail_window),
+                inflight,
+                stalls: StallTracker::default(),
+                may_report_crash: alive || self.initial_scan_done || self.settings.backfill,
             },
         );
     }
@@ -327,8 +398,19 @@ impl Reader {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        if let Some(a) = self.attached.remove(name) {
+        if let Some(mut a) = self.attached.remove(name) {
             let dead = a.segment.liveness() == Liveness::Dead;
+            // A clean stop removes the name; a dead engine leaves its file
+            // behind, under its name or as a generation its successor kept.
+            let dead_generation = a.segment.dead_generation();
+            let left_behind = !a.segment.replaced() || dead_generation.is_some();
+            let died = dead && left_behind;
+            if died {
+                if let Ok(mut m) = self.metrics.lock() {
+                    m.engine_died(&a.handle.instance);
+                }
+                self.report_crash(name, &mut a);
+            }
             if dead && !a.segment.replaced() {
                 self.finished
                     .insert(name.to_owned(), a.segment.info().identity);
@@ -346,8 +428,123 @@ impl Reader {
                 invalid = s.invalid,
                 lost_overwritten = s.lost_overwritten,
                 lost_abandoned = s.lost_abandoned,
+                crashed_in_flight = s.crashed_in_flight,
                 "detached"
             );
+            // Everything it held is handed on: let the kept generation go.
+            if died && dead_generation.is_some() {
+                let path = a.segment.path().to_owned();
+                self.finished.insert(name.to_owned(), a.segment.info().identity);
+                if let Err(e) = a.segment.release_dead() {
+                    tracing::warn!(segment = %path, error = %e, "cannot remove a dead generation");
+                }
+            }
+        }
+    }
+
+    /// The engine of `a` died: every request its in-flight table still holds
+    /// becomes an `engine_crashed` record on the export queue (unless an
+    /// agent reported this generation already). Sampling does not apply:
+    /// these are the requests an operator looks for after a crash.
+    fn report_crash(&mut self, name: &str, a: &mut Attached) {
+        let Some(table) = a.inflight.as_ref() else {
+            return;
+        };
+        let generation = a.segment.info().identity.generation;
+        if !a.may_report_crash || table.reported() == Some(generation) {
+            return;
+        }
+        let snapshot = match table.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(engine = name, error = %e, "cannot read the dead engine's in-flight table");
+                return;
+            }
+        };
+        let last_heartbeat = a.segment.ring().counters().engine_heartbeat_ns;
+        let detail = self
+            .settings
+            .detail
+            .unwrap_or_else(|| a.segment.ring().control().detail().unwrap_or_default());
+        let mut items = Vec::with_capacity(snapshot.requests.len());
+        let mut metrics = self
+            .metrics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for request in &snapshot.requests {
+            let record = crash_record(request, last_heartbeat);
+            let stalls = a.stalls.finish(&request.request_id, record.timestamps.finished_ns);
+            tracing::warn!(
+                engine = name,
+                request_id = %hex(&request.request_id),
+                trace_id = %hex(&request.trace_id),
+                phase = phase_name(request.phase),
+                output_tokens = request.output_tokens,
+                "request lost with the engine"
+            );
+            let model = a
+                .ctx
+                .models
+                .get(usize::from(record.model_index))
+                .map_or("unknown", String::as_str);
+            metrics.record(&a.handle, model, &record);
+            items.push(
+                Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
+                    .with_stalls(stalls),
+            );
+        }
+        drop(metrics);
+        let n = items.len() as u64;
+        EngineStats::add(&a.handle.stats.crashed_in_flight, n);
+        self.queue.push_all(items);
+        table.mark_reported(generation);
+        tracing::error!(
+            engine = name,
+            generation,
+            in_flight = n,
+            torn = snapshot.torn,
+            invalid = snapshot.invalid,
+            untracked = snapshot.untracked,
+            "engine died; its in-flight requests are exported as engine_crashed spans"
+        );
+    }
+
+    /// Looks at every live engine's in-flight table: counts stalled requests
+    /// and logs each new stall once.
+    pub fn look_for_stalls(&mut self) {
+        let threshold = self.stall_after_ns.load(Ordering::Relaxed);
+        let now = monotonic_ns();
+        let mut observed = Vec::new();
+        for (name, a) in &mut self.attached {
+            let Some(table) = a.inflight.as_ref() else {
+                continue;
+            };
+            let Ok(snapshot) = table.snapshot() else {
+                continue;
+            };
+            observed.clear();
+            observed.extend(snapshot.requests.iter().map(|r| Observed {
+                request_id: r.request_id,
+                progress_ns: r.progress_ns,
+            }));
+            for stall in a.stalls.observe(&observed, now, threshold) {
+                let request: Option<&InflightRequest> = snapshot
+                    .requests
+                    .iter()
+                    .find(|r| r.request_id == stall.request_id);
+                tracing::warn!(
+                    engine = %name,
+                    request_id = %hex(&stall.request_id),
+                    trace_id = %request.map(|r| hex(&r.trace_id)).unwrap_or_default(),
+                    phase = request.map_or("", |r| phase_name(r.phase)),
+                    no_progress_for_s = stall.for_ns as f64 / 1e9,
+                    "request stalled"
+                );
+            }
+            a.handle
+                .stats
+                .stalled
+                .store(a.stalls.stalled_now() as u64, Ordering::Relaxed);
         }
     }
 
@@ -440,16 +637,17 @@ impl Reader {
                     .sampler
                     .should_sample(&record.trace_id, parent_sampled)
                     && keep_by_ppm(&record.trace_id, head_ppm);
+                let stalls = a
+                    .stalls
+                    .finish(&record.request_id, record.timestamps.finished_ns);
                 if !head || a.tail.decide(&tail_rules, &record).is_none() {
                     EngineStats::add(&stats.sampled_out, 1);
                     continue;
                 }
-                items.push(Item::new(
-                    Arc::clone(&a.handle),
-                    Arc::clone(&a.ctx),
-                    record,
-                    detail,
-                ));
+                items.push(
+                    Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
+                        .with_stalls(stalls),
+                );
             }
             drop(metrics);
             queue.push_all(items);
@@ -468,4 +666,16 @@ impl Reader {
             .store(counters.dropped_before_ticket(), Ordering::Relaxed);
         Ok((report.delivered, report.stalled))
     }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }

@@ -156,6 +156,8 @@ pub struct ExportCounters {
 pub struct Metrics {
     start_unix_ns: u64,
     engines: BTreeMap<u64, EngineSeries>,
+    /// Deaths seen per engine instance, across its generations.
+    deaths: BTreeMap<String, u64>,
 }
 
 fn ns(value: u64) -> f64 {
@@ -168,7 +170,19 @@ impl Metrics {
         Self {
             start_unix_ns,
             engines: BTreeMap::new(),
+            deaths: BTreeMap::new(),
         }
+    }
+
+    /// Counts one death of engine `instance`: a generation whose segment the
+    /// agent read ended (crash, kill, or a stop that left it behind).
+    pub fn engine_died(&mut self, instance: &str) {
+        *self.deaths.entry(instance.to_owned()).or_default() += 1;
+    }
+
+    /// Deaths counted for `instance`.
+    pub fn deaths(&self, instance: &str) -> u64 {
+        self.deaths.get(instance).copied().unwrap_or(0)
     }
 
     /// Registers an engine so its health counters are exported even before
@@ -346,6 +360,18 @@ impl Metrics {
                 start,
                 now_unix_ns,
             ));
+            if !self.deaths.is_empty() {
+                scope_metrics.metrics.push(sum(
+                    "ringside.agent.engine.deaths",
+                    "Engine processes that ended while the agent read their segment, per engine instance.",
+                    self.deaths
+                        .iter()
+                        .map(|(instance, n)| (vec![kv_str("ringside.engine.instance", instance.clone())], *n))
+                        .collect(),
+                    start,
+                    now_unix_ns,
+                ));
+            }
             scope_metrics.metrics.push(gauge(
                 "ringside.agent.queue.depth",
                 "{request}",
@@ -455,6 +481,20 @@ fn health_metrics(engine: &EngineHandle, start: u64, now: u64) -> Vec<Metric> {
                 s.spans_exported,
             )],
             start,
+            now,
+        ),
+        sum(
+            "ringside.agent.requests.crashed",
+            "Requests the engine held when it died (from its in-flight table), exported as engine_crashed spans.",
+            vec![(vec![], s.crashed_in_flight)],
+            start,
+            now,
+        ),
+        gauge(
+            "ringside.agent.requests.stalled",
+            "{request}",
+            "In-flight requests with no progress for the stall threshold.",
+            engine.stats.stalled.load(Ordering::Relaxed),
             now,
         ),
         gauge(

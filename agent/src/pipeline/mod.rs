@@ -6,7 +6,9 @@
 
 pub mod accounting;
 pub mod attach;
+pub mod crash;
 pub mod metrics;
 pub mod resource;
 pub mod sampling;
 pub mod spans;
+pub mod stalls;

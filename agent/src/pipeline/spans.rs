@@ -8,6 +8,7 @@
 //! span id, so converting a record twice gives identical spans.
 
 use crate::export::wire;
+use crate::pipeline::stalls::Stall;
 use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span, span, status};
 use prost::Message as _;
 use ringside_shm_protocol::{ClockPair, Detail, Operation, RequestRecord};
@@ -126,6 +127,10 @@ mod field {
     pub(super) const START_TIME: u32 = 7;
     pub(super) const END_TIME: u32 = 8;
     pub(super) const ATTRIBUTES: u32 = 9;
+    pub(super) const EVENTS: u32 = 11;
+    pub(super) const EVENT_TIME: u32 = 1;
+    pub(super) const EVENT_NAME: u32 = 2;
+    pub(super) const EVENT_ATTRIBUTES: u32 = 3;
     pub(super) const STATUS: u32 = 15;
     pub(super) const FLAGS: u32 = 16;
     pub(super) const STATUS_MESSAGE: u32 = 2;
@@ -201,16 +206,25 @@ fn write_request_attributes(ctx: &SpanContext, record: &RequestRecord, buf: &mut
     let s = &record.sampling;
     let mut response_id = Short::new();
     push_response_id(&mut response_id, record);
+    // A crash record knows the token limit but not the sampling parameters:
+    // those are left out rather than shown as zeros.
+    let known = record.sampling_known();
     let shared = |a: &mut dyn FnMut(&str, wire::Value<'_>)| {
         a("gen_ai.request.model", Str(model));
-        a("gen_ai.request.max_tokens", Int(i64::from(s.max_tokens)));
-        a("gen_ai.request.temperature", Double(param(s.temperature)));
-        a("gen_ai.request.top_p", Double(param(s.top_p)));
+        if known || s.max_tokens != 0 {
+            a("gen_ai.request.max_tokens", Int(i64::from(s.max_tokens)));
+        }
+        if known {
+            a("gen_ai.request.temperature", Double(param(s.temperature)));
+            a("gen_ai.request.top_p", Double(param(s.top_p)));
+        }
     };
     if ctx.attributes.semconv() {
         a("gen_ai.operation.name", Str(record.operation.as_str()));
         a("gen_ai.provider.name", Str(PROVIDER_NAME));
         shared(&mut a);
+    }
+    if ctx.attributes.semconv() && known {
         a("gen_ai.request.top_k", Int(i64::from(s.top_k)));
         // The seed is an opaque 64-bit value: keep its bits.
         a(
@@ -225,6 +239,8 @@ fn write_request_attributes(ctx: &SpanContext, record: &RequestRecord, buf: &mut
             "gen_ai.request.presence_penalty",
             Double(param(s.presence_penalty)),
         );
+    }
+    if ctx.attributes.semconv() {
         a("gen_ai.response.id", Str(response_id.as_str()));
         a("gen_ai.response.model", Str(model));
         match record.finish_reason.as_str() {
@@ -363,6 +379,37 @@ pub fn encode(
     detail: Detail,
     out: &mut Vec<u8>,
 ) -> usize {
+    encode_with_stalls(ctx, record, detail, &[], out)
+}
+
+/// The `ringside.stalled` span event: when the stall began and how long it
+/// lasted (`ringside.stall.duration`, seconds).
+pub const STALLED_EVENT: &str = "ringside.stalled";
+
+fn write_stall_events(ctx: &SpanContext, stalls: &[Stall], b: &mut Vec<u8>) {
+    for stall in stalls {
+        wire::message(b, field::EVENTS, |e| {
+            wire::fixed64_field(e, field::EVENT_TIME, ctx.clock.to_unix_ns(stall.start_ns));
+            wire::bytes_field(e, field::EVENT_NAME, STALLED_EVENT.as_bytes());
+            wire::key_value(
+                e,
+                field::EVENT_ATTRIBUTES,
+                "ringside.stall.duration",
+                wire::Value::Double(secs(stall.duration_ns)),
+            );
+        });
+    }
+}
+
+/// [`encode`], with a `ringside.stalled` event on the request span for each
+/// stall the agent saw in the in-flight table.
+pub fn encode_with_stalls(
+    ctx: &SpanContext,
+    record: &RequestRecord,
+    detail: Detail,
+    stalls: &[Stall],
+    out: &mut Vec<u8>,
+) -> usize {
     let t = &record.timestamps;
     let trace_flags = u32::from(record.trace_flags);
     let (parent, remote): (&[u8], u32) = match &record.parent_span_id {
@@ -385,6 +432,7 @@ pub fn encode(
             ctx.clock.to_unix_ns(t.finished_ns),
         );
         write_request_attributes(ctx, record, b);
+        write_stall_events(ctx, stalls, b);
         if let Some(class) = record.error_type.as_str() {
             span_status(b, class, status::StatusCode::Error);
         } else if let Some(code) = status_code_text(record) {
