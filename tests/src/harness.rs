@@ -167,6 +167,20 @@ impl Engine {
         self.child.id()
     }
 
+    /// Sends `signal` (a `kill -s` name: KILL, SEGV, STOP, CONT, …) to the
+    /// engine. For a signal that ends it, waits for the process and reaps it,
+    /// as systemd would: a zombie still looks alive to readers.
+    pub fn signal(&mut self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} failed");
+        if matches!(signal, "KILL" | "SEGV" | "ABRT" | "TERM" | "INT" | "BUS") {
+            let _ = self.child.wait();
+        }
+    }
+
     /// Whether the engine process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
