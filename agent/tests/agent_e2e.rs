@@ -863,3 +863,68 @@ fn a_restarted_agent_that_was_lapped_reports_exactly_what_it_lost() {
         "{accounting}"
     );
 }
+
+#[test]
+fn records_read_but_not_exported_when_the_agent_is_killed_are_exported_by_its_successor_exactly_once()
+ {
+    if !e2e_enabled() {
+        return;
+    }
+    let (grpc, http) = (free_port(), free_port());
+    let engine = FakeEngine::new("undelivered");
+    // Nothing listens there yet: the agent reads the records and retries.
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let agent = Agent::start(&engine, &["--endpoint", &endpoint, "--timeout-ms", "200"]);
+    let ids: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !agent.log().contains("export failed; retrying") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never tried to export:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        engine.segment.ring().counters().head,
+        5,
+        "all written before the kill"
+    );
+    agent.kill();
+    assert_eq!(
+        engine.segment.ring().control().read_cursor(),
+        0,
+        "the cursor did not move past records that were read but not exported"
+    );
+    let rotel = Rotel::start_on(grpc, http);
+    let mut agent = Agent::grpc(&engine, &rotel, &[]);
+    wait_for_spans(&rotel, &ids, Duration::from_secs(20));
+    assert!(agent.terminate().success());
+    let blocks = rotel.spans();
+    for id in &ids {
+        let n = blocks.iter().filter(|b| field(b, "ID") == Some(id)).count();
+        assert_eq!(n, 1, "request span {id} arrived {n} times");
+    }
+    let log = agent.log();
+    let accounting = log.lines().find(|l| l.contains("accounting")).unwrap();
+    let value = |key| log_value(accounting, key);
+    assert_eq!(value("before_attach"), 0, "{accounting}");
+    assert_eq!(value("written"), 5, "{accounting}");
+    assert_eq!(value("exported"), 5, "{accounting}");
+    let lost = value("invalid")
+        + value("lost_overwritten")
+        + value("lost_abandoned")
+        + value("queue_dropped")
+        + value("export_failed");
+    assert_eq!(
+        value("written"),
+        value("exported") + value("sampled_out") + lost,
+        "written = exported + sampled out + lost: {accounting}"
+    );
+    assert_eq!(value("pending"), 0, "{accounting}");
+    assert_eq!(
+        engine.segment.ring().control().read_cursor(),
+        5,
+        "committed past everything exported at shutdown"
+    );
+}

@@ -6,9 +6,13 @@
 //! what they left and detaches. Between scans it polls every attached ring,
 //! validates each record (`Record::decode`), feeds the metrics, applies the
 //! head and tail samplers and hands the kept records to the export queue
-//! (they become spans only when their batch is encoded); only then is the
-//! cursor committed to the segment, so a restarted agent resumes exactly
-//! after the last request it handed on.
+//! (they become spans only when their batch is encoded). The cursor
+//! committed to the segment moves only past records that are settled:
+//! exported, sampled out, invalid or counted lost (queue overflow, export
+//! failure, shutdown deadline); each poll's queued records are tracked as
+//! one poll batch ([`PollBatches`]). So the successor of a killed agent
+//! re-reads and exports what it had read but not delivered (see "Delivery
+//! guarantee" in the README).
 //!
 //! It takes its settings as a plain [`ReaderSettings`] value.
 //!
@@ -19,7 +23,7 @@
 //!   agent runs: the oldest record the ring holds;
 //! * otherwise: the newest (only requests from now on).
 
-use crate::export::queue::{ExportQueue, Item};
+use crate::export::queue::{ExportQueue, Item, PollBatches};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::resource::ResourceEnv;
@@ -72,6 +76,11 @@ struct Attached {
     handle: Arc<EngineHandle>,
     ctx: Arc<SpanContext>,
     tail: TailSampler,
+    /// Poll batches with records queued or in flight: the cursor may be
+    /// committed only up to the oldest.
+    delivery: PollBatches,
+    /// The cursor last committed to the segment.
+    committed: Option<u64>,
 }
 
 /// The reader: owns every attached segment and its consumer.
@@ -82,6 +91,9 @@ pub struct Reader {
     metrics: Arc<Mutex<Metrics>>,
     registry: Arc<Mutex<Vec<Arc<EngineHandle>>>>,
     attached: BTreeMap<String, Attached>,
+    /// Detached engines with records still queued or in flight: their
+    /// cursors are committed as those are settled, then they are let go.
+    retired: Vec<Attached>,
     /// Engines drained after they died, not to be re-attached.
     finished: HashMap<String, EngineIdentity>,
     /// Open errors already logged, not to repeat them every second.
@@ -118,6 +130,7 @@ impl Reader {
             metrics,
             registry,
             attached: BTreeMap::new(),
+            retired: Vec::new(),
             finished: HashMap::new(),
             reported: HashMap::new(),
             initial_scan_done: false,
@@ -150,7 +163,8 @@ impl Reader {
             }
             let busy = self.poll_all();
             if !busy {
-                std::thread::sleep(self.settings.poll_interval);
+                // Woken early when a poll batch is settled, to commit.
+                std::thread::park_timeout(self.settings.poll_interval);
             }
         }
         // Final drain: what the engines wrote up to now goes to the queue.
@@ -299,6 +313,8 @@ impl Reader {
                 handle,
                 ctx,
                 tail: TailSampler::new(self.settings.tail_above_p99, self.settings.tail_window),
+                delivery: PollBatches::default(),
+                committed: None,
             },
         );
     }
@@ -348,12 +364,52 @@ impl Reader {
                 lost_abandoned = s.lost_abandoned,
                 "detached"
             );
+            self.retire(a);
+        }
+    }
+
+    /// Keeps a detached engine until its queued records are settled.
+    fn retire(&mut self, mut a: Attached) {
+        Self::commit_settled(&mut a);
+        if !a.delivery.is_empty() {
+            self.retired.push(a);
+        }
+    }
+
+    /// Commits every ring's cursor up to what is settled (the daemon calls
+    /// it once more after the shutdown flush, when everything queued has
+    /// been exported or counted). Returns the engines with records still
+    /// queued or in flight.
+    pub fn commit_settled_cursors(&mut self) -> usize {
+        for a in self.attached.values_mut().chain(&mut self.retired) {
+            Self::commit_settled(a);
+        }
+        self.retired.retain(|a| !a.delivery.is_empty());
+        self.attached
+            .values()
+            .chain(&self.retired)
+            .filter(|a| !a.delivery.is_empty())
+            .count()
+    }
+
+    /// Commits the cursor to the first record not yet settled.
+    fn commit_settled(a: &mut Attached) {
+        let point = a.delivery.commit_point(a.consumer.cursor());
+        if a.committed != Some(point) {
+            a.consumer.commit_cursor(point);
+            a.committed = Some(point);
         }
     }
 
     /// Polls every ring once; true if any delivered a full batch (more may
     /// be waiting).
     pub fn poll_all(&mut self) -> bool {
+        if !self.retired.is_empty() {
+            for a in &mut self.retired {
+                Self::commit_settled(a);
+            }
+            self.retired.retain(|a| !a.delivery.is_empty());
+        }
         let mut busy = false;
         let names: Vec<String> = self.attached.keys().cloned().collect();
         for name in names {
@@ -380,7 +436,7 @@ impl Reader {
     }
 
     /// Reads up to one batch from one ring, hands it on and commits the
-    /// cursor. Returns (delivered, stalled).
+    /// cursor up to what is settled. Returns (delivered, stalled).
     fn poll_one(
         a: &mut Attached,
         buffer: &mut Vec<(u64, Record)>,
@@ -418,6 +474,7 @@ impl Reader {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut invalid = 0u64;
             let mut first_error = None;
+            let mut first_kept = None;
             for (ticket, raw) in buffer.iter() {
                 let record = match raw.decode(model_count) {
                     Ok(r) => r,
@@ -444,6 +501,7 @@ impl Reader {
                     EngineStats::add(&stats.sampled_out, 1);
                     continue;
                 }
+                first_kept.get_or_insert(*ticket);
                 items.push(Item::new(
                     Arc::clone(&a.handle),
                     Arc::clone(&a.ctx),
@@ -452,20 +510,28 @@ impl Reader {
                 ));
             }
             drop(metrics);
+            if let Some(first) = first_kept {
+                // One poll batch: the cursor stays at `first` until every
+                // one of these is exported or counted lost.
+                let n = items.len();
+                for (item, token) in items.iter_mut().zip(a.delivery.open(first, n)) {
+                    item.delivery = Some(token);
+                }
+            }
             queue.push_all(items);
             if let Some((ticket, error)) = first_error {
                 EngineStats::add(&stats.invalid, invalid);
                 tracing::warn!(engine = %a.handle.instance, invalid, first_ticket = ticket, %error, "invalid records skipped");
             }
         }
-        // Handed on: a restarted agent resumes after these.
-        a.consumer.commit_cursor(a.consumer.cursor());
         let counters = a.segment.ring().counters();
         stats.lag.store(a.consumer.backlog(), Ordering::Relaxed);
         stats.engine_written.store(counters.head, Ordering::Relaxed);
         stats
             .engine_dropped
             .store(counters.dropped_before_ticket(), Ordering::Relaxed);
+        // A restarted agent resumes at the first record not yet settled.
+        Self::commit_settled(a);
         Ok((report.delivered, report.stalled))
     }
 }
