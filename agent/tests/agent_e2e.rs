@@ -117,6 +117,22 @@ impl FakeEngine {
         let r = self.record();
         self.push(&r).expect("tracing is on")
     }
+
+    /// Waits until the agent committed its read cursor to `ticket`: every
+    /// record below it settled (here: exported). A kill between the
+    /// collector's acknowledgement and this commit may duplicate that batch
+    /// (the documented at-least-once window); a kill after it may not.
+    fn wait_for_cursor(&self, ticket: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.segment.ring().control().read_cursor() < ticket {
+            assert!(
+                Instant::now() < deadline,
+                "the agent's cursor stayed at {}, expected {ticket}",
+                self.segment.ring().control().read_cursor()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 /// A running `ringside-agent`; its stdout and stderr go to files.
@@ -389,6 +405,7 @@ fn a_killed_and_restarted_agent_resumes_without_duplicates_or_loss() {
     let agent = Agent::grpc(&engine, &rotel, &[]);
     let first: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
     wait_for_spans(&rotel, &first, Duration::from_secs(15));
+    engine.wait_for_cursor(5);
     agent.kill();
     // Written while no agent runs.
     let gap: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
@@ -827,6 +844,7 @@ fn a_restarted_agent_that_was_lapped_reports_exactly_what_it_lost() {
     let agent = Agent::grpc(&engine, &rotel, &[]);
     let first: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
     wait_for_spans(&rotel, &first, Duration::from_secs(15));
+    engine.wait_for_cursor(5);
     agent.kill();
     // More than the ring holds while no agent reads: the oldest are lost.
     let while_down: Vec<String> = (0..capacity + 44).map(|_| engine.push_new()).collect();
