@@ -831,6 +831,8 @@ fn with_the_collector_down_the_queue_stays_bounded_and_shutdown_counts_what_was_
         .find(|l| l.contains("could not be delivered"))
         .unwrap_or_else(|| panic!("no shutdown count in\n{log}"));
     assert_eq!(log_value(shutdown, "requests"), failed);
+    // Committed once more after the flush: past every request it counted.
+    assert_eq!(engine.segment.ring().control().read_cursor(), 600);
 }
 
 #[test]

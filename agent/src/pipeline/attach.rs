@@ -147,8 +147,10 @@ impl Reader {
         Arc::clone(&self.sampler_update)
     }
 
-    /// Polls until `stop` is set, then drains every ring once more and
-    /// commits the cursors.
+    /// Polls until `stop` is set, then drains every ring once more (onto the
+    /// queue; the cursors move past those records only once they are
+    /// settled: [`commit_settled_cursors`](Self::commit_settled_cursors)
+    /// after the flush).
     pub fn run(&mut self, stop: &AtomicBool) {
         let mut next_scan = Instant::now();
         while !stop.load(Ordering::Relaxed) {
