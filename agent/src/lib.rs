@@ -5,7 +5,8 @@
 //! ```text
 //!  /dev/shm/ringside.*  ──poll──►  pipeline::attach (reader thread)
 //!                                   │ decode + validate, metrics, head and tail
-//!                                   │ sampling, commit cursor
+//!                                   │ sampling; commits the cursor past what is
+//!                                   │ settled (exported / sampled out / lost)
 //!                                   ▼
 //!                                 export::queue of validated records (bounded,
 //!                                   │ memory cap, oldest dropped)
@@ -74,7 +75,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     /// The reader thread panicked; cursors were committed up to the last
-    /// batch it handed on.
+    /// records settled (a successor re-reads the rest).
     #[error("the reader thread panicked")]
     ReaderPanicked,
     /// The export task panicked; what was queued was not flushed.

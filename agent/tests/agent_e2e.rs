@@ -117,6 +117,22 @@ impl FakeEngine {
         let r = self.record();
         self.push(&r).expect("tracing is on")
     }
+
+    /// Waits until the agent committed its read cursor to `ticket`: every
+    /// record below it settled (here: exported). A kill between the
+    /// collector's acknowledgement and this commit may duplicate that batch
+    /// (the documented at-least-once window); a kill after it may not.
+    fn wait_for_cursor(&self, ticket: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.segment.ring().control().read_cursor() < ticket {
+            assert!(
+                Instant::now() < deadline,
+                "the agent's cursor stayed at {}, expected {ticket}",
+                self.segment.ring().control().read_cursor()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 /// A running `ringside-agent`; its stdout and stderr go to files.
@@ -389,6 +405,7 @@ fn a_killed_and_restarted_agent_resumes_without_duplicates_or_loss() {
     let agent = Agent::grpc(&engine, &rotel, &[]);
     let first: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
     wait_for_spans(&rotel, &first, Duration::from_secs(15));
+    engine.wait_for_cursor(5);
     agent.kill();
     // Written while no agent runs.
     let gap: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
@@ -814,6 +831,8 @@ fn with_the_collector_down_the_queue_stays_bounded_and_shutdown_counts_what_was_
         .find(|l| l.contains("could not be delivered"))
         .unwrap_or_else(|| panic!("no shutdown count in\n{log}"));
     assert_eq!(log_value(shutdown, "requests"), failed);
+    // Committed once more after the flush: past every request it counted.
+    assert_eq!(engine.segment.ring().control().read_cursor(), 600);
 }
 
 #[test]
@@ -827,6 +846,7 @@ fn a_restarted_agent_that_was_lapped_reports_exactly_what_it_lost() {
     let agent = Agent::grpc(&engine, &rotel, &[]);
     let first: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
     wait_for_spans(&rotel, &first, Duration::from_secs(15));
+    engine.wait_for_cursor(5);
     agent.kill();
     // More than the ring holds while no agent reads: the oldest are lost.
     let while_down: Vec<String> = (0..capacity + 44).map(|_| engine.push_new()).collect();
@@ -861,5 +881,70 @@ fn a_restarted_agent_that_was_lapped_reports_exactly_what_it_lost() {
         log_value(accounting, "written"),
         5 + capacity as u64 + 44,
         "{accounting}"
+    );
+}
+
+#[test]
+fn records_read_but_not_exported_when_the_agent_is_killed_are_exported_by_its_successor_exactly_once()
+ {
+    if !e2e_enabled() {
+        return;
+    }
+    let (grpc, http) = (free_port(), free_port());
+    let engine = FakeEngine::new("undelivered");
+    // Nothing listens there yet: the agent reads the records and retries.
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let agent = Agent::start(&engine, &["--endpoint", &endpoint, "--timeout-ms", "200"]);
+    let ids: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !agent.log().contains("export failed; retrying") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never tried to export:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        engine.segment.ring().counters().head,
+        5,
+        "all written before the kill"
+    );
+    agent.kill();
+    assert_eq!(
+        engine.segment.ring().control().read_cursor(),
+        0,
+        "the cursor did not move past records that were read but not exported"
+    );
+    let rotel = Rotel::start_on(grpc, http);
+    let mut agent = Agent::grpc(&engine, &rotel, &[]);
+    wait_for_spans(&rotel, &ids, Duration::from_secs(20));
+    assert!(agent.terminate().success());
+    let blocks = rotel.spans();
+    for id in &ids {
+        let n = blocks.iter().filter(|b| field(b, "ID") == Some(id)).count();
+        assert_eq!(n, 1, "request span {id} arrived {n} times");
+    }
+    let log = agent.log();
+    let accounting = log.lines().find(|l| l.contains("accounting")).unwrap();
+    let value = |key| log_value(accounting, key);
+    assert_eq!(value("before_attach"), 0, "{accounting}");
+    assert_eq!(value("written"), 5, "{accounting}");
+    assert_eq!(value("exported"), 5, "{accounting}");
+    let lost = value("invalid")
+        + value("lost_overwritten")
+        + value("lost_abandoned")
+        + value("queue_dropped")
+        + value("export_failed");
+    assert_eq!(
+        value("written"),
+        value("exported") + value("sampled_out") + lost,
+        "written = exported + sampled out + lost: {accounting}"
+    );
+    assert_eq!(value("pending"), 0, "{accounting}");
+    assert_eq!(
+        engine.segment.ring().control().read_cursor(),
+        5,
+        "committed past everything exported at shutdown"
     );
 }

@@ -80,7 +80,8 @@ fn client(port: u16, n: u8, stream: bool, max_tokens: u32, prompt: &str) -> Call
             "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-type: application/json\r\ntraceparent: {traceparent}\r\ncontent-length: {}\r\n\r\n",
             body.len()
         );
-        if socket.write_all(head.as_bytes()).is_err() || socket.write_all(body.as_bytes()).is_err() {
+        if socket.write_all(head.as_bytes()).is_err() || socket.write_all(body.as_bytes()).is_err()
+        {
             return;
         }
         let mut reader = BufReader::new(socket);
@@ -169,7 +170,12 @@ fn crash_spans(collector: &Collector, callers: &[Caller; 3]) -> Vec<String> {
                         && b.contains("error.type: Str(engine_crashed)")
                 })
                 .collect();
-            assert_eq!(mine.len(), 1, "one crash span for trace {}:\n{text}", c.trace_id);
+            assert_eq!(
+                mine.len(),
+                1,
+                "one crash span for trace {}:\n{text}",
+                c.trace_id
+            );
             mine[0].clone()
         })
         .collect()
@@ -186,9 +192,17 @@ fn assert_crash_spans(collector: &Collector, callers: &[Caller; 3], spans: &[Str
     let text = collector.text();
     let blocks = span_blocks(&text);
     for (i, (caller, span)) in callers.iter().zip(spans).enumerate() {
-        assert_eq!(span_field(span, "Parent ID"), Some(caller.parent_id.as_str()), "{span}");
+        assert_eq!(
+            span_field(span, "Parent ID"),
+            Some(caller.parent_id.as_str()),
+            "{span}"
+        );
         assert_eq!(span_field(span, "Kind"), Some("SPAN_KIND_SERVER"), "{span}");
-        assert_eq!(span_field(span, "Status code"), Some("STATUS_CODE_ERROR"), "{span}");
+        assert_eq!(
+            span_field(span, "Status code"),
+            Some("STATUS_CODE_ERROR"),
+            "{span}"
+        );
         // The table does not carry sampling parameters: none are made up.
         assert!(!span.contains("gen_ai.request.temperature"), "{span}");
         let id = span_field(span, "ID").expect("span id");
@@ -202,12 +216,21 @@ fn assert_crash_spans(collector: &Collector, callers: &[Caller; 3], spans: &[Str
             // Streaming when the engine died: every phase, and at least the
             // tokens the client had received.
             for phase in ["queue", "prefill", "decode"] {
-                assert!(children.contains(&phase), "{phase} child missing: {children:?}");
+                assert!(
+                    children.contains(&phase),
+                    "{phase} child missing: {children:?}"
+                );
             }
             let received = u64::from(caller.chunks.load(Ordering::Relaxed));
-            assert!(output >= 8 && output >= received, "output {output}, client got {received}");
+            assert!(
+                output >= 8 && output >= received,
+                "output {output}, client got {received}"
+            );
         } else {
-            assert!(children.is_empty(), "a queued request has no phase yet: {children:?}");
+            assert!(
+                children.is_empty(),
+                "a queued request has no phase yet: {children:?}"
+            );
             assert_eq!(output, 0);
         }
     }
@@ -235,7 +258,10 @@ fn a_sigkilled_engine_leaves_an_engine_crashed_span_for_each_request_it_held() {
     let callers = three_callers(&engine);
     engine.signal("KILL");
     for caller in &callers {
-        caller.done.recv_timeout(Duration::from_secs(10)).expect("the client saw the end");
+        caller
+            .done
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the client saw the end");
     }
     let spans = crash_spans(&collector, &callers);
     assert_crash_spans(&collector, &callers, &spans);
@@ -274,10 +300,16 @@ fn an_agent_started_after_an_abort_finds_the_requests_with_backfill() {
     // Reported once: a second agent finds the generation marked and exports
     // nothing again.
     drop(agent);
-    let before = collector.text().matches("error.type: Str(engine_crashed)").count();
+    let before = collector
+        .text()
+        .matches("error.type: Str(engine_crashed)")
+        .count();
     let _again = Agent::start(&agent_args);
     std::thread::sleep(Duration::from_secs(8));
-    let after = collector.text().matches("error.type: Str(engine_crashed)").count();
+    let after = collector
+        .text()
+        .matches("error.type: Str(engine_crashed)")
+        .count();
     assert_eq!(before, after, "crash spans exported twice");
     let segment = engine.segment();
     assert_eq!(
@@ -289,7 +321,14 @@ fn an_agent_started_after_an_abort_finds_the_requests_with_backfill() {
 /// `ringside-agent inflight --json` for the engine: one object per request.
 fn inflight_json(engine: &Engine, stall_after: &str) -> Vec<serde_json::Value> {
     let output = Command::new(workspace_bin("ringside-agent"))
-        .args(["inflight", "--json", "--engine", &engine.instance, "--stall-after", stall_after])
+        .args([
+            "inflight",
+            "--json",
+            "--engine",
+            &engine.instance,
+            "--stall-after",
+            stall_after,
+        ])
         .output()
         .expect("run ringside-agent inflight");
     assert!(
@@ -335,16 +374,32 @@ fn a_wedged_engine_shows_its_requests_stalled_and_after_sigcont_their_spans_carr
     let listed = inflight_json(&engine, "1s");
     assert_eq!(listed.len(), 2, "{listed:?}");
     for request in &listed {
-        assert_eq!(request["stalled"], serde_json::Value::Bool(true), "{request}");
-        assert!(request["since_progress_s"].as_f64().is_some_and(|s| s >= 2.0), "{request}");
+        assert_eq!(
+            request["stalled"],
+            serde_json::Value::Bool(true),
+            "{request}"
+        );
+        assert!(
+            request["since_progress_s"]
+                .as_f64()
+                .is_some_and(|s| s >= 2.0),
+            "{request}"
+        );
     }
     assert!(listed.iter().any(|r| r["phase"] == "decode"), "{listed:?}");
     assert!(listed.iter().any(|r| r["phase"] == "queued"), "{listed:?}");
     // With the default threshold (10 s) they are not stalled yet.
-    assert!(inflight_json(&engine, "10s").iter().all(|r| r["stalled"] == false));
+    assert!(
+        inflight_json(&engine, "10s")
+            .iter()
+            .all(|r| r["stalled"] == false)
+    );
     engine.signal("CONT");
     for caller in [&streaming, &queued] {
-        caller.done.recv_timeout(Duration::from_secs(60)).expect("the request finished");
+        caller
+            .done
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the request finished");
     }
     // Both finish normally, and each span carries the stall it lived through.
     for caller in [&streaming, &queued] {
@@ -361,8 +416,15 @@ fn a_wedged_engine_shows_its_requests_stalled_and_after_sigcont_their_spans_carr
                     && span_field(b, "Kind") == Some("SPAN_KIND_SERVER")
             })
             .expect("server span");
-        assert!(block.contains("ringside.stalled"), "no stall event:\n{block}");
+        assert!(
+            block.contains("ringside.stalled"),
+            "no stall event:\n{block}"
+        );
         assert!(block.contains("ringside.stall.duration"), "{block}");
-        assert_eq!(span_field(&block, "Status code"), Some("STATUS_CODE_UNSET"), "{block}");
+        assert_eq!(
+            span_field(&block, "Status code"),
+            Some("STATUS_CODE_UNSET"),
+            "{block}"
+        );
     }
 }

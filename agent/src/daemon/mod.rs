@@ -10,8 +10,10 @@
 //!    systemd told `READY=1`. [`StartedApplication::run`] serves until
 //!    SIGTERM / SIGINT, applying SIGHUP reloads (`reload`).
 //! 3. [`FinishedApplication::shutdown`]: the reader stopped and joined (its
-//!    cursors committed), the queue flushed within `--shutdown-timeout-ms`,
-//!    the final counters published, the admin API stopped, and the
+//!    final drain queued), the queue flushed within `--shutdown-timeout-ms`,
+//!    then the cursors committed past everything the flush settled
+//!    (exported or counted failed: a cursor never moves past a record still
+//!    queued), the final counters published, the admin API stopped, and the
 //!    accounting logged with what could not be delivered.
 //!
 //! This is where configuration meets the pipeline, the exporter and the
@@ -140,7 +142,11 @@ impl Application {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("ringside-reader".into())
-                .spawn(move || reader.run(&stop))
+                .spawn(move || {
+                    reader.run(&stop);
+                    // Handed back: its cursors are committed after the flush.
+                    reader
+                })
                 .map_err(|source| RunError::Runtime {
                     what: "starting the reader thread",
                     source,
@@ -220,7 +226,8 @@ struct Running {
     registry: Registry,
     /// Tells the reader thread to drain and stop.
     stop: Arc<AtomicBool>,
-    reader_thread: std::thread::JoinHandle<()>,
+    /// Returns the reader (for the final cursor commit) when it stops.
+    reader_thread: std::thread::JoinHandle<attach::Reader>,
     export_stop_tx: tokio::sync::watch::Sender<bool>,
     /// Returns the exporter (for the flush) when it stops.
     export_task: JoinHandle<Exporter>,
@@ -282,8 +289,9 @@ pub struct FinishedApplication {
 }
 
 impl FinishedApplication {
-    /// Stops the reader (its final drain and cursor commit), flushes the
-    /// queue within the shutdown timeout, publishes the final counters (or
+    /// Stops the reader (its final drain), flushes the queue within the
+    /// shutdown timeout, commits the cursors past what the flush settled,
+    /// publishes the final counters (or
     /// removes the default state file), stops the admin API and logs the
     /// accounting. An error if the reader or the exporter panicked.
     pub async fn shutdown(self) -> Result<(), RunError> {
@@ -308,6 +316,21 @@ impl FinishedApplication {
         let _ = export_stop_tx.send(true);
         let mut exporter = export_task.await.map_err(|_| RunError::ExporterPanicked)?;
         let flush = exporter.flush(deadline).await;
+        // Only now is everything the reader handed on exported or counted
+        // failed (and dropped): the cursors may move past all of it.
+        let reader_result = match reader_result {
+            Ok(Ok(mut reader)) => {
+                let unsettled = reader.commit_settled_cursors();
+                if unsettled > 0 {
+                    tracing::warn!(
+                        engines = unsettled,
+                        "shutdown: records still unsettled; their cursors stay (a successor re-reads them)"
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(RunError::ReaderPanicked),
+        };
         state_task.abort();
         if settings.state_file_default {
             // Nobody is left to vouch for these counters.
@@ -359,10 +382,7 @@ impl FinishedApplication {
                 "shutdown: everything queued was delivered"
             );
         }
-        match reader_result {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(RunError::ReaderPanicked),
-        }
+        reader_result
     }
 }
 

@@ -5,13 +5,23 @@
 //! and in total). One item is one request: its validated record, encoded into
 //! spans only when its batch is sent (a queued request holds ~300 bytes, not
 //! the ~1.4 KiB of its encoded spans).
+//!
+//! Delivery progress: the items the reader hands on from one poll of one
+//! ring form a poll batch ([`PollBatches::open`]); each holds a
+//! [`DeliveryToken`] of it, released when the item is dropped: exported,
+//! failed for good, dropped by this queue, or counted failed at the shutdown
+//! deadline (every end of an item is counted before the item is dropped).
+//! The reader commits the ring's read cursor only up to the first record of
+//! the oldest batch with a token still held ([`PollBatches::commit_point`]),
+//! so an agent killed with records read but not delivered leaves them to its
+//! successor. A SIGKILL runs no destructor: nothing undelivered is released.
 
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::spans::{self, SpanContext};
 use crate::pipeline::stalls::Stall;
 use ringside_shm_protocol::{Detail, RequestRecord};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One request to export, with the engine it belongs to.
@@ -32,6 +42,9 @@ pub struct Item {
     /// Stalls the agent saw in the engine's in-flight table while the request
     /// ran (usually none: then nothing is allocated).
     pub stalls: Box<[Stall]>,
+    /// Its share of the poll batch it was read in (None: not from a ring the
+    /// reader tracks, e.g. in tests and benchmarks).
+    pub delivery: Option<DeliveryToken>,
 }
 
 impl Item {
@@ -50,6 +63,7 @@ impl Item {
             detail,
             bytes: std::mem::size_of::<Self>(),
             stalls: Box::default(),
+            delivery: None,
         }
     }
 
@@ -58,6 +72,80 @@ impl Item {
         self.bytes += stalls.len() * std::mem::size_of::<Stall>();
         self.stalls = stalls.into_boxed_slice();
         self
+    }
+}
+
+/// One poll batch, shared by its items' tokens and the reader.
+#[derive(Debug)]
+struct PollBatch {
+    /// Tokens not yet released.
+    remaining: AtomicUsize,
+    /// The reader, woken when the last token is released (so that the
+    /// cursor is committed right after the export, not a poll later).
+    reader: std::thread::Thread,
+}
+
+/// An item's share of its poll batch; dropping it releases the share.
+#[derive(Debug)]
+pub struct DeliveryToken(Arc<PollBatch>);
+
+impl Drop for DeliveryToken {
+    fn drop(&mut self) {
+        // Release: whatever happened to the item (its export, its counting)
+        // happens before the reader, loading with Acquire, commits past it.
+        if self.0.remaining.fetch_sub(1, Ordering::Release) == 1 {
+            self.0.reader.unpark();
+        }
+    }
+}
+
+/// The unfinished poll batches of one ring, oldest first: where its read
+/// cursor may be committed.
+#[derive(Debug, Default)]
+pub struct PollBatches {
+    /// (ticket of the batch's first item, the batch).
+    unfinished: VecDeque<(u64, Arc<PollBatch>)>,
+    /// Length at which finished batches behind an unfinished one are
+    /// removed (amortised: twice the length after the last removal).
+    compact_at: usize,
+}
+
+impl PollBatches {
+    /// Opens a batch whose first item is the record of ticket `first`, with
+    /// exactly `n` tokens (one per item; `n > 0`). The reader that calls it
+    /// is woken when the last one is released.
+    pub fn open(&mut self, first: u64, n: usize) -> impl Iterator<Item = DeliveryToken> + use<> {
+        let batch = Arc::new(PollBatch {
+            remaining: AtomicUsize::new(n),
+            reader: std::thread::current(),
+        });
+        self.unfinished.push_back((first, Arc::clone(&batch)));
+        std::iter::repeat_n(batch, n).map(DeliveryToken)
+    }
+
+    /// The ticket the read cursor may be committed to, given the consumer's
+    /// cursor (everything below it read): the first item of the oldest
+    /// unfinished batch, else `cursor`. Never decreases while `cursor` does
+    /// not.
+    pub fn commit_point(&mut self, cursor: u64) -> u64 {
+        let done = |b: &PollBatch| b.remaining.load(Ordering::Acquire) == 0;
+        while self.unfinished.front().is_some_and(|(_, b)| done(b)) {
+            self.unfinished.pop_front();
+        }
+        if self.unfinished.len() >= self.compact_at.max(64) {
+            // Batches finished out of order behind an unfinished one: only
+            // the unfinished ones decide the commit point.
+            self.unfinished.retain(|(_, b)| !done(b));
+            self.compact_at = self.unfinished.len() * 2;
+        }
+        self.unfinished.front().map_or(cursor, |(first, _)| *first)
+    }
+
+    /// Whether any batch still has an item queued or in flight.
+    pub fn is_empty(&self) -> bool {
+        self.unfinished
+            .iter()
+            .all(|(_, b)| b.remaining.load(Ordering::Acquire) == 0)
     }
 }
 
@@ -269,5 +357,90 @@ mod tests {
         assert_eq!(q.take(100).len(), 2);
         assert!(q.take(100).is_empty());
         assert!(q.is_empty());
+    }
+
+    /// `n` items of a poll batch whose first record is ticket `first`.
+    fn batch(batches: &mut PollBatches, a: &Arc<EngineHandle>, first: u64, n: u8) -> Vec<Item> {
+        let mut items: Vec<Item> = (0..n).map(|t| item(a, 1, t)).collect();
+        for (item, token) in items.iter_mut().zip(batches.open(first, usize::from(n))) {
+            item.delivery = Some(token);
+        }
+        items
+    }
+
+    #[test]
+    fn the_cursor_stays_at_the_oldest_unsettled_poll_batch_and_advances_as_items_are_dropped() {
+        let a = engine("a");
+        let mut batches = PollBatches::default();
+        assert_eq!(batches.commit_point(7), 7, "nothing queued: the cursor");
+        let mut first = batch(&mut batches, &a, 10, 3);
+        let second = batch(&mut batches, &a, 20, 2);
+        let mut third = batch(&mut batches, &a, 25, 1);
+        assert_eq!(batches.commit_point(30), 10);
+        assert!(!batches.is_empty());
+        // Out of order: the second batch settles first; the cursor waits.
+        drop(second);
+        assert_eq!(batches.commit_point(30), 10);
+        // Two of the first batch's three: still waiting for the third.
+        first.truncate(1);
+        assert_eq!(batches.commit_point(30), 10);
+        drop(first);
+        // The first and second settled: the third's first record.
+        assert_eq!(batches.commit_point(30), 25);
+        drop(third.pop());
+        assert_eq!(batches.commit_point(30), 30, "all settled: the cursor");
+        assert!(batches.is_empty());
+    }
+
+    #[test]
+    fn items_dropped_by_the_queue_or_taken_and_dropped_settle_their_batch() {
+        let a = engine("a");
+        let mut batches = PollBatches::default();
+        let q = ExportQueue::new(2, usize::MAX, 100);
+        q.push_all(batch(&mut batches, &a, 0, 2));
+        q.push_all(batch(&mut batches, &a, 2, 2));
+        // The overflow dropped the first batch (counted): settled.
+        assert_eq!(a.stats.snapshot().queue_dropped, 2);
+        assert_eq!(batches.commit_point(4), 2);
+        // Taken by the exporter: not settled until it is done with them.
+        let taken = q.take(usize::MAX);
+        assert_eq!(batches.commit_point(4), 2);
+        drop(taken);
+        assert_eq!(batches.commit_point(4), 4);
+    }
+
+    #[test]
+    fn batches_settled_behind_an_unsettled_one_do_not_pile_up() {
+        let a = engine("a");
+        let mut batches = PollBatches::default();
+        let held = batch(&mut batches, &a, 0, 1);
+        for t in 1..10_000u64 {
+            drop(batch(&mut batches, &a, t, 1));
+            assert_eq!(batches.commit_point(t + 1), 0);
+            assert!(
+                batches.unfinished.len() <= 128,
+                "{}",
+                batches.unfinished.len()
+            );
+        }
+        drop(held);
+        assert_eq!(batches.commit_point(10_000), 10_000);
+        assert!(batches.unfinished.is_empty());
+    }
+
+    #[test]
+    fn the_last_settled_item_wakes_the_reader() {
+        let a = engine("a");
+        let mut batches = PollBatches::default();
+        let items = batch(&mut batches, &a, 0, 3);
+        let exporter = std::thread::spawn(move || drop(items));
+        // Woken by the drop (a timeout would leave it unsettled here only if
+        // the wake-up were missing and the drop slow).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while batches.commit_point(3) != 3 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::park_timeout(std::time::Duration::from_secs(1));
+        }
+        exporter.join().unwrap();
     }
 }

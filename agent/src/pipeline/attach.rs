@@ -6,9 +6,13 @@
 //! what they left and detaches. Between scans it polls every attached ring,
 //! validates each record (`Record::decode`), feeds the metrics, applies the
 //! head and tail samplers and hands the kept records to the export queue
-//! (they become spans only when their batch is encoded); only then is the
-//! cursor committed to the segment, so a restarted agent resumes exactly
-//! after the last request it handed on.
+//! (they become spans only when their batch is encoded). The cursor
+//! committed to the segment moves only past records that are settled:
+//! exported, sampled out, invalid or counted lost (queue overflow, export
+//! failure, shutdown deadline); each poll's queued records are tracked as
+//! one poll batch ([`PollBatches`]). So the successor of a killed agent
+//! re-reads and exports what it had read but not delivered (see "Delivery
+//! guarantee" in the README).
 //!
 //! It takes its settings as a plain [`ReaderSettings`] value.
 //!
@@ -19,18 +23,18 @@
 //!   agent runs: the oldest record the ring holds;
 //! * otherwise: the newest (only requests from now on).
 
-use crate::export::queue::{ExportQueue, Item};
+use crate::export::queue::{ExportQueue, Item, PollBatches};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::crash::{crash_record, phase_name};
-use crate::pipeline::stalls::{Observed, StallTracker};
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::resource::ResourceEnv;
 use crate::pipeline::sampling::{Sampler, TailSampler, keep_by_ppm};
 use crate::pipeline::spans::{AttributeSet, SpanContext};
+use crate::pipeline::stalls::{Observed, StallTracker};
 use ringside_shm_protocol::{
-    AttachedSegment, Consumer, Detail, EngineIdentity, InflightReader, InflightRequest, Liveness,
-    OpenError, OpenOptions, PollError, Record, StartAt, list_dead_generations, list_segments,
-    monotonic_ns,
+    AttachedSegment, Consumer, DeadSegment, Detail, EngineIdentity, InflightReader,
+    InflightRequest, Liveness, OpenError, OpenOptions, PollError, Record, StartAt,
+    list_dead_generations, list_segments, monotonic_ns, remove_dead_generation,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,6 +89,14 @@ struct Attached {
     /// Crash spans may be exported for this segment when it dies: the agent
     /// saw the engine alive, attached after its first scan, or backfills.
     may_report_crash: bool,
+    /// The dead-generation file to remove once every record read from it is
+    /// settled.
+    release_when_settled: Option<DeadSegment>,
+    /// Poll batches with records queued or in flight: the cursor may be
+    /// committed only up to the oldest.
+    delivery: PollBatches,
+    /// The cursor last committed to the segment.
+    committed: Option<u64>,
 }
 
 /// The reader: owns every attached segment and its consumer.
@@ -95,6 +107,9 @@ pub struct Reader {
     metrics: Arc<Mutex<Metrics>>,
     registry: Arc<Mutex<Vec<Arc<EngineHandle>>>>,
     attached: BTreeMap<String, Attached>,
+    /// Detached engines with records still queued or in flight: their
+    /// cursors are committed as those are settled, then they are let go.
+    retired: Vec<Attached>,
     /// Engines drained after they died, not to be re-attached.
     finished: HashMap<String, EngineIdentity>,
     /// Open errors already logged, not to repeat them every second.
@@ -135,6 +150,7 @@ impl Reader {
             metrics,
             registry,
             attached: BTreeMap::new(),
+            retired: Vec::new(),
             finished: HashMap::new(),
             reported: HashMap::new(),
             initial_scan_done: false,
@@ -158,8 +174,10 @@ impl Reader {
         Arc::clone(&self.sampler_update)
     }
 
-    /// Polls until `stop` is set, then drains every ring once more and
-    /// commits the cursors.
+    /// Polls until `stop` is set, then drains every ring once more (onto the
+    /// queue; the cursors move past those records only once they are
+    /// settled: [`commit_settled_cursors`](Self::commit_settled_cursors)
+    /// after the flush).
     pub fn run(&mut self, stop: &AtomicBool) {
         let mut next_scan = Instant::now();
         while !stop.load(Ordering::Relaxed) {
@@ -178,7 +196,8 @@ impl Reader {
                 self.next_stall_look = Instant::now() + STALL_LOOK_INTERVAL;
             }
             if !busy {
-                std::thread::sleep(self.settings.poll_interval);
+                // Woken early when a poll batch is settled, to commit.
+                std::thread::park_timeout(self.settings.poll_interval);
             }
         }
         // Final drain: what the engines wrote up to now goes to the queue.
@@ -370,6 +389,9 @@ impl Reader {
                 inflight,
                 stalls: StallTracker::default(),
                 may_report_crash: alive || self.initial_scan_done || self.settings.backfill,
+                release_when_settled: None,
+                delivery: PollBatches::default(),
+                committed: None,
             },
         );
     }
@@ -431,14 +453,15 @@ impl Reader {
                 crashed_in_flight = s.crashed_in_flight,
                 "detached"
             );
-            // Everything it held is handed on: let the kept generation go.
-            if died && dead_generation.is_some() {
-                let path = a.segment.path().to_owned();
-                self.finished.insert(name.to_owned(), a.segment.info().identity);
-                if let Err(e) = a.segment.release_dead() {
-                    tracing::warn!(segment = %path, error = %e, "cannot remove a dead generation");
-                }
+            // Everything it held is handed on: the kept generation goes once
+            // its records are settled (a successor of a killed agent still
+            // finds it until then).
+            if died && let Some(dead) = dead_generation {
+                self.finished
+                    .insert(name.to_owned(), a.segment.info().identity);
+                a.release_when_settled = Some(dead);
             }
+            self.retire(a);
         }
     }
 
@@ -473,7 +496,9 @@ impl Reader {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for request in &snapshot.requests {
             let record = crash_record(request, last_heartbeat);
-            let stalls = a.stalls.finish(&request.request_id, record.timestamps.finished_ns);
+            let stalls = a
+                .stalls
+                .finish(&request.request_id, record.timestamps.finished_ns);
             tracing::warn!(
                 engine = name,
                 request_id = %hex(&request.request_id),
@@ -548,9 +573,71 @@ impl Reader {
         }
     }
 
+    /// Keeps a detached engine until its queued records are settled.
+    fn retire(&mut self, mut a: Attached) {
+        Self::commit_settled(&mut a);
+        if a.delivery.is_empty() {
+            Self::let_go(a);
+        } else {
+            self.retired.push(a);
+        }
+    }
+
+    /// A retired engine whose records are all settled: its dead-generation
+    /// file, if it had one, is removed; the mapping goes with it.
+    fn let_go(a: Attached) {
+        if let Some(dead) = &a.release_when_settled
+            && let Err(e) = remove_dead_generation(dead)
+        {
+            tracing::warn!(segment = %a.segment.path(), error = %e, "cannot remove a dead generation");
+        }
+    }
+
+    /// Lets go of the retired engines whose records are all settled.
+    fn drop_settled_retired(&mut self) {
+        let (settled, waiting): (Vec<Attached>, Vec<Attached>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|a| a.delivery.is_empty());
+        self.retired = waiting;
+        for a in settled {
+            Self::let_go(a);
+        }
+    }
+
+    /// Commits every ring's cursor up to what is settled (the daemon calls
+    /// it once more after the shutdown flush, when everything queued has
+    /// been exported or counted). Returns the engines with records still
+    /// queued or in flight.
+    pub fn commit_settled_cursors(&mut self) -> usize {
+        for a in self.attached.values_mut().chain(&mut self.retired) {
+            Self::commit_settled(a);
+        }
+        self.drop_settled_retired();
+        self.attached
+            .values()
+            .chain(&self.retired)
+            .filter(|a| !a.delivery.is_empty())
+            .count()
+    }
+
+    /// Commits the cursor to the first record not yet settled.
+    fn commit_settled(a: &mut Attached) {
+        let point = a.delivery.commit_point(a.consumer.cursor());
+        if a.committed != Some(point) {
+            a.consumer.commit_cursor(point);
+            a.committed = Some(point);
+        }
+    }
+
     /// Polls every ring once; true if any delivered a full batch (more may
     /// be waiting).
     pub fn poll_all(&mut self) -> bool {
+        if !self.retired.is_empty() {
+            for a in &mut self.retired {
+                Self::commit_settled(a);
+            }
+            self.drop_settled_retired();
+        }
         let mut busy = false;
         let names: Vec<String> = self.attached.keys().cloned().collect();
         for name in names {
@@ -577,7 +664,7 @@ impl Reader {
     }
 
     /// Reads up to one batch from one ring, hands it on and commits the
-    /// cursor. Returns (delivered, stalled).
+    /// cursor up to what is settled. Returns (delivered, stalled).
     fn poll_one(
         a: &mut Attached,
         buffer: &mut Vec<(u64, Record)>,
@@ -615,6 +702,7 @@ impl Reader {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut invalid = 0u64;
             let mut first_error = None;
+            let mut first_kept = None;
             for (ticket, raw) in buffer.iter() {
                 let record = match raw.decode(model_count) {
                     Ok(r) => r,
@@ -648,22 +736,37 @@ impl Reader {
                     Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
                         .with_stalls(stalls),
                 );
+                first_kept.get_or_insert(*ticket);
+                items.push(Item::new(
+                    Arc::clone(&a.handle),
+                    Arc::clone(&a.ctx),
+                    record,
+                    detail,
+                ));
             }
             drop(metrics);
+            if let Some(first) = first_kept {
+                // One poll batch: the cursor stays at `first` until every
+                // one of these is exported or counted lost.
+                let n = items.len();
+                for (item, token) in items.iter_mut().zip(a.delivery.open(first, n)) {
+                    item.delivery = Some(token);
+                }
+            }
             queue.push_all(items);
             if let Some((ticket, error)) = first_error {
                 EngineStats::add(&stats.invalid, invalid);
                 tracing::warn!(engine = %a.handle.instance, invalid, first_ticket = ticket, %error, "invalid records skipped");
             }
         }
-        // Handed on: a restarted agent resumes after these.
-        a.consumer.commit_cursor(a.consumer.cursor());
         let counters = a.segment.ring().counters();
         stats.lag.store(a.consumer.backlog(), Ordering::Relaxed);
         stats.engine_written.store(counters.head, Ordering::Relaxed);
         stats
             .engine_dropped
             .store(counters.dropped_before_ticket(), Ordering::Relaxed);
+        // A restarted agent resumes at the first record not yet settled.
+        Self::commit_settled(a);
         Ok((report.delivered, report.stalled))
     }
 }
@@ -674,8 +777,10 @@ fn duration_ns(d: Duration) -> u64 {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

@@ -109,8 +109,9 @@ impl StallTracker {
                 });
             }
         }
-        self.requests
-            .retain(|_, s| s.left_at_ns == 0 || now_ns.saturating_sub(s.left_at_ns) < FORGET_AFTER_NS);
+        self.requests.retain(|_, s| {
+            s.left_at_ns == 0 || now_ns.saturating_sub(s.left_at_ns) < FORGET_AFTER_NS
+        });
         self.stalled_now = self
             .requests
             .values()
@@ -173,7 +174,13 @@ mod tests {
         let mut t = StallTracker::default();
         assert!(t.observe(&[seen(1, 10 * S)], 11 * S, 5 * S).is_empty());
         let new = t.observe(&[seen(1, 10 * S)], 16 * S, 5 * S);
-        assert_eq!(new, vec![NewStall { request_id: [1; 16], for_ns: 6 * S }]);
+        assert_eq!(
+            new,
+            vec![NewStall {
+                request_id: [1; 16],
+                for_ns: 6 * S
+            }]
+        );
         assert_eq!(t.stalled_now(), 1);
         // Still stalled: not reported again.
         assert!(t.observe(&[seen(1, 10 * S)], 20 * S, 5 * S).is_empty());
