@@ -887,6 +887,32 @@ fn top_in_tmux_renders_the_table_and_exits_on_q() {
         return;
     }
     let engine = FakeEngine::new("top-tty");
+    // A request the engine holds: top lists it under the percentiles.
+    let now = monotonic_ns();
+    let held = ringside_shm_protocol::InflightEntry {
+        request_id: [0x7c; 16],
+        trace_id: [0x11; 16],
+        parent_span_id: [0; 8],
+        span_id: [0x33; 8],
+        t_arrival_ns: now - 2_000_000_000,
+        t_scheduled_ns: now - 1_900_000_000,
+        t_first_token_ns: now - 1_000_000_000,
+        t_last_token_ns: now - 10_000_000,
+        t_progress_ns: now - 10_000_000,
+        prompt_tokens: 30,
+        prefilled_tokens: 30,
+        output_tokens: 8,
+        cached_prompt_tokens: 0,
+        max_tokens: 64,
+        phase: ringside_shm_protocol::InflightPhase::Decode as u8,
+        operation: Operation::Chat as u8,
+        trace_flags: 1,
+        flags: 0,
+        model_index: 0,
+        sequence_slot: 0,
+        reserved: [0; 4],
+    };
+    let _held = engine.segment.inflight().unwrap().claim(&held).unwrap();
     let session = format!("ctl-e2e-{}", std::process::id());
     let done = std::env::temp_dir().join(format!("{session}.exit"));
     let _ = std::fs::remove_file(&done);
@@ -939,6 +965,10 @@ fn top_in_tmux_renders_the_table_and_exits_on_q() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(screen.contains("ringside top"), "{screen}");
+    assert!(
+        screen.contains("IN FLIGHT") && screen.contains(&"7c".repeat(16)),
+        "{screen}"
+    );
     Command::new("tmux")
         .args(["send-keys", "-t", &session, "q"])
         .status()
