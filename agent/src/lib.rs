@@ -28,7 +28,7 @@
 //!   console and file exporters, retry and backoff;
 //! * [`control`]: the control plane: control-block writes, the operator
 //!   commands (`tracing`, `set`), `status` with the daemon's published
-//!   state, `top`, the admin HTTP API with its Prometheus exposition;
+//!   state, `top`, `inflight`, the admin HTTP API with its Prometheus exposition;
 //! * [`key_values`]: the `k=v,k2=v2` lists of the `OTEL_*` variables.
 //!
 //! Imports point one way: `config` and `daemon` use the plain value types
@@ -55,7 +55,7 @@ pub use pipeline::resource::ResourceEnv;
 pub use pipeline::spans::{AttributeSet, SpanContext};
 
 use config::TracingAction;
-use control::{commands, status, top};
+use control::{commands, inflight, status, top};
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +90,9 @@ pub enum RunError {
     /// `status` failed.
     #[error(transparent)]
     Status(#[from] control::status::StatusError),
+    /// `inflight` failed.
+    #[error(transparent)]
+    Inflight(#[from] control::inflight::InflightError),
     /// An operator command (`tracing`, `set`) failed.
     #[error(transparent)]
     Operator(#[from] control::commands::OperatorError),
@@ -119,5 +122,6 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
         Command::Set(args) => Ok(commands::set(&args.selection.selection(), &args.change())?),
         Command::Status(args) => Ok(status::run(&args.options())?),
         Command::Top(args) => Ok(top::run(&args.options())?),
+        Command::Inflight(args) => Ok(inflight::run(&args.options())?),
     }
 }

@@ -887,6 +887,32 @@ fn top_in_tmux_renders_the_table_and_exits_on_q() {
         return;
     }
     let engine = FakeEngine::new("top-tty");
+    // A request the engine holds: top lists it under the percentiles.
+    let now = monotonic_ns();
+    let held = ringside_shm_protocol::InflightEntry {
+        request_id: [0x7c; 16],
+        trace_id: [0x11; 16],
+        parent_span_id: [0; 8],
+        span_id: [0x33; 8],
+        t_arrival_ns: now - 2_000_000_000,
+        t_scheduled_ns: now - 1_900_000_000,
+        t_first_token_ns: now - 1_000_000_000,
+        t_last_token_ns: now - 10_000_000,
+        t_progress_ns: now - 10_000_000,
+        prompt_tokens: 30,
+        prefilled_tokens: 30,
+        output_tokens: 8,
+        cached_prompt_tokens: 0,
+        max_tokens: 64,
+        phase: ringside_shm_protocol::InflightPhase::Decode as u8,
+        operation: Operation::Chat as u8,
+        trace_flags: 1,
+        flags: 0,
+        model_index: 0,
+        sequence_slot: 0,
+        reserved: [0; 4],
+    };
+    let _held = engine.segment.inflight().unwrap().claim(&held).unwrap();
     let session = format!("ctl-e2e-{}", std::process::id());
     let done = std::env::temp_dir().join(format!("{session}.exit"));
     let _ = std::fs::remove_file(&done);
@@ -939,6 +965,10 @@ fn top_in_tmux_renders_the_table_and_exits_on_q() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(screen.contains("ringside top"), "{screen}");
+    assert!(
+        screen.contains("IN FLIGHT") && screen.contains(&"7c".repeat(16)),
+        "{screen}"
+    );
     Command::new("tmux")
         .args(["send-keys", "-t", &session, "q"])
         .status()
@@ -994,4 +1024,122 @@ fn status_finds_each_agents_own_state_file_in_the_runtime_directory() {
     assert!(agent.child.wait().unwrap().success());
     assert!(!own.exists(), "removed at exit");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn inflight_lists_what_the_engine_holds_and_marks_the_stalled_request() {
+    use ringside_shm_protocol::{InflightEntry, InflightPhase};
+    let name = format!("ctl-e2e-{}-inflight", std::process::id());
+    let mut options = CreateOptions::new(name.clone(), vec![MODEL.to_owned()]);
+    options.capacity = 256;
+    options.inflight_capacity = 8;
+    let segment = EngineSegment::create(&options).expect("create segment");
+    let table = segment.inflight().unwrap();
+    let now = monotonic_ns();
+    let decoding = InflightEntry {
+        request_id: [0xd1; 16],
+        trace_id: [0x11; 16],
+        parent_span_id: [0x22; 8],
+        span_id: [0x33; 8],
+        t_arrival_ns: now - 3_000_000_000,
+        t_scheduled_ns: now - 2_900_000_000,
+        t_first_token_ns: now - 2_000_000_000,
+        t_last_token_ns: now - 10_000_000,
+        t_progress_ns: now - 10_000_000,
+        prompt_tokens: 30,
+        prefilled_tokens: 30,
+        output_tokens: 12,
+        cached_prompt_tokens: 4,
+        max_tokens: 64,
+        phase: InflightPhase::Decode as u8,
+        operation: Operation::Chat as u8,
+        trace_flags: 1,
+        flags: 0,
+        model_index: 0,
+        sequence_slot: 0,
+        reserved: [0; 4],
+    };
+    let queued = InflightEntry {
+        request_id: [0x9e; 16],
+        trace_id: [0x44; 16],
+        parent_span_id: [0; 8],
+        span_id: [0x55; 8],
+        t_arrival_ns: now - 60_000_000_000,
+        t_scheduled_ns: 0,
+        t_first_token_ns: 0,
+        t_last_token_ns: 0,
+        t_progress_ns: now - 60_000_000_000,
+        prompt_tokens: 20,
+        prefilled_tokens: 0,
+        output_tokens: 0,
+        cached_prompt_tokens: 0,
+        phase: InflightPhase::Queued as u8,
+        sequence_slot: u16::MAX,
+        ..decoding
+    };
+    let _decoding = table.claim(&decoding).unwrap();
+    let _queued = table.claim(&queued).unwrap();
+
+    let v = json(&[
+        "inflight",
+        "--json",
+        "--engine",
+        &name,
+        "--stall-after",
+        "1s",
+    ]);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    // Oldest first.
+    let (q, d) = (&rows[0], &rows[1]);
+    assert_eq!(q["request_id"], "9e".repeat(16));
+    assert_eq!(q["phase"], "queued");
+    assert_eq!(q["engine"], name.as_str());
+    assert_eq!(q["engine_pid"], std::process::id());
+    assert_eq!(q["engine_alive"], true);
+    assert_eq!(q["model"], MODEL);
+    assert_eq!(q["prompt_tokens"], 20);
+    assert_eq!(q["output_tokens"], 0);
+    assert!(q["parent_span_id"].is_null());
+    assert!(q["tokens_per_s"].is_null());
+    assert!(q["since_last_token_s"].is_null());
+    assert!(q["age_s"].as_f64().unwrap() >= 60.0, "{q}");
+    assert_eq!(q["stalled"], true);
+    assert_eq!(d["request_id"], "d1".repeat(16));
+    assert_eq!(d["phase"], "decode");
+    assert_eq!(d["trace_id"], "11".repeat(16));
+    assert_eq!(d["span_id"], "33".repeat(8));
+    assert_eq!(d["parent_span_id"], "22".repeat(8));
+    assert_eq!(d["operation"], "chat");
+    assert_eq!(d["prefilled_tokens"], 30);
+    assert_eq!(d["cached_prompt_tokens"], 4);
+    assert_eq!(d["output_tokens"], 12);
+    assert!(d["tokens_per_s"].as_f64().unwrap() > 0.0, "{d}");
+    assert!(d["since_last_token_s"].as_f64().unwrap() < 1.0, "{d}");
+    assert_eq!(d["stalled"], false);
+
+    let text = cli_ok(&["inflight", "--engine", &name, "--stall-after", "1s"]);
+    assert!(
+        text.contains(&"9e".repeat(16)) && text.contains(&"d1".repeat(16)),
+        "{text}"
+    );
+    assert!(
+        text.contains("STALLED") && text.contains("queued"),
+        "{text}"
+    );
+
+    // An engine without a table: a note on stderr, not an error.
+    let old_name = format!("ctl-e2e-{}-inflight-none", std::process::id());
+    let mut old_options = CreateOptions::new(old_name.clone(), vec![MODEL.to_owned()]);
+    old_options.capacity = 256;
+    old_options.inflight_capacity = 0;
+    let _old = EngineSegment::create(&old_options).expect("create segment");
+    let out = agent_cli(&["inflight", "--json", "--engine", &old_name]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&old_name),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -3,6 +3,7 @@
 
 use crate::control::commands::ShowOptions;
 use crate::control::control_block::{Change, EngineSelection};
+use crate::control::inflight::InflightOptions;
 use crate::control::status::StatusOptions;
 use crate::control::top::TopOptions;
 use crate::pipeline::spans::AttributeSet;
@@ -38,6 +39,36 @@ pub enum Command {
     /// A live view per engine, refreshing in place: requests/s, tokens/s,
     /// queue, running, latency percentiles, drops (q or Ctrl-C quits).
     Top(TopArgs),
+    /// The requests each engine holds now (queued, prefill, decode), from
+    /// its in-flight table; works while the engine is stopped, hung or dead.
+    Inflight(InflightArgs),
+}
+
+/// Flags of `ringside-agent inflight`.
+#[derive(Debug, Args, Clone)]
+pub struct InflightArgs {
+    /// Which engines.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Print one JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// A request with no progress for this long is stalled (e.g. 500ms,
+    /// 10s, 2m).
+    #[arg(long, default_value = "10s", value_name = "DURATION",
+          value_parser = crate::control::inflight::parse_duration)]
+    pub stall_after: std::time::Duration,
+}
+
+impl InflightArgs {
+    /// What `inflight` shows.
+    pub fn options(&self) -> InflightOptions {
+        InflightOptions {
+            selection: self.selection.selection(),
+            json: self.json,
+            stall_after: self.stall_after,
+        }
+    }
 }
 
 /// Flags of `ringside-agent top`.

@@ -4,13 +4,21 @@
 //!
 //! On a terminal it redraws in place on the alternate screen and quits on
 //! `q`, Esc or Ctrl-C, restoring the terminal; otherwise it prints one plain
-//! line per engine per refresh.
+//! line per engine per refresh. On a terminal the table is followed by the
+//! oldest requests the engines hold (see [`crate::control::inflight`]).
 
 use crate::control::control_block::{self, ControlError, EngineSelection};
+use crate::control::inflight;
 use ringside_shm_protocol::{AttachedSegment, Consumer, Liveness, StartAt, list_segments};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
+
+/// In-flight requests listed under the table (the oldest; then `+N more`).
+const INFLIGHT_SHOWN: usize = 10;
+
+/// No progress for this long marks an in-flight request stalled.
+const STALL_AFTER: Duration = Duration::from_secs(10);
 
 /// Why `top` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +318,20 @@ impl Engines {
         self.watched.retain(|_, w| !w.segment.replaced());
         Ok(())
     }
+
+    /// What every watched engine's in-flight table holds now (engines
+    /// without one are left out).
+    fn inflight(&self) -> Vec<inflight::EngineInflight> {
+        let now = ringside_shm_protocol::monotonic_ns();
+        self.watched
+            .values()
+            .filter_map(|w| {
+                let alive = w.segment.liveness() == Liveness::Alive;
+                let name = w.segment.info().instance.clone();
+                inflight::read_segment(&w.segment, name, alive, now, STALL_AFTER)
+            })
+            .collect()
+    }
 }
 
 /// Restores the terminal however `top` ends.
@@ -399,7 +421,14 @@ pub fn run(args: &TopOptions) -> Result<(), TopError> {
         engines.watched.retain(|_, w| w.poll(window));
         let rows: Vec<Row> = engines.watched.values().map(|w| w.row(window)).collect();
         if tty {
-            let text = render_table(&rows, window).replace('\n', "\r\n");
+            let mut text = render_table(&rows, window);
+            let held = engines.inflight();
+            let list = inflight::render_compact(&held, INFLIGHT_SHOWN);
+            if !list.is_empty() {
+                text.push('\n');
+                text.push_str(&list);
+            }
+            let text = text.replace('\n', "\r\n");
             crossterm::queue!(
                 out,
                 crossterm::cursor::MoveTo(0, 0),
