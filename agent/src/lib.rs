@@ -29,7 +29,8 @@
 //! * [`control`]: the control plane: control-block writes, the operator
 //!   commands (`tracing`, `set`), `status` with the daemon's published
 //!   state, `top`, `inflight`, the admin HTTP API with its Prometheus exposition;
-//! * [`key_values`]: the `k=v,k2=v2` lists of the `OTEL_*` variables.
+//! * [`key_values`]: the `k=v,k2=v2` lists of the `OTEL_*` variables;
+//! * [`duration`]: durations as operators write them (`500ms`, `10s`).
 //!
 //! Imports point one way: `config` and `daemon` use the plain value types
 //! of `pipeline`, `export` and `control`, which never import `config`.
@@ -39,6 +40,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod duration;
 pub mod export;
 pub mod key_values;
 pub mod pipeline;

@@ -56,7 +56,7 @@ pub struct InflightArgs {
     /// A request with no progress for this long is stalled (e.g. 500ms,
     /// 10s, 2m).
     #[arg(long, default_value = "10s", value_name = "DURATION",
-          value_parser = crate::control::inflight::parse_duration)]
+          value_parser = crate::duration::parse_duration)]
     pub stall_after: std::time::Duration,
 }
 
@@ -323,7 +323,7 @@ pub struct RunArgs {
     /// this long is stalled: logged once, counted in the stalled gauge, and
     /// marked with a `ringside.stalled` span event. Reloadable (SIGHUP).
     #[arg(long, default_value = "10s", value_name = "DURATION",
-          value_parser = super::duration::parse_duration)]
+          value_parser = crate::duration::parse_duration)]
     pub stall_after: std::time::Duration,
 }
 

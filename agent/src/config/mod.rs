@@ -12,7 +12,6 @@
 //! module depends on them, never the reverse.
 
 pub mod cli;
-pub mod duration;
 pub mod file;
 pub mod otlp;
 pub mod settings;

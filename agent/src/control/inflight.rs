@@ -30,26 +30,6 @@ pub enum InflightError {
     Json(#[from] serde_json::Error),
 }
 
-/// Parses a duration such as `500ms`, `10s`, `2m`, `1h` or `1.5s`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("not a duration: {text:?} (e.g. 500ms, 10s, 2m)"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("unknown unit in {text:?}: use ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
-}
-
 /// The engine a request belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineRef {
@@ -524,14 +504,29 @@ mod tests {
 
     #[test]
     fn durations_parse_in_every_unit() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("3 days").is_err());
+        assert_eq!(
+            crate::duration::parse_duration("500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(
+            crate::duration::parse_duration("10s"),
+            Ok(Duration::from_secs(10))
+        );
+        assert_eq!(
+            crate::duration::parse_duration("2m"),
+            Ok(Duration::from_secs(120))
+        );
+        assert_eq!(
+            crate::duration::parse_duration("1h"),
+            Ok(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            crate::duration::parse_duration("1.5s"),
+            Ok(Duration::from_millis(1500))
+        );
+        assert!(crate::duration::parse_duration("10").is_err());
+        assert!(crate::duration::parse_duration("s").is_err());
+        assert!(crate::duration::parse_duration("3 days").is_err());
     }
 
     #[test]
