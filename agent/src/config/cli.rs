@@ -86,6 +86,10 @@ pub struct TopArgs {
     /// Stop after this many refreshes (default: until q / Ctrl-C).
     #[arg(long, value_name = "N")]
     pub iterations: Option<u64>,
+    /// An in-flight request with no progress for this long is shown stalled.
+    #[arg(long, default_value = "10s", value_name = "DURATION",
+          value_parser = crate::duration::parse_duration)]
+    pub stall_after: std::time::Duration,
 }
 
 /// Flags of `ringside-agent status`.
@@ -385,6 +389,7 @@ impl TopArgs {
             interval_ms: self.interval_ms,
             window_s: self.window_s,
             iterations: self.iterations,
+            stall_after: self.stall_after,
         }
     }
 }

@@ -17,9 +17,6 @@ use std::time::{Duration, Instant};
 /// In-flight requests listed under the table (the oldest; then `+N more`).
 const INFLIGHT_SHOWN: usize = 10;
 
-/// No progress for this long marks an in-flight request stalled.
-const STALL_AFTER: Duration = Duration::from_secs(10);
-
 /// Why `top` stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum TopError {
@@ -321,14 +318,14 @@ impl Engines {
 
     /// What every watched engine's in-flight table holds now (engines
     /// without one are left out).
-    fn inflight(&self) -> Vec<inflight::EngineInflight> {
+    fn inflight(&self, stall_after: Duration) -> Vec<inflight::EngineInflight> {
         let now = ringside_shm_protocol::monotonic_ns();
         self.watched
             .values()
             .filter_map(|w| {
                 let alive = w.segment.liveness() == Liveness::Alive;
                 let name = w.segment.info().instance.clone();
-                inflight::read_segment(&w.segment, name, alive, now, STALL_AFTER)
+                inflight::read_segment(&w.segment, name, alive, now, stall_after)
             })
             .collect()
     }
@@ -397,6 +394,8 @@ pub struct TopOptions {
     pub window_s: u64,
     /// Stop after this many refreshes (default: until q / Ctrl-C).
     pub iterations: Option<u64>,
+    /// No progress for this long marks an in-flight request stalled.
+    pub stall_after: Duration,
 }
 
 /// `ringside-agent top`.
@@ -422,7 +421,7 @@ pub fn run(args: &TopOptions) -> Result<(), TopError> {
         let rows: Vec<Row> = engines.watched.values().map(|w| w.row(window)).collect();
         if tty {
             let mut text = render_table(&rows, window);
-            let held = engines.inflight();
+            let held = engines.inflight(args.stall_after);
             let list = inflight::render_compact(&held, INFLIGHT_SHOWN);
             if !list.is_empty() {
                 text.push('\n');
