@@ -24,7 +24,10 @@ use crate::telemetry::Operation;
 /// admission, or no segment). Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
-    table: Option<(shm::InflightTable, shm::Producer)>,
+    // The telemetry's current segment: each admission claims from the current generation's
+    // table (one lock-free load), so the tracker follows a re-created segment. Requests
+    // admitted before a switch keep their entries in the old, unlinked table until released.
+    current: Option<crate::telemetry::Current>,
 }
 
 /// What is known of a request at admission.
@@ -49,11 +52,11 @@ pub struct Admission {
 }
 
 impl Tracker {
-    /// A tracker writing into `table` while `producer`'s segment has tracing on.
+    /// A tracker writing into the current segment's table while its tracing is on.
     #[must_use]
-    pub fn new(table: shm::InflightTable, producer: shm::Producer) -> Self {
+    pub(crate) fn new(current: crate::telemetry::Current) -> Self {
         Self {
-            table: Some((table, producer)),
+            current: Some(current),
         }
     }
 
@@ -68,7 +71,8 @@ impl Tracker {
     /// counts the request as untracked).
     #[must_use]
     pub fn admit(&self, a: &Admission, t_now_ns: u64) -> Option<Tracked> {
-        let (table, producer) = self.table.as_ref()?;
+        let inner = self.current.as_ref()?.current();
+        let (table, producer) = inner.inflight_parts()?;
         if !producer.tracing_enabled() {
             return None;
         }

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub max_queue: AtomicUsize,
     /// 1 once the model is loaded.
     pub loaded: AtomicUsize,
+    /// Records pushed into a telemetry segment whose name had been removed, before the
+    /// heartbeat re-created it (set by the heartbeat from [`crate::telemetry::Telemetry`]).
+    pub records_lost_segment_removed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -56,6 +59,7 @@ impl Default for Metrics {
             slots: AtomicUsize::new(0),
             max_queue: AtomicUsize::new(0),
             loaded: AtomicUsize::new(0),
+            records_lost_segment_removed: AtomicU64::new(0),
         }
     }
 }
@@ -121,6 +125,11 @@ impl Metrics {
                 "ringside_generation_tokens_total",
                 "Tokens generated.",
                 self.generation_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "ringside_records_lost_segment_removed_total",
+                "Request records written into a telemetry segment after its name was removed, before the engine re-created it.",
+                self.records_lost_segment_removed.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {

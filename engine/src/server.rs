@@ -190,15 +190,20 @@ impl Application {
             companion,
         } = self;
         let threads = args.effective_threads();
+        let metrics = Arc::new(Metrics::default());
         let heartbeat = telemetry.clone();
+        let heartbeat_metrics = Arc::clone(&metrics);
+        // Also notices a removed telemetry segment and re-creates it (Telemetry::heartbeat).
         let heartbeat_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 heartbeat.heartbeat();
+                heartbeat_metrics
+                    .records_lost_segment_removed
+                    .store(heartbeat.records_lost_segment_removed(), Ordering::Relaxed);
             }
         });
-        let metrics = Arc::new(Metrics::default());
         let state = Arc::new(AppState {
             model_names: names.clone(),
             api_key: args.effective_api_key(),

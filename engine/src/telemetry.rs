@@ -12,6 +12,9 @@
 //! word. When the agent or CLI switches tracing off, `record` does one relaxed load and returns.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 
 use ringside_shm_protocol as shm;
 
@@ -119,17 +122,55 @@ pub enum TelemetryError {
 
 /// Where request outcomes go: the engine's shared-memory ring. Cheap to clone (shared by the
 /// HTTP layer and the inference thread).
+///
+/// The current segment sits behind an [`ArcSwap`]: the request path loads it (a few ns, no
+/// lock, no allocation); the heartbeat tick ([`Telemetry::heartbeat`]) checks that the name
+/// still refers to the mapped file and, when it was removed (`rm`, systemd `RemoveIPC=`) or
+/// replaced, creates the next generation with the same instance, models, capacities and the
+/// current control settings, and swaps it in. Requests admitted before the swap keep their
+/// in-flight entries in the old (unlinked) table; their final records go to the new segment.
+/// Records pushed into the unlinked ring between the removal and the swap are counted as lost
+/// ([`Telemetry::records_lost_segment_removed`]).
 #[derive(Debug, Clone, Default)]
 pub struct Telemetry {
-    inner: Option<Arc<Inner>>,
+    shared: Option<Arc<Shared>>,
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Shared {
+    current: ArcSwap<Inner>,
+    options: shm::CreateOptions,
+    // The current ring's head at the last tick that found its name in place.
+    verified_head: AtomicU64,
+    // Records pushed into rings whose name was gone (the window before the switch).
+    lost_segment_removed: AtomicU64,
+}
+
+/// One generation of the segment: its producer and the mapping.
+#[derive(Debug)]
+pub(crate) struct Inner {
     producer: shm::Producer,
-    // Keeps the mapping alive and removes the segment's name on drop.
+    // Keeps the mapping alive and removes the segment's name on drop (if still its own).
     segment: shm::EngineSegment,
 }
+
+impl Inner {
+    fn new(segment: shm::EngineSegment) -> Self {
+        Self {
+            producer: segment.ring().producer(),
+            segment,
+        }
+    }
+
+    /// The in-flight table and a producer (for its tracing switch), when the segment has one.
+    pub(crate) fn inflight_parts(&self) -> Option<(shm::InflightTable, &shm::Producer)> {
+        self.segment.inflight().map(|t| (t, &self.producer))
+    }
+}
+
+/// The current source of in-flight tables: shared with [`crate::inflight::Tracker`], which
+/// loads the current generation at each admission.
+pub(crate) type Current = Arc<Shared>;
 
 impl Telemetry {
     /// Telemetry that records nothing (tests, tools).
@@ -163,52 +204,135 @@ impl Telemetry {
                 instance: instance.to_owned(),
                 source,
             })?;
-        let producer = segment.ring().producer();
         Ok(Self {
-            inner: Some(Arc::new(Inner { producer, segment })),
+            shared: Some(Arc::new(Shared {
+                current: ArcSwap::from_pointee(Inner::new(segment)),
+                options,
+                verified_head: AtomicU64::new(0),
+                lost_segment_removed: AtomicU64::new(0),
+            })),
         })
     }
 
-    /// Records one request outcome when tracing is on. Wait-free: one relaxed load, then (if on)
-    /// one ring push: no lock, no allocation, no syscall.
+    /// Records one request outcome when tracing is on. Wait-free: one load of the current
+    /// segment, one relaxed load, then (if on) one ring push: no lock, no allocation, no syscall.
     #[inline]
     pub fn record(&self, outcome: &RequestOutcome) {
-        if let Some(inner) = &self.inner
-            && inner.producer.tracing_enabled()
-        {
-            let _ = inner.producer.push(&to_record(outcome));
+        if let Some(shared) = &self.shared {
+            let inner = shared.current.load();
+            if inner.producer.tracing_enabled() {
+                let _ = inner.producer.push(&to_record(outcome));
+            }
         }
     }
 
-    /// The in-flight table's writer for the HTTP layer and the inference thread.
+    /// The in-flight table's writer for the HTTP layer and the inference thread. It follows
+    /// the segment when the heartbeat replaces it.
     #[must_use]
     pub fn tracker(&self) -> crate::inflight::Tracker {
-        match &self.inner {
-            Some(inner) => match inner.segment.inflight() {
-                Some(table) => crate::inflight::Tracker::new(table, inner.producer.clone()),
-                None => crate::inflight::Tracker::disabled(),
-            },
-            None => crate::inflight::Tracker::disabled(),
+        match &self.shared {
+            Some(shared) if shared.current.load().segment.inflight().is_some() => {
+                crate::inflight::Tracker::new(Arc::clone(shared))
+            }
+            _ => crate::inflight::Tracker::disabled(),
         }
     }
 
-    /// Stamps the engine heartbeat the agent uses to tell a live engine from a dead one.
+    /// Stamps the engine heartbeat the agent uses to tell a live engine from a dead one, and
+    /// replaces the segment when its name was removed or now refers to another file (see
+    /// [`Telemetry`]); a failed re-creation is logged and retried at the next call.
     /// Call about once a second, off the request path.
     pub fn heartbeat(&self) {
-        if let Some(inner) = &self.inner {
-            inner
-                .segment
-                .ring()
-                .beat_engine_heartbeat(crate::clock::now_ns());
+        let Some(shared) = &self.shared else { return };
+        let inner = shared.current.load_full();
+        inner
+            .segment
+            .ring()
+            .beat_engine_heartbeat(crate::clock::now_ns());
+        if inner.segment.name_still_mapped() {
+            shared
+                .verified_head
+                .store(inner.segment.ring().counters().head, Ordering::Relaxed);
+            return;
         }
+        let path = shm::segment_path(&inner.segment.info().instance);
+        let generation = inner.segment.info().identity.generation;
+        tracing::error!(%path, generation,
+            "the telemetry segment's name was removed or replaced; creating the next generation");
+        let mut options = shared.options.clone();
+        options.replaces_generation = generation;
+        options.control = current_control(inner.segment.ring().control(), options.control);
+        let segment = match shm::EngineSegment::create(&options) {
+            Ok(segment) => segment,
+            Err(error) => {
+                tracing::error!(%path, %error,
+                    "cannot re-create the telemetry segment; retrying at the next heartbeat");
+                return;
+            }
+        };
+        let control = inner.segment.ring().control();
+        let next = segment.ring().control();
+        next.set_head_sample_ppm(control.head_sample_ppm());
+        next.set_tail_sampling(control.tail_sampling());
+        let new_generation = segment.info().identity.generation;
+        // The agent's committed cursor: records it read from the old mapping were not lost.
+        let verified = shared
+            .verified_head
+            .swap(0, Ordering::Relaxed)
+            .max(inner.segment.ring().control().read_cursor());
+        shared.current.store(Arc::new(Inner::new(segment)));
+        // Pushes that loaded the old segment before the store have finished or finish now:
+        // what the old ring got since its name was last seen in place (at most one tick's
+        // worth; an upper bound, as the removal itself is not observable) and that the agent
+        // has not read is lost to every reader that opens the name.
+        let lost = inner
+            .segment
+            .ring()
+            .counters()
+            .head
+            .saturating_sub(verified);
+        shared
+            .lost_segment_removed
+            .fetch_add(lost, Ordering::Relaxed);
+        tracing::error!(%path, generation = new_generation, records_lost = lost,
+            "telemetry switched to a new segment generation");
+    }
+
+    /// Records pushed into a segment after its name was removed, before the heartbeat replaced
+    /// it: no reader that opens the name sees them (`ringside_records_lost_segment_removed_total`).
+    #[must_use]
+    pub fn records_lost_segment_removed(&self) -> u64 {
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.lost_segment_removed.load(Ordering::Relaxed))
     }
 
     /// The segment's path, when there is one.
     #[must_use]
     pub fn segment_path(&self) -> Option<String> {
-        self.inner
+        self.shared
             .as_ref()
-            .map(|i| shm::segment_path(&i.segment.info().instance))
+            .map(|s| shm::segment_path(&s.options.instance))
+    }
+}
+
+impl Shared {
+    /// The current generation (for the in-flight tracker).
+    pub(crate) fn current(&self) -> arc_swap::Guard<Arc<Inner>> {
+        self.current.load()
+    }
+}
+
+/// The control block's settings now, to carry over to the next generation (unknown values keep
+/// the start-up defaults).
+fn current_control(
+    control: &shm::ControlBlock,
+    defaults: shm::ControlDefaults,
+) -> shm::ControlDefaults {
+    shm::ControlDefaults {
+        tracing_enabled: control.tracing_enabled(),
+        overflow_mode: control.overflow_mode().unwrap_or(defaults.overflow_mode),
+        detail: control.detail().unwrap_or(defaults.detail),
     }
 }
 

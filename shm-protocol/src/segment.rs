@@ -122,6 +122,10 @@ pub struct CreateOptions {
     /// [`MAX_INFLIGHT`](crate::MAX_INFLIGHT); the engine passes `parallel +
     /// max_queue`. 0 = no table.
     pub inflight_capacity: u32,
+    /// The generation of a segment this one replaces (the engine re-creating
+    /// a segment whose name was removed): the new one gets a higher
+    /// generation. 0 = none.
+    pub replaces_generation: u64,
 }
 
 impl CreateOptions {
@@ -137,6 +141,7 @@ impl CreateOptions {
             unlink_on_drop: true,
             listen_port: None,
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
+            replaces_generation: 0,
         }
     }
 }
@@ -391,6 +396,8 @@ pub struct EngineSegment {
     inflight: Option<InflightTable>,
     info: SegmentInfo,
     unlink_on_drop: bool,
+    // The mapped file's inode, to tell whether the name still refers to it.
+    inode: u64,
 }
 
 impl std::fmt::Debug for EngineSegment {
@@ -452,8 +459,10 @@ impl EngineSegment {
                 });
             }
         };
+        let generation = generation.max(options.replaces_generation.wrapping_add(1));
         let file = File::from(fd);
-        match Self::initialise(file, options, generation, &path) {
+        let inode = rustix::fs::fstat(&file).map_or(0, |st| st.st_ino);
+        match Self::initialise(file, options, generation, &path, inode) {
             Ok(segment) => Ok(segment),
             Err(e) => {
                 let _ = shm::unlink(name.as_str());
@@ -467,6 +476,7 @@ impl EngineSegment {
         options: &CreateOptions,
         generation: u64,
         path: &str,
+        inode: u64,
     ) -> Result<Self, CreateError> {
         let ioerr = |op, source: std::io::Error| CreateError::Io {
             op,
@@ -572,6 +582,7 @@ impl EngineSegment {
             inflight: table,
             info,
             unlink_on_drop: options.unlink_on_drop,
+            inode,
         })
     }
 
@@ -590,11 +601,23 @@ impl EngineSegment {
     pub fn inflight(&self) -> Option<InflightTable> {
         self.inflight.clone()
     }
+
+    /// Whether `/dev/shm/ringside.<instance>` still names the file this
+    /// segment mapped. `false` once it was removed (`rm`, systemd
+    /// `RemoveIPC=`) or replaced by another file: readers that open the name
+    /// no longer see this ring. One `stat`: call it off the hot path.
+    pub fn name_still_mapped(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(segment_path(&self.info.instance))
+            .is_ok_and(|meta| meta.ino() == self.inode)
+    }
 }
 
 impl Drop for EngineSegment {
     fn drop(&mut self) {
-        if self.unlink_on_drop {
+        // A name that no longer refers to this segment (removed, then
+        // re-created for the next generation) is not this segment's to remove.
+        if self.unlink_on_drop && self.name_still_mapped() {
             let _ = shm::unlink(shm_name(&self.info.instance).as_str());
         }
     }

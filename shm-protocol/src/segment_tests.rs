@@ -569,3 +569,26 @@ fn at_most_four_dead_generations_are_kept() {
     }
     let _ = std::fs::remove_file(segment_path(&name));
 }
+
+#[test]
+fn a_removed_name_is_noticed_and_a_replacement_gets_the_next_generation() {
+    let name = instance("removed");
+    let engine = EngineSegment::create(&options(&name)).unwrap();
+    assert!(engine.name_still_mapped());
+    std::fs::remove_file(segment_path(&name)).unwrap();
+    assert!(!engine.name_still_mapped());
+    let mut next = options(&name);
+    next.replaces_generation = engine.info().identity.generation;
+    let replacement = EngineSegment::create(&next).unwrap();
+    assert!(replacement.name_still_mapped());
+    assert!(!engine.name_still_mapped());
+    assert_eq!(
+        replacement.info().identity.generation,
+        engine.info().identity.generation + 1
+    );
+    // Dropping the old segment leaves the replacement's name alone.
+    drop(engine);
+    assert!(std::path::Path::new(&segment_path(&name)).exists());
+    drop(replacement);
+    assert!(!std::path::Path::new(&segment_path(&name)).exists());
+}
