@@ -27,14 +27,14 @@ fn timed_chat(engine: &Engine, stream: bool) -> (String, f64, f64) {
         body.len()
     );
     let mut socket = TcpStream::connect(("127.0.0.1", engine.port)).expect("connect");
-    socket.set_nodelay(true).unwrap();
-    socket.write_all(request.as_bytes()).unwrap();
+    socket.set_nodelay(true).expect("nodelay");
+    socket.write_all(request.as_bytes()).expect("send");
     let start = Instant::now();
     let mut all = Vec::new();
     let mut first = None;
     let mut buf = [0u8; 4096];
     loop {
-        let n = socket.read(&mut buf).unwrap();
+        let n = socket.read(&mut buf).expect("read");
         if n == 0 {
             break;
         }
