@@ -93,6 +93,42 @@ pub fn unique_instance(tag: &str) -> String {
     )
 }
 
+/// A running `ringside-agent run` with the given flags; SIGTERM (an orderly
+/// stop with its flush) when dropped.
+#[derive(Debug)]
+pub struct Agent(Child);
+
+impl Agent {
+    /// Starts the agent.
+    pub fn start(args: &[&str]) -> Agent {
+        Agent(
+            Command::new(workspace_bin("ringside-agent"))
+                .arg("run")
+                .args(args)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start ringside-agent"),
+        )
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()
+    }
+
+    /// Waits for the agent to exit.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running `ringside-engine serve` on the default model.
 #[derive(Debug)]
 pub struct Engine {

@@ -5,9 +5,10 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Collector, Engine, e2e_enabled, hex, http, records, span_field, wait_for_records, workspace_bin,
+    Agent, Collector, Engine, e2e_enabled, hex, http, records, span_field, wait_for_records,
+    workspace_bin,
 };
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -109,28 +110,6 @@ fn assert_request_spans(collector: &Collector, engine: &Engine, response: &serde
             "no {child} child span under {}",
             hex(&record.span_id)
         );
-    }
-}
-
-struct Agent(Child);
-
-impl Agent {
-    fn start(args: &[&str]) -> Agent {
-        Agent(
-            Command::new(workspace_bin("ringside-agent"))
-                .arg("run")
-                .args(args)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start ringside-agent"),
-        )
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
     }
 }
 
@@ -254,8 +233,8 @@ fn an_agent_killed_and_restarted_between_requests_exports_each_span_exactly_once
         std::thread::sleep(Duration::from_millis(5));
     }
     // SIGKILL: no flush, no goodbye; the cursor in the segment is all it leaves.
-    agent.0.kill().expect("kill agent");
-    agent.0.wait().expect("reap agent");
+    agent.kill().expect("kill agent");
+    agent.wait().expect("reap agent");
     traced_chat(&engine);
     wait_for_records(&segment, 2);
     let second = hex(&records(&segment)[1].span_id);

@@ -7,39 +7,17 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Collector, Engine, e2e_enabled, span_blocks, span_field, workspace_bin,
+    Agent, Collector, Engine, e2e_enabled, span_blocks, span_field, workspace_bin,
 };
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-struct Agent(Child);
-
-impl Agent {
-    fn start(args: &[&str]) -> Agent {
-        Agent(
-            Command::new(workspace_bin("ringside-agent"))
-                .arg("run")
-                .args(args)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start ringside-agent"),
-        )
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
-    }
-}
 
 /// A client's caller span: trace id and parent span id it sent.
 struct Caller {

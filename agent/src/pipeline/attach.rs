@@ -732,17 +732,11 @@ impl Reader {
                     EngineStats::add(&stats.sampled_out, 1);
                     continue;
                 }
+                first_kept.get_or_insert(*ticket);
                 items.push(
                     Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
                         .with_stalls(stalls),
                 );
-                first_kept.get_or_insert(*ticket);
-                items.push(Item::new(
-                    Arc::clone(&a.handle),
-                    Arc::clone(&a.ctx),
-                    record,
-                    detail,
-                ));
             }
             drop(metrics);
             if let Some(first) = first_kept {
