@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 use ringside_shm_protocol::{AttachedSegment, OpenOptions, segment_path};
-use ringside_tests::harness::{Engine, e2e_enabled, hex, http, records, wait_for_records};
+use ringside_tests::harness::{
+    Agent, Collector, Engine, e2e_enabled, hex, http, records, span_field, wait_for_records,
+};
 use std::time::{Duration, Instant};
 
 fn chat(engine: &Engine) -> String {
@@ -100,4 +102,52 @@ fn a_removed_segment_is_replaced_with_the_next_generation() {
         ),
         "{text}"
     );
+}
+
+#[test]
+fn an_agent_follows_a_removed_segment_to_the_next_generation_and_exports_from_it() {
+    if !e2e_enabled("an_agent_follows_a_removed_segment_to_the_next_generation_and_exports_from_it")
+    {
+        return;
+    }
+    let collector = Collector::start();
+    let engine = Engine::start("removed-follow", &[]);
+    let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
+    let _agent = Agent::start(&[
+        "--engine",
+        &engine.instance,
+        "--endpoint",
+        &endpoint,
+        "--batch-delay-ms",
+        "100",
+    ]);
+    let first = chat(&engine);
+    let old = engine.segment();
+    wait_for_records(&old, 1);
+    let first_span = hex(&records(&old)[0].span_id);
+    collector.wait_for_span(&first_span, Duration::from_secs(30));
+    let generation = old.info().identity.generation;
+    std::fs::remove_file(segment_path(&engine.instance)).expect("rm the segment");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        if let Ok(s) = AttachedSegment::open(&engine.instance, &OpenOptions::default())
+            && s.info().identity.generation > generation
+        {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new generation:\n{}",
+            engine.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let second = chat(&engine);
+    assert_ne!(first, second);
+    wait_for_records(&new, 1);
+    let second_span = hex(&records(&new)[0].span_id);
+    // The agent notices the replaced name at its next scan and attaches to
+    // the new generation: the second request reaches the collector too.
+    let span = collector.wait_for_span(&second_span, Duration::from_secs(30));
+    assert_eq!(span_field(&span, "Kind"), Some("SPAN_KIND_SERVER"));
 }
