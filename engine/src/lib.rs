@@ -14,7 +14,6 @@ pub mod chat_template;
 pub mod cli;
 pub mod clock;
 pub mod companion;
-pub mod inflight;
 pub mod metrics;
 pub mod model;
 pub mod omp;

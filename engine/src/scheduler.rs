@@ -35,11 +35,12 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::clock::now_ns;
-use crate::inflight::{Admission, Tracked, Tracker};
 use crate::metrics::Metrics;
 use crate::model::{Loaded, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::{StopMatcher, StopOutcome, Utf8Assembler};
+pub use crate::telemetry::TraceIds;
+use crate::telemetry::inflight::{Admission, Tracked, Tracker};
 use crate::telemetry::{
     ErrorKind, FinishReason, Operation, OutcomeKind, RequestOutcome, SamplingRecord, Telemetry,
 };
@@ -59,19 +60,6 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Reuse a freed slot's prompt KV for a request sharing its prefix.
     pub prompt_cache: bool,
-}
-
-/// Trace identity of a request, as recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceIds {
-    /// W3C trace id.
-    pub trace_id: [u8; 16],
-    /// Caller's span id.
-    pub parent_span_id: Option<[u8; 8]>,
-    /// W3C trace flags.
-    pub trace_flags: u8,
-    /// This request's span id.
-    pub span_id: [u8; 8],
 }
 
 /// A request handed to the inference thread.

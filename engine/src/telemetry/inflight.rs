@@ -17,8 +17,7 @@
 
 use ringside_shm_protocol as shm;
 
-use crate::scheduler::TraceIds;
-use crate::telemetry::Operation;
+use crate::telemetry::{Operation, TraceIds};
 
 /// Where requests are tracked: the segment's in-flight table, or nowhere (tracing off at
 /// admission, or no segment). Cheap to clone.

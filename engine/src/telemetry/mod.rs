@@ -18,6 +18,21 @@ use arc_swap::ArcSwap;
 
 use ringside_shm_protocol as shm;
 
+pub mod inflight;
+
+/// Trace identity of a request, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIds {
+    /// W3C trace id.
+    pub trace_id: [u8; 16],
+    /// Caller's span id.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// W3C trace flags.
+    pub trace_flags: u8,
+    /// This request's span id.
+    pub span_id: [u8; 8],
+}
+
 /// Whether the request reached the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeKind {
@@ -168,7 +183,7 @@ impl Inner {
     }
 }
 
-/// The current source of in-flight tables: shared with [`crate::inflight::Tracker`], which
+/// The current source of in-flight tables: shared with [`inflight::Tracker`], which
 /// loads the current generation at each admission.
 pub(crate) type Current = Arc<Shared>;
 
@@ -229,12 +244,12 @@ impl Telemetry {
     /// The in-flight table's writer for the HTTP layer and the inference thread. It follows
     /// the segment when the heartbeat replaces it.
     #[must_use]
-    pub fn tracker(&self) -> crate::inflight::Tracker {
+    pub fn tracker(&self) -> inflight::Tracker {
         match &self.shared {
             Some(shared) if shared.current.load().segment.inflight().is_some() => {
-                crate::inflight::Tracker::new(Arc::clone(shared))
+                inflight::Tracker::new(Arc::clone(shared))
             }
-            _ => crate::inflight::Tracker::disabled(),
+            _ => inflight::Tracker::disabled(),
         }
     }
 
