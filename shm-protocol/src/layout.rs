@@ -340,6 +340,18 @@ pub enum InflightPhase {
     Decode = 3,
 }
 
+impl InflightPhase {
+    /// How operators read it (`ringside-agent inflight`, logs).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Free => "free",
+            Self::Queued => "queued",
+            Self::Prefill => "prefill",
+            Self::Decode => "decode",
+        }
+    }
+}
+
 /// The payload of an in-flight entry: what the engine knows about a request it
 /// holds (queued or running). Numbers and identifiers only, never text.
 ///

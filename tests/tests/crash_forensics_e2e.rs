@@ -381,19 +381,16 @@ fn a_wedged_engine_shows_its_requests_stalled_and_after_sigcont_their_spans_carr
     }
     // Both finish normally, and each span carries the stall it lived through.
     for caller in [&streaming, &queued] {
+        let server_span = |text: &str| {
+            span_blocks(text).into_iter().find(|b| {
+                span_field(b, "Trace ID") == Some(caller.trace_id.as_str())
+                    && span_field(b, "Kind") == Some("SPAN_KIND_SERVER")
+            })
+        };
         let text = collector.wait_for("the span with its stall", Duration::from_secs(30), |t| {
-            span_blocks(t).iter().any(|b| {
-                span_field(b, "Trace ID") == Some(caller.trace_id.as_str())
-                    && span_field(b, "Kind") == Some("SPAN_KIND_SERVER")
-            })
+            server_span(t).is_some()
         });
-        let block = span_blocks(&text)
-            .into_iter()
-            .find(|b| {
-                span_field(b, "Trace ID") == Some(caller.trace_id.as_str())
-                    && span_field(b, "Kind") == Some("SPAN_KIND_SERVER")
-            })
-            .expect("server span");
+        let block = server_span(&text).expect("server span");
         assert!(
             block.contains("ringside.stalled"),
             "no stall event:\n{block}"

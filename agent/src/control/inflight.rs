@@ -5,9 +5,10 @@
 //! an instance too, so an operator can see what a crashed engine held.
 
 use crate::control::control_block::{self, ControlError, EngineSelection};
+use crate::pipeline::spans::hex;
 use ringside_shm_protocol::{
-    AttachedSegment, InflightPhase, InflightRequest, ListError, Liveness, OpenOptions,
-    list_dead_generations, monotonic_ns,
+    AttachedSegment, InflightRequest, ListError, Liveness, OpenOptions, list_dead_generations,
+    monotonic_ns,
 };
 use std::fmt::Write as _;
 use std::io::Write;
@@ -87,25 +88,6 @@ pub struct InflightRow {
     pub stalled: bool,
 }
 
-/// Lowercase hex, as the engine prints ids.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-fn phase_name(phase: InflightPhase) -> &'static str {
-    match phase {
-        InflightPhase::Free => "free",
-        InflightPhase::Queued => "queued",
-        InflightPhase::Prefill => "prefill",
-        InflightPhase::Decode => "decode",
-    }
-}
-
 fn secs_between(earlier_ns: u64, now_ns: u64) -> f64 {
     now_ns.saturating_sub(earlier_ns) as f64 / 1e9
 }
@@ -140,7 +122,7 @@ pub fn build_row(
             .unwrap_or_else(|| format!("#{}", request.model_index)),
         operation: request.operation.as_str().to_owned(),
         stream: request.stream,
-        phase: phase_name(request.phase).to_owned(),
+        phase: request.phase.as_str().to_owned(),
         age_s: secs_between(request.arrival_ns, now_ns),
         prompt_tokens: request.prompt_tokens,
         prefilled_tokens: request.prefilled_tokens,
@@ -458,7 +440,7 @@ pub fn run(args: &InflightOptions) -> Result<(), InflightError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringside_shm_protocol::Operation;
+    use ringside_shm_protocol::{InflightPhase, Operation};
 
     const S: u64 = 1_000_000_000;
 

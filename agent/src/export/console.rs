@@ -17,14 +17,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::{Span, status};
 use std::fmt::Write as _;
 
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
+use crate::pipeline::spans::hex;
 
 fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
     span.attributes

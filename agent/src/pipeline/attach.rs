@@ -25,10 +25,11 @@
 
 use crate::export::queue::{ExportQueue, Item, PollBatches};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
-use crate::pipeline::crash::{crash_record, phase_name};
+use crate::pipeline::crash::crash_record;
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::resource::ResourceEnv;
 use crate::pipeline::sampling::{Sampler, TailSampler, keep_by_ppm};
+use crate::pipeline::spans::hex;
 use crate::pipeline::spans::{AttributeSet, SpanContext};
 use crate::pipeline::stalls::{Observed, StallTracker};
 use ringside_shm_protocol::{
@@ -503,7 +504,7 @@ impl Reader {
                 engine = name,
                 request_id = %hex(&request.request_id),
                 trace_id = %hex(&request.trace_id),
-                phase = phase_name(request.phase),
+                phase = request.phase.as_str(),
                 output_tokens = request.output_tokens,
                 "request lost with the engine"
             );
@@ -561,7 +562,7 @@ impl Reader {
                     engine = %name,
                     request_id = %hex(&stall.request_id),
                     trace_id = %request.map(|r| hex(&r.trace_id)).unwrap_or_default(),
-                    phase = request.map_or("", |r| phase_name(r.phase)),
+                    phase = request.map_or("", |r| r.phase.as_str()),
                     no_progress_for_s = stall.for_ns as f64 / 1e9,
                     "request stalled"
                 );
@@ -767,14 +768,4 @@ impl Reader {
 
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }

@@ -12,8 +12,7 @@
 //! showing zeros ([`RequestRecord::sampling_known`] is false for these records).
 
 use ringside_shm_protocol::{
-    ErrorType, FinishReason, InflightPhase, InflightRequest, RecordKind, RequestRecord, Sampling,
-    Timestamps,
+    ErrorType, FinishReason, InflightRequest, RecordKind, RequestRecord, Sampling, Timestamps,
 };
 
 /// The record of a request found in a dead engine's table, ended at `last_sign_of_life_ns`
@@ -67,20 +66,10 @@ pub fn crash_record(request: &InflightRequest, last_sign_of_life_ns: u64) -> Req
     }
 }
 
-/// The phase a request had reached, as the span tree shows it.
-pub fn phase_name(phase: InflightPhase) -> &'static str {
-    match phase {
-        InflightPhase::Free => "free",
-        InflightPhase::Queued => "queued",
-        InflightPhase::Prefill => "prefill",
-        InflightPhase::Decode => "decode",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringside_shm_protocol::Operation;
+    use ringside_shm_protocol::{InflightPhase, Operation};
 
     pub(crate) fn request(phase: InflightPhase) -> InflightRequest {
         let decoding = phase == InflightPhase::Decode;
@@ -147,7 +136,7 @@ mod tests {
             // The ABI's validation wants a real status; the agent's record has none.
             r.http_status = 500;
             let decoded = r.encode().decode(1).expect("valid");
-            assert_eq!(decoded.timestamps, r.timestamps, "{}", phase_name(phase));
+            assert_eq!(decoded.timestamps, r.timestamps, "{}", phase.as_str());
         }
     }
 }

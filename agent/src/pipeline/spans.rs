@@ -170,6 +170,13 @@ impl std::fmt::Write for Short {
     }
 }
 
+/// Lowercase hex of an id, as the engine prints ids.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
+}
+
 fn push_hex(out: &mut impl std::fmt::Write, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
