@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Agent, Collector, Engine, e2e_enabled, span_blocks, span_field, workspace_bin,
+    Agent, Collector, Engine, e2e_enabled, free_port, span_blocks, span_field, workspace_bin,
 };
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -401,5 +401,58 @@ fn a_wedged_engine_shows_its_requests_stalled_and_after_sigcont_their_spans_carr
             Some("STATUS_CODE_UNSET"),
             "{block}"
         );
+    }
+}
+
+#[test]
+fn an_agent_killed_before_exporting_the_crash_spans_leaves_them_to_its_successor() {
+    if !e2e_enabled("an_agent_killed_before_exporting_the_crash_spans_leaves_them_to_its_successor")
+    {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The collector is down while the first agent sees the crash.
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let endpoint = format!("http://127.0.0.1:{grpc_port}");
+    let mut engine = Engine::start("crash-handover", &["--parallel", "1", "--max-queue", "4"]);
+    let instance = engine.instance.clone();
+    let agent_args = [
+        "--engine",
+        &instance,
+        "--endpoint",
+        &endpoint,
+        "--batch-delay-ms",
+        "100",
+    ];
+    let mut first = Agent::start_logged(&agent_args);
+    first.wait_for_log("attached", Duration::from_secs(20));
+    let callers = three_callers(&engine);
+    let generation = engine.segment().info().identity.generation;
+    engine.signal("KILL");
+    first.wait_for_log("engine died", Duration::from_secs(20));
+    // Handed to the export queue is not exported: the generation stays
+    // unreported while the collector is unreachable.
+    std::thread::sleep(Duration::from_secs(2));
+    let table = engine.segment().inflight().expect("in-flight table");
+    assert_eq!(
+        table.reported(),
+        None,
+        "marked reported before its crash spans were exported"
+    );
+    first.kill().expect("SIGKILL the agent");
+    let _ = first.wait();
+    // The successor, without --backfill, takes the report over and exports
+    // each crash span once.
+    let collector = Collector::start_on(grpc_port, http_port);
+    let _second = Agent::start(&agent_args);
+    let spans = crash_spans(&collector, &callers);
+    assert_crash_spans(&collector, &callers, &spans);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while table.reported() != Some(generation) {
+        assert!(
+            Instant::now() < deadline,
+            "the successor never marked generation {generation} reported"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

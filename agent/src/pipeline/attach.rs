@@ -88,8 +88,16 @@ struct Attached {
     inflight: Option<InflightReader>,
     stalls: StallTracker,
     /// Crash spans may be exported for this segment when it dies: the agent
-    /// saw the engine alive, attached after its first scan, or backfills.
+    /// saw the engine alive, attached after its first scan, backfills, or
+    /// takes over from an agent that was attached to it (which may have been
+    /// killed between the death and the export).
     may_report_crash: bool,
+    /// The crash spans handed to the export queue, not yet settled: the
+    /// generation is marked reported only once they are (so the successor
+    /// of an agent killed before exporting them still reports them).
+    crash_delivery: PollBatches,
+    /// The generation to mark reported once `crash_delivery` is settled.
+    crash_unmarked: Option<u64>,
     /// The dead-generation file to remove once every record read from it is
     /// settled.
     release_when_settled: Option<DeadSegment>,
@@ -247,34 +255,38 @@ impl Reader {
         }
         // Generations a restarted engine kept for us: what their rings and
         // in-flight tables still hold is read, then the file is let go. Found
-        // at start-up they are history, read only with --backfill.
+        // at start-up they are history, read only with --backfill, unless an
+        // agent was reading them (this one's killed predecessor: its work is
+        // taken over).
         let mut dead_names = Vec::new();
-        if self.initial_scan_done || self.settings.backfill {
-            match list_dead_generations() {
-                Ok(dead) => {
-                    for d in dead.into_iter().filter(|d| wanted(&d.instance)) {
-                        let key = format!("{}~dead.{}", d.instance, d.generation);
-                        dead_names.push(key.clone());
-                        if self.attached.contains_key(&key) || self.finished.contains_key(&key) {
-                            continue;
+        let history_too = self.initial_scan_done || self.settings.backfill;
+        match list_dead_generations() {
+            Ok(dead) => {
+                for d in dead.into_iter().filter(|d| wanted(&d.instance)) {
+                    let key = format!("{}~dead.{}", d.instance, d.generation);
+                    dead_names.push(key.clone());
+                    if self.attached.contains_key(&key) || self.finished.contains_key(&key) {
+                        continue;
+                    }
+                    let options = OpenOptions {
+                        trusted_uids: self.settings.trusted_uids.clone(),
+                    };
+                    match AttachedSegment::open_dead(&d, &options) {
+                        Ok(segment) if !history_too && segment.ring().control().agent().0 == 0 => {
+                            self.finished.insert(key, segment.info().identity);
                         }
-                        let options = OpenOptions {
-                            trusted_uids: self.settings.trusted_uids.clone(),
-                        };
-                        match AttachedSegment::open_dead(&d, &options) {
-                            Ok(segment) => self.attach_opened(&key, segment),
-                            Err(e) => {
-                                let text = e.to_string();
-                                if self.reported.get(&key) != Some(&text) {
-                                    tracing::warn!(segment = %key, error = %text, "not reading a dead generation");
-                                    self.reported.insert(key, text);
-                                }
+                        Ok(segment) => self.attach_opened(&key, segment),
+                        Err(e) => {
+                            let text = e.to_string();
+                            if self.reported.get(&key) != Some(&text) {
+                                tracing::warn!(segment = %key, error = %text, "not reading a dead generation");
+                                self.reported.insert(key, text);
                             }
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot list dead engine generations"),
             }
+            Err(e) => tracing::warn!(error = %e, "cannot list dead engine generations"),
         }
         self.finished
             .retain(|name, _| names.contains(name) || dead_names.contains(name));
@@ -327,7 +339,10 @@ impl Reader {
             return;
         }
         let stored = control.read_cursor();
-        let start = if stored != 0 || agent_pid != 0 {
+        // An agent was attached before (this one's predecessor, killed or
+        // stopped): this one continues its work, crash reports included.
+        let predecessor = agent_pid != 0;
+        let start = if stored != 0 || predecessor {
             StartAt::Ticket(stored)
         } else if self.settings.backfill || self.initial_scan_done {
             StartAt::Oldest
@@ -389,7 +404,12 @@ impl Reader {
                 tail: TailSampler::new(self.settings.tail_above_p99, self.settings.tail_window),
                 inflight,
                 stalls: StallTracker::default(),
-                may_report_crash: alive || self.initial_scan_done || self.settings.backfill,
+                may_report_crash: alive
+                    || self.initial_scan_done
+                    || self.settings.backfill
+                    || predecessor,
+                crash_delivery: PollBatches::default(),
+                crash_unmarked: None,
                 release_when_settled: None,
                 delivery: PollBatches::default(),
                 committed: None,
@@ -522,8 +542,15 @@ impl Reader {
         drop(metrics);
         let n = items.len() as u64;
         EngineStats::add(&a.handle.stats.crashed_in_flight, n);
+        if items.is_empty() {
+            table.mark_reported(generation);
+        } else {
+            for (item, token) in items.iter_mut().zip(a.crash_delivery.open(0, n as usize)) {
+                item.delivery = Some(token);
+            }
+            a.crash_unmarked = Some(generation);
+        }
         self.queue.push_all(items);
-        table.mark_reported(generation);
         tracing::error!(
             engine = name,
             generation,
@@ -577,7 +604,7 @@ impl Reader {
     /// Keeps a detached engine until its queued records are settled.
     fn retire(&mut self, mut a: Attached) {
         Self::commit_settled(&mut a);
-        if a.delivery.is_empty() {
+        if Self::settled(&a) {
             Self::let_go(a);
         } else {
             self.retired.push(a);
@@ -598,7 +625,7 @@ impl Reader {
     fn drop_settled_retired(&mut self) {
         let (settled, waiting): (Vec<Attached>, Vec<Attached>) = std::mem::take(&mut self.retired)
             .into_iter()
-            .partition(|a| a.delivery.is_empty());
+            .partition(Self::settled);
         self.retired = waiting;
         for a in settled {
             Self::let_go(a);
@@ -617,16 +644,30 @@ impl Reader {
         self.attached
             .values()
             .chain(&self.retired)
-            .filter(|a| !a.delivery.is_empty())
+            .filter(|a| !Self::settled(a))
             .count()
     }
 
-    /// Commits the cursor to the first record not yet settled.
+    /// Whether everything read from `a` (records and crash spans) is settled.
+    fn settled(a: &Attached) -> bool {
+        a.delivery.is_empty() && a.crash_unmarked.is_none()
+    }
+
+    /// Commits the cursor to the first record not yet settled, and marks a
+    /// dead generation reported once its crash spans are settled.
     fn commit_settled(a: &mut Attached) {
         let point = a.delivery.commit_point(a.consumer.cursor());
         if a.committed != Some(point) {
             a.consumer.commit_cursor(point);
             a.committed = Some(point);
+        }
+        if let Some(generation) = a.crash_unmarked
+            && a.crash_delivery.is_empty()
+        {
+            if let Some(table) = &a.inflight {
+                table.mark_reported(generation);
+            }
+            a.crash_unmarked = None;
         }
     }
 
