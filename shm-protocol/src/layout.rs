@@ -152,9 +152,21 @@ pub struct Header {
     pub inflight_capacity: u32,
     /// Since 1.2: bytes per in-flight entry ([`INFLIGHT_ENTRY_SIZE`]).
     pub inflight_entry_size: u32,
+    /// Since 1.2: [`ENGINE_FLAG_LIVENESS_LOCK`] and future capability bits
+    /// (readers ignore unknown ones).
+    pub engine_flags: u32,
+    /// Zero.
+    pub _pad2: u32,
     /// Zero; room for minor versions.
-    pub reserved: [u8; 328],
+    pub reserved: [u8; 320],
 }
+
+/// [`Header::engine_flags`] bit: the engine holds an exclusive `flock` on
+/// the segment file for as long as it runs (taken before the header is
+/// published). The kernel drops it when the process dies, in any pid
+/// namespace, so a reader that can take a shared lock knows the engine is
+/// gone; without the bit, readers fall back to the pid and heartbeat.
+pub const ENGINE_FLAG_LIVENESS_LOCK: u32 = 1;
 
 /// Offset of [`Header::abi_version`], the word published last.
 pub const ABI_VERSION_OFFSET: usize = 8;
@@ -708,7 +720,9 @@ mod tests {
         assert_eq!(offset_of!(Header, inflight_offset), 680);
         assert_eq!(offset_of!(Header, inflight_capacity), 688);
         assert_eq!(offset_of!(Header, inflight_entry_size), 692);
-        assert_eq!(offset_of!(Header, reserved), 696);
+        assert_eq!(offset_of!(Header, engine_flags), 696);
+        assert_eq!(offset_of!(Header, _pad2), 700);
+        assert_eq!(offset_of!(Header, reserved), 704);
         assert_eq!(MAGIC.to_le_bytes(), *b"RINGSIDE");
     }
 

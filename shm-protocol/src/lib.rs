@@ -20,7 +20,8 @@
 //!                             672 listen_port (u16, 1.1; 0 = unknown)
 //!                             680 inflight_offset (u64, 1.2; 0 = no table)
 //!                             688 inflight_capacity   692 inflight_entry_size
-//!                             696 reserved (zero)
+//!                             696 engine_flags (1.2; bit 0 = liveness lock)
+//!                             704 reserved (zero)
 //!   1024  512                  ControlBlock      agent / CLI           engine, agent
 //!                               0 tracing_enabled     4 overflow_mode      8 detail
 //!                              12 head_sample_ppm    16 settings_epoch        (line 0: hot)
@@ -216,6 +217,23 @@
 //!   stale check and the rename (like the unlink) are by name; only one of
 //!   them wins the exclusive create of the new segment.
 //!
+//! ## Liveness
+//!
+//! A 1.2 engine takes an exclusive `flock` on its segment file before it
+//! publishes the header and sets [`ENGINE_FLAG_LIVENESS_LOCK`] in
+//! `engine_flags`; the lock lives as long as the engine's open file, so the
+//! kernel drops it the moment the process dies (SIGKILL, OOM kill, abort),
+//! before any zombie is reaped, and the test works across pid namespaces on
+//! the same tmpfs. [`AttachedSegment::liveness`] and a starting engine's
+//! take-over probe it with a non-blocking *shared* lock on their own file
+//! handle (taken and dropped at once): refused means alive, granted means
+//! dead. So an engine restarted by systemd within [`HEARTBEAT_STALE_NS`] of a
+//! crash takes the name over at once, and the dead generation is retained as
+//! above. `shm_open` descriptors are close-on-exec, so a child the engine
+//! execs cannot keep a dead engine "alive". Segments without the flag (older
+//! writers) and a failed probe fall back to the recorded pid with its start
+//! time, then to the heartbeat.
+//!
 //! # Accounting
 //!
 //! Every record the engine attempts to write ends in exactly one place:
@@ -277,11 +295,11 @@ pub use inflight::{
 };
 pub use layout::{
     ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, CONTROL_SIZE, COUNTERS_OFFSET,
-    COUNTERS_SIZE, ControlBlock, Detail, ErrorType, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason,
-    HEADER_SIZE, Header, INFLIGHT_ENTRY_SIZE, INFLIGHT_PAYLOAD_SIZE, InflightEntry, InflightPhase,
-    MAGIC, MAX_CAPACITY, MAX_INFLIGHT, MAX_MODELS, MIN_CAPACITY, NAME_LEN, Operation, OverflowMode,
-    RECORD_SIZE, RING_OFFSET, Record, RecordKind, SLOT_SIZE, inflight_offset_for, pack_version,
-    params, segment_size, segment_size_with_inflight,
+    COUNTERS_SIZE, ControlBlock, Detail, ENGINE_FLAG_LIVENESS_LOCK, ErrorType, FLAG_REMOTE_PARENT,
+    FLAG_STREAM, FinishReason, HEADER_SIZE, Header, INFLIGHT_ENTRY_SIZE, INFLIGHT_PAYLOAD_SIZE,
+    InflightEntry, InflightPhase, MAGIC, MAX_CAPACITY, MAX_INFLIGHT, MAX_MODELS, MIN_CAPACITY,
+    NAME_LEN, Operation, OverflowMode, RECORD_SIZE, RING_OFFSET, Record, RecordKind, SLOT_SIZE,
+    inflight_offset_for, pack_version, params, segment_size, segment_size_with_inflight,
 };
 pub use record::{RecordError, RequestRecord, Sampling, Timestamps};
 pub use region::{CapacityError, ControlDefaults};

@@ -7,9 +7,10 @@
 use crate::clock::{ClockPair, monotonic_ns};
 use crate::inflight::{InflightLayout, InflightReader, InflightTable};
 use crate::layout::{
-    ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, COUNTERS_OFFSET, HEADER_SIZE, Header,
-    INFLIGHT_ENTRY_SIZE, MAGIC, MAX_INFLIGHT, MAX_MODELS, NAME_LEN, RING_OFFSET, SLOT_SIZE,
-    inflight_offset_for, load_abi_version, pack_version, segment_size, segment_size_with_inflight,
+    ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, COUNTERS_OFFSET,
+    ENGINE_FLAG_LIVENESS_LOCK, HEADER_SIZE, Header, INFLIGHT_ENTRY_SIZE, MAGIC, MAX_INFLIGHT,
+    MAX_MODELS, NAME_LEN, RING_OFFSET, SLOT_SIZE, inflight_offset_for, load_abi_version,
+    pack_version, segment_size, segment_size_with_inflight,
 };
 use crate::region::{
     CapacityError, ControlDefaults, apply_defaults, check_capacity, check_inflight_capacity,
@@ -326,6 +327,9 @@ pub struct SegmentInfo {
     /// The in-flight table (ABI 1.2; `None` from older writers or when the
     /// engine made none).
     pub inflight: Option<InflightLayout>,
+    /// The engine holds the liveness lock ([`ENGINE_FLAG_LIVENESS_LOCK`]):
+    /// its liveness is the lock's, not the pid's or the heartbeat's.
+    pub liveness_lock: bool,
 }
 
 impl SegmentInfo {
@@ -338,7 +342,8 @@ impl SegmentInfo {
 /// Is the engine behind a segment still running?
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Liveness {
-    /// Its pid runs with the recorded start time, or its heartbeat is fresh.
+    /// It holds the segment's liveness lock; for a writer without one, its
+    /// pid runs with the recorded start time, or its heartbeat is fresh.
     Alive,
     /// Neither: the engine is gone and the segment only holds what it left.
     Dead,
@@ -353,7 +358,31 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
 }
 
-fn liveness_of(identity: &EngineIdentity, heartbeat_ns: u64) -> Liveness {
+/// The liveness lock's answer for the segment file `file`: `Alive` while an
+/// engine holds it exclusively, `Dead` once it is free; `None` when it cannot
+/// be asked (the caller then uses the pid and the heartbeat).
+fn liveness_lock_of(file: &impl rustix::fd::AsFd) -> Option<Liveness> {
+    use rustix::fs::{FlockOperation, flock};
+    // A shared lock: any number of readers may probe at once without making
+    // each other (or a starting engine's takeover) see a live engine.
+    match flock(file, FlockOperation::NonBlockingLockShared) {
+        Ok(()) => {
+            let _ = flock(file, FlockOperation::Unlock);
+            Some(Liveness::Dead)
+        }
+        Err(Errno::WOULDBLOCK) => Some(Liveness::Alive),
+        Err(_) => None,
+    }
+}
+
+/// Liveness of the engine behind a segment. With the liveness lock the
+/// lock decides: a killed engine is dead at once, even while its heartbeat
+/// is fresh or its zombie is not yet reaped (a `Restart=` within
+/// [`HEARTBEAT_STALE_NS`] must be able to take the name over).
+fn liveness_of(identity: &EngineIdentity, heartbeat_ns: u64, lock: Option<&File>) -> Liveness {
+    if let Some(answer) = lock.and_then(liveness_lock_of) {
+        return answer;
+    }
     if identity.pid != 0 && process_start_time(identity.pid) == Some(identity.start_time) {
         return Liveness::Alive;
     }
@@ -483,6 +512,11 @@ impl EngineSegment {
             path: path.to_owned(),
             source,
         };
+        // Held until the process exits (the file stays open in the backing):
+        // taken before the header is published, so a reader that sees the
+        // header also sees the lock.
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| ioerr("flock", e.into()))?;
         // shm_open applied the umask: set the mode exactly.
         rustix::fs::fchmod(&file, Mode::from_raw_mode(options.mode))
             .map_err(|e| ioerr("fchmod", e.into()))?;
@@ -540,6 +574,7 @@ impl EngineSegment {
             header.inflight_capacity = table.capacity;
             header.inflight_entry_size = INFLIGHT_ENTRY_SIZE as u32;
         }
+        header.engine_flags = ENGINE_FLAG_LIVENESS_LOCK;
         copy_name(&mut header.instance, &options.instance);
         for (slot, model) in header.models.iter_mut().zip(&options.models) {
             copy_name(slot, model);
@@ -576,6 +611,7 @@ impl EngineSegment {
             models: options.models.clone(),
             listen_port: options.listen_port.filter(|p| *p != 0),
             inflight,
+            liveness_lock: true,
         };
         Ok(Self {
             ring,
@@ -704,7 +740,10 @@ fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, Create
                 generation: header.generation,
                 created_realtime_ns: header.created_realtime_ns,
             };
-            if liveness_of(&identity, heartbeat) == Liveness::Alive {
+            let lock = ((version & 0xffff) >= 2
+                && header.engine_flags & ENGINE_FLAG_LIVENESS_LOCK != 0)
+                .then_some(&file);
+            if liveness_of(&identity, heartbeat, lock) == Liveness::Alive {
                 return Err(CreateError::InUse {
                     instance: instance.to_owned(),
                     pid: header.engine_pid,
@@ -886,6 +925,9 @@ pub struct AttachedSegment {
     info: SegmentInfo,
     path: String,
     inode: u64,
+    /// Our own handle on the file, to probe the engine's liveness lock with
+    /// (`None` when the writer takes none).
+    lock_probe: Option<File>,
 }
 
 impl std::fmt::Debug for AttachedSegment {
@@ -1024,6 +1066,13 @@ impl AttachedSegment {
         // `RING_OFFSET + capacity * SLOT_SIZE <= file_size`, all mapped; the
         // mapping is page-aligned and kept alive by the Ring's backing.
         let view = unsafe { view_at(base, info.capacity) };
+        // Without a probe handle liveness falls back to the pid and the
+        // heartbeat, which is still right, only slower to see a death.
+        let lock_probe = if info.liveness_lock {
+            file.try_clone().ok()
+        } else {
+            None
+        };
         let backing: Arc<dyn Backing> = Arc::new(ShmBacking { map, file });
         let inflight = info.inflight.map(|t| {
             // SAFETY: validate_header checked that the table lies inside the
@@ -1038,6 +1087,7 @@ impl AttachedSegment {
             info,
             path,
             inode: 0,
+            lock_probe,
         })
     }
 
@@ -1061,6 +1111,7 @@ impl AttachedSegment {
         liveness_of(
             &self.info.identity,
             self.ring.counters().engine_heartbeat_ns,
+            self.lock_probe.as_ref(),
         )
     }
 
@@ -1220,6 +1271,7 @@ fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<Segmen
         // A 1.0 writer's bytes here were reserved: not a port.
         listen_port: (minor >= 1 && header.listen_port != 0).then_some(header.listen_port),
         inflight,
+        liveness_lock: minor >= 2 && header.engine_flags & ENGINE_FLAG_LIVENESS_LOCK != 0,
     })
 }
 

@@ -592,3 +592,47 @@ fn a_removed_name_is_noticed_and_a_replacement_gets_the_next_generation() {
     drop(replacement);
     assert!(!std::path::Path::new(&segment_path(&name)).exists());
 }
+
+#[test]
+fn a_killed_engine_is_dead_at_once_while_its_heartbeat_is_fresh() {
+    let name = instance("lock");
+    let mut o = options(&name);
+    o.unlink_on_drop = false;
+    let engine = EngineSegment::create(&o).unwrap();
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert!(attached.info().liveness_lock);
+    assert_eq!(attached.liveness(), Liveness::Alive);
+    // Closing the engine's file is what the kernel does when it dies: the
+    // pid (ours) still runs and the heartbeat is fresh, yet it is dead.
+    drop(engine);
+    assert_eq!(attached.liveness(), Liveness::Dead);
+    // A restart within the heartbeat's staleness takes the name over at once.
+    let next = EngineSegment::create(&options(&name)).unwrap();
+    assert_eq!(next.info().identity.generation, 2);
+    assert_eq!(attached.liveness(), Liveness::Dead);
+    let fresh = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert_eq!(fresh.liveness(), Liveness::Alive);
+}
+
+#[test]
+fn a_writer_without_the_liveness_lock_is_judged_by_pid_and_heartbeat() {
+    let name = instance("nolock");
+    let mut o = options(&name);
+    o.unlink_on_drop = false;
+    drop(EngineSegment::create(&o).unwrap());
+    patch(&name, 696, &0u32.to_le_bytes());
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert!(!attached.info().liveness_lock);
+    // Our own pid with its start time: alive, although no lock is held.
+    assert_eq!(attached.liveness(), Liveness::Alive);
+    assert!(matches!(
+        EngineSegment::create(&options(&name)),
+        Err(CreateError::InUse { .. })
+    ));
+    forge_death(&name);
+    // The header is copied once at open: a new reader sees the forged pid.
+    let reopened = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert_eq!(reopened.liveness(), Liveness::Dead);
+    let next = EngineSegment::create(&options(&name)).unwrap();
+    assert_eq!(next.info().identity.generation, 2);
+}

@@ -210,9 +210,18 @@ impl Engine {
 
     /// [`Engine::start`] with extra environment variables.
     pub fn start_with_env(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Engine {
-        let port = free_port();
-        let instance = unique_instance(tag);
-        let log = std::env::temp_dir().join(format!("{instance}.log"));
+        Self::spawn(unique_instance(tag), free_port(), extra, env)
+    }
+
+    /// A new engine on this one's instance name and port, as systemd's
+    /// `Restart=` starts one after a death (this one must have exited).
+    pub fn restart(&self, extra: &[&str]) -> Engine {
+        Self::spawn(self.instance.clone(), self.port, extra, &[])
+    }
+
+    fn spawn(instance: String, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Engine {
+        let log =
+            std::env::temp_dir().join(format!("{instance}.{port}.{}.log", unique_instance("log")));
         let log_file = std::fs::File::create(&log).expect("engine log file");
         let model = "gemma-3-270m".to_owned();
         let child = Command::new(workspace_bin("ringside-engine"))

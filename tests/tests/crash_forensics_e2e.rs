@@ -456,3 +456,103 @@ fn an_agent_killed_before_exporting_the_crash_spans_leaves_them_to_its_successor
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn an_engine_restarted_on_its_name_keeps_the_dead_generation_until_the_agent_reported_it() {
+    if !e2e_enabled(
+        "an_engine_restarted_on_its_name_keeps_the_dead_generation_until_the_agent_reported_it",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let collector = Collector::start();
+    let mut engine = Engine::start("crash-restart", &["--parallel", "1", "--max-queue", "4"]);
+    let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
+    let agent = Agent::start_logged(&[
+        "--engine",
+        &engine.instance,
+        "--endpoint",
+        &endpoint,
+        "--batch-delay-ms",
+        "100",
+    ]);
+    agent.wait_for_log("attached", Duration::from_secs(20));
+    let callers = three_callers(&engine);
+    let dead_generation = engine.segment().info().identity.generation;
+    // The agent is frozen while the engine dies and systemd-style restarts
+    // it on the same name: the agent cannot have seen the death, so only the
+    // kept generation can tell it what was lost.
+    let frozen = Frozen::new(agent.pid());
+    engine.signal("KILL");
+    let successor = Engine::restart(&engine, &["--parallel", "1", "--max-queue", "4"]);
+    let kept = ringside_shm_protocol::dead_segment_path(&engine.instance, dead_generation);
+    assert!(
+        std::path::Path::new(&kept).exists(),
+        "the successor did not keep the dead generation as {kept}"
+    );
+    assert_ne!(
+        successor.segment().info().identity.generation,
+        dead_generation
+    );
+    drop(frozen);
+    // Each request the dead engine held is exported once, with its ids.
+    let spans = crash_spans(&collector, &callers);
+    assert_crash_spans(&collector, &callers, &spans);
+    // Reported and settled: the kept file goes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::path::Path::new(&kept).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the dead generation {kept} was never released"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The agent reads the new generation: a request to it is exported.
+    let after = client(successor.port, 9, false, 4, "Say hi.");
+    after
+        .done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the successor answered");
+    collector.wait_for(
+        "the successor's request span",
+        Duration::from_secs(30),
+        |t| {
+            span_blocks(t).iter().any(|b| {
+                span_field(b, "Trace ID") == Some(after.trace_id.as_str())
+                    && span_field(b, "Kind") == Some("SPAN_KIND_SERVER")
+                    && !b.contains("error.type")
+            })
+        },
+    );
+    let text = collector.text();
+    assert_eq!(
+        text.matches("error.type: Str(engine_crashed)").count(),
+        3,
+        "crash spans exported more than once"
+    );
+}
+
+/// A process stopped with SIGSTOP until this is dropped (also when a test
+/// fails, so that the process can still be stopped and reaped).
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Self {
+        signal(pid, "STOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -s {signal} {pid}");
+}
