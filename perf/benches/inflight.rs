@@ -29,7 +29,12 @@ fn entry(i: u32) -> InflightEntry {
     e.span_id = (u64::from(i) + 1).to_le_bytes();
     e.t_arrival_ns = monotonic_ns();
     e.t_scheduled_ns = e.t_arrival_ns;
+    // A decoding request with its first token: a valid entry (the reader
+    // validates each one; an invalid table would measure only rejection).
+    e.t_first_token_ns = e.t_arrival_ns;
+    e.t_last_token_ns = e.t_arrival_ns;
     e.t_progress_ns = e.t_arrival_ns;
+    e.output_tokens = 1;
     e.prompt_tokens = 100;
     e.prefilled_tokens = 100;
     e.phase = InflightPhase::Decode as u8;
@@ -76,7 +81,11 @@ impl Bench {
             Subject::Snapshot => {
                 for _ in 0..calls {
                     let snapshot = self.reader.snapshot().expect("snapshot");
-                    assert_eq!(snapshot.requests.len(), TABLE as usize);
+                    assert_eq!(
+                        (snapshot.requests.len(), snapshot.invalid, snapshot.torn),
+                        (TABLE as usize, 0, 0),
+                        "every entry is read back valid"
+                    );
                     black_box(snapshot);
                 }
             }
