@@ -18,6 +18,12 @@ fail() { say "FAIL: $*"; exit 1; }
 systemd/install.sh --bin-dir "${CARGO_TARGET_DIR:-target}/release" >/dev/null
 trap 'systemd/install.sh --uninstall >/dev/null' EXIT
 
+for env_file in /etc/ringside/engine.env /etc/ringside/agent.env; do
+    stat -c '%U:%G %a' "$env_file" | grep -qx 'root:ringside 640' \
+        || fail "$env_file is $(stat -c '%U:%G %a' "$env_file"), expected root:ringside 640 (it may hold the API key)"
+done
+say "env files: root:ringside 640"
+
 units=(/etc/systemd/system/ringside-engine@.service /etc/systemd/system/ringside-agent.service)
 out="$(systemd-analyze verify "${units[@]}" 2>&1)" || fail "systemd-analyze verify: $out"
 [[ -z "$out" ]] || fail "systemd-analyze verify printed: $out"

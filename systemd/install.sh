@@ -54,13 +54,24 @@ fi
 # The engine's state (the model cache); StateDirectory= also fixes this at start.
 install -d -m 0750 "$root/var/lib/ringside"
 if [[ -z "$root" ]]; then chown ringside-engine:ringside /var/lib/ringside; fi
-[[ -e "$root/etc/ringside/engine.env" ]] || install -m 0644 engine.env "$root/etc/ringside/engine.env"
+# The env files may hold secrets (the engine's API key, the collector's
+# headers): root:ringside 0640. systemd reads EnvironmentFile= as root, so the
+# services need no read access; the group lets operators in it read them.
+ringside_gid="$(awk -F: '$1 == "ringside" { print $3 }' "$root/etc/group")"
+[[ -n "$ringside_gid" ]] || { echo "install.sh: group ringside missing after systemd-sysusers" >&2; exit 1; }
+[[ -e "$root/etc/ringside/engine.env" ]] \
+    || install -m 0640 -o 0 -g "$ringside_gid" engine.env "$root/etc/ringside/engine.env"
 if [[ ! -e "$root/etc/ringside/agent.env" ]]; then
     engine_uid="$(awk -F: '$1 == "ringside-engine" { print $3 }' "$root/etc/passwd")"
     sed "s/^RINGSIDE_AGENT_ARGS=.*/RINGSIDE_AGENT_ARGS=--trusted-uid ${engine_uid}/" agent.env \
-        >"$root/etc/ringside/agent.env"
-    chmod 0640 "$root/etc/ringside/agent.env"
+        | install -m 0640 -o 0 -g "$ringside_gid" /dev/stdin "$root/etc/ringside/agent.env"
 fi
+# Kept from an older install (which left engine.env world-readable): the
+# owner and group are set again and the mode only ever tightened.
+for env_file in "$root/etc/ringside/engine.env" "$root/etc/ringside/agent.env"; do
+    chown "0:$ringside_gid" "$env_file"
+    [[ "$(stat -c '%a' "$env_file")" == 600 ]] || chmod 0640 "$env_file"
+done
 if systemd_running; then
     systemctl daemon-reload
 fi

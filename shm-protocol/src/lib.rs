@@ -256,8 +256,15 @@
 //!   whatever the umask), optionally giving it to a group the agent is in. A
 //!   name held by another user is refused (never reused); a name held by a live
 //!   engine is refused; a dead engine's segment is replaced.
+//! * Every open of a segment name (engine and reader) is `O_NOFOLLOW |
+//!   O_NONBLOCK` and checked to be a regular file: a symbolic link, FIFO or
+//!   device planted under a name is refused, never followed, blocked on or
+//!   removed. (rustix's `shm_open` adds no `O_NOFOLLOW`, so the crate opens
+//!   `/dev/shm/<name>` itself.)
 //! * The reader opens only segments owned by itself, root, or uids it was told
-//!   to trust, never world-writable ones; checks magic and major version; and
+//!   to trust, never ones other users may read or write (the engine refuses
+//!   to create such a mode too: request timings are not for every local
+//!   user); checks magic and major version; and
 //!   checks that every size and offset the header claims fits the real file
 //!   before touching the ring. It never trusts a value twice: the header and
 //!   each record are copied out once and validated on the copy. Enums are
@@ -272,7 +279,7 @@
 //! * The in-flight table's offset, capacity (at most [`MAX_INFLIGHT`]) and
 //!   entry size are read only from 1.2+ headers and checked against the file
 //!   like the ring's; entries are copied out once and validated on the copy.
-//!   A dead-generation file is opened with `O_NOFOLLOW` and the same owner
+//!   A dead-generation file is opened with the same flags and owner
 //!   and mode checks as a live one, and its header must name the generation
 //!   its file name claims.
 

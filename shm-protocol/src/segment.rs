@@ -157,7 +157,7 @@ pub enum CreateError {
     #[error(transparent)]
     Capacity(#[from] CapacityError),
     /// The mode would let other users write (or lacks owner read/write).
-    #[error("segment mode {0:o} is unsafe: it must give the owner rw and others no write")]
+    #[error("segment mode {0:o} is unsafe: it must give the owner rw and others no access")]
     UnsafeMode(u32),
     /// Too many served models, or a name too long for the header's table.
     #[error("model table: {0}")]
@@ -183,6 +183,15 @@ pub enum CreateError {
         owner: u32,
         /// Our effective uid.
         me: u32,
+    },
+    /// The name is a symbolic link, FIFO, socket or device, not a segment
+    /// file: someone put it there; it is neither used nor removed.
+    #[error(
+        "{path} is not a regular file (a link, FIFO or device?); remove it or pick another instance"
+    )]
+    NotAFile {
+        /// The name's file.
+        path: String,
     },
     /// /dev/shm has no room for the ring.
     #[error(
@@ -213,6 +222,9 @@ pub enum OpenError {
     /// No segment of that name.
     #[error("no segment {0}")]
     NotFound(String),
+    /// The name is a symbolic link, FIFO, socket or device: not a segment.
+    #[error("{0} is not a regular file (a link, FIFO or device?); refusing it")]
+    NotAFile(String),
     /// The file exists but this user may not open it read/write.
     #[error("permission denied opening {0}: run as the engine's user or a member of its group")]
     PermissionDenied(String),
@@ -226,9 +238,10 @@ pub enum OpenError {
         /// The uids that are trusted.
         trusted: Vec<u32>,
     },
-    /// Anyone may write the file: its contents cannot be trusted.
-    #[error("{path} is world-writable (mode {mode:o}); refusing it")]
-    WorldWritable {
+    /// Other users may read or write the file: its contents cannot be
+    /// trusted, and what it says about requests is not private.
+    #[error("{path} is readable or writable by other users (mode {mode:o}); refusing it")]
+    OpenToOthers {
         /// The segment's file.
         path: String,
         /// Its mode bits.
@@ -446,7 +459,7 @@ impl EngineSegment {
         validate_instance(&options.instance)?;
         check_capacity(options.capacity)?;
         check_inflight_capacity(options.inflight_capacity)?;
-        if options.mode & 0o600 != 0o600 || options.mode & 0o002 != 0 || options.mode > 0o777 {
+        if options.mode & 0o600 != 0o600 || options.mode & 0o006 != 0 || options.mode > 0o777 {
             return Err(CreateError::UnsafeMode(options.mode));
         }
         if options.models.is_empty() || options.models.len() > MAX_MODELS {
@@ -464,11 +477,11 @@ impl EngineSegment {
         let name = shm_name(&options.instance);
         let path = segment_path(&options.instance);
         let mut generation = 1;
-        let fd = match open_exclusive(&name, options.mode) {
+        let fd = match open_exclusive(&path, options.mode) {
             Ok(fd) => fd,
             Err(Errno::EXIST) => {
                 generation = take_over_stale(&options.instance, &name, &path)?.wrapping_add(1);
-                open_exclusive(&name, options.mode).map_err(|e| match e {
+                open_exclusive(&path, options.mode).map_err(|e| match e {
                     Errno::EXIST => CreateError::InUse {
                         instance: options.instance.clone(),
                         pid: 0,
@@ -664,12 +677,34 @@ fn copy_name(dst: &mut [u8; NAME_LEN], src: &str) {
     dst[..n].copy_from_slice(&src.as_bytes()[..n]);
 }
 
-fn open_exclusive(name: &str, mode: u32) -> Result<rustix::fd::OwnedFd, Errno> {
-    shm::open(
-        name,
-        shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
+fn open_exclusive(path: &str, mode: u32) -> Result<rustix::fd::OwnedFd, Errno> {
+    open_segment_file(
+        path,
+        rustix::fs::OFlags::CREATE | rustix::fs::OFlags::EXCL | rustix::fs::OFlags::RDWR,
         Mode::from_raw_mode(mode),
     )
+}
+
+/// Opens a file in /dev/shm as `shm_open` does, but never through a
+/// symbolic link (rustix's `shm_open` does not add `O_NOFOLLOW`, glibc's
+/// does) and never blocking on a FIFO planted under the name.
+fn open_segment_file(
+    path: &str,
+    flags: rustix::fs::OFlags,
+    mode: Mode,
+) -> Result<rustix::fd::OwnedFd, Errno> {
+    use rustix::fs::OFlags;
+    rustix::fs::open(
+        path,
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        mode,
+    )
+}
+
+/// Whether `stat` describes a regular file (not a FIFO, socket or device
+/// someone put under a segment's name).
+fn is_regular(stat: &rustix::fs::Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile
 }
 
 /// Fills the file with real pages so that a full /dev/shm is an error now,
@@ -701,9 +736,21 @@ fn take_over_stale(instance: &str, name: &str, path: &str) -> Result<u64, Create
         path: path.to_owned(),
         source: source.into(),
     };
-    let fd =
-        shm::open(name, shm::OFlags::RDONLY, Mode::empty()).map_err(|e| ioerr("shm_open", e))?;
+    let fd = open_segment_file(path, rustix::fs::OFlags::RDONLY, Mode::empty()).map_err(|e| {
+        if e == Errno::LOOP {
+            CreateError::NotAFile {
+                path: path.to_owned(),
+            }
+        } else {
+            ioerr("open", e)
+        }
+    })?;
     let stat = rustix::fs::fstat(&fd).map_err(|e| ioerr("fstat", e))?;
+    if !is_regular(&stat) {
+        return Err(CreateError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
     let me = rustix::process::geteuid().as_raw();
     if stat.st_uid != me {
         return Err(CreateError::Squatted {
@@ -942,10 +989,9 @@ impl AttachedSegment {
     /// Opens and validates `/dev/shm/ringside.<instance>`.
     pub fn open(instance: &str, options: &OpenOptions) -> Result<Self, OpenError> {
         validate_instance(instance)?;
-        let name = shm_name(instance);
         let path = segment_path(instance);
-        let fd = shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty())
-            .map_err(|e| open_error(e, "shm_open", &path))?;
+        let fd = open_segment_file(&path, rustix::fs::OFlags::RDWR, Mode::empty())
+            .map_err(|e| open_error(e, "open", &path))?;
         Self::open_fd(fd, instance, path, options)
     }
 
@@ -985,6 +1031,9 @@ impl AttachedSegment {
             path: path.clone(),
             source: e.into(),
         })?;
+        if !is_regular(&stat) {
+            return Err(OpenError::NotAFile(path));
+        }
         let me = rustix::process::geteuid().as_raw();
         if stat.st_uid != me && stat.st_uid != 0 && !options.trusted_uids.contains(&stat.st_uid) {
             let mut trusted = vec![me, 0];
@@ -996,8 +1045,8 @@ impl AttachedSegment {
             });
         }
         let mode = stat.st_mode & 0o7777;
-        if mode & 0o002 != 0 {
-            return Err(OpenError::WorldWritable { path, mode });
+        if mode & 0o006 != 0 {
+            return Err(OpenError::OpenToOthers { path, mode });
         }
         let file_size = u64::try_from(stat.st_size).unwrap_or(0);
         let file = File::from(fd);
@@ -1156,6 +1205,8 @@ fn open_error(e: Errno, op: &'static str, path: &str) -> OpenError {
     match e {
         Errno::NOENT => OpenError::NotFound(path.to_owned()),
         Errno::ACCESS | Errno::PERM => OpenError::PermissionDenied(path.to_owned()),
+        // O_NOFOLLOW met a symbolic link.
+        Errno::LOOP => OpenError::NotAFile(path.to_owned()),
         e => OpenError::Io {
             op,
             path: path.to_owned(),

@@ -139,9 +139,70 @@ fn a_world_writable_segment_is_refused() {
     std::fs::set_permissions(segment_path(&name), std::fs::Permissions::from_mode(0o666)).unwrap();
     let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
     assert!(
-        matches!(err, OpenError::WorldWritable { mode: 0o666, .. }),
+        matches!(err, OpenError::OpenToOthers { mode: 0o666, .. }),
         "{err}"
     );
+}
+
+#[test]
+fn a_world_readable_segment_is_refused_and_not_created() {
+    let name = instance("worldr");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    std::fs::set_permissions(segment_path(&name), std::fs::Permissions::from_mode(0o664)).unwrap();
+    let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, OpenError::OpenToOthers { mode: 0o664, .. }),
+        "{err}"
+    );
+    let mut o = options(&format!("{name}-b"));
+    o.mode = 0o644;
+    assert!(matches!(
+        EngineSegment::create(&o),
+        Err(CreateError::UnsafeMode(0o644))
+    ));
+}
+
+#[test]
+fn a_symlinked_segment_name_is_neither_followed_nor_replaced() {
+    // The link points at a real segment the reader would accept: only the
+    // link itself must make it refuse.
+    let target = instance("symtarget");
+    let _engine = EngineSegment::create(&options(&target)).unwrap();
+    let name = instance("symlink");
+    std::os::unix::fs::symlink(segment_path(&target), segment_path(&name)).unwrap();
+    let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::NotAFile(_)), "{err}");
+    // An engine starting on that name refuses it and leaves the link alone.
+    match EngineSegment::create(&options(&name)) {
+        Err(CreateError::NotAFile { .. }) => {}
+        other => panic!("expected NotAFile, got {other:?}"),
+    }
+    assert!(
+        std::fs::symlink_metadata(segment_path(&name))
+            .unwrap()
+            .is_symlink()
+    );
+    std::fs::remove_file(segment_path(&name)).unwrap();
+}
+
+#[test]
+fn a_fifo_under_a_segment_name_is_refused_without_blocking() {
+    let name = instance("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        segment_path(&name).as_str(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(err, OpenError::NotAFile(_)), "{err}");
+    match EngineSegment::create(&options(&name)) {
+        Err(CreateError::NotAFile { .. }) => {}
+        other => panic!("expected NotAFile, got {other:?}"),
+    }
+    std::fs::remove_file(segment_path(&name)).unwrap();
 }
 
 #[test]
