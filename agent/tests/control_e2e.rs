@@ -11,6 +11,7 @@ use ringside_shm_protocol::{
     CreateOptions, EngineSegment, ErrorType, FinishReason, Operation, Record, RecordKind,
     RequestRecord, Sampling, Timestamps, monotonic_ns, params,
 };
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -256,6 +257,24 @@ impl Agent {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// The admin API's generated bearer token, from the 0600 file the agent
+    /// writes beside its state file.
+    fn admin_token(&self) -> String {
+        let path = self.state.with_extension("admin-token");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                return text.trim().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no token file {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `status --json` for `engine` once its accounting is balanced and
     /// nothing is pending.
     fn settled_status(&self, engine: &FakeEngine) -> serde_json::Value {
@@ -297,12 +316,24 @@ impl Drop for Agent {
 
 /// One HTTP/1.1 request to the admin API: (status, body).
 fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    http_raw(port, method, path, "localhost", &auth, body)
+}
+
+/// [`http`] with the Host and the authorization header lines as given.
+fn http_raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    host: &str,
+    auth: &str,
+    body: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n{auth}\
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n{auth}\
          content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
@@ -366,6 +397,21 @@ fn the_admin_api_with_a_token_answers_401_without_it_and_200_with_it() {
     let listen = format!("0.0.0.0:{port}");
     let token_file = std::env::temp_dir().join(format!("ctl-e2e-{}-token", std::process::id()));
     std::fs::write(&token_file, "s3cret\n").unwrap();
+    // Readable by others: refused, naming the flag and the mode.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringside-agent"))
+        .args(["run", "--exporter", "console", "--engine", &engine.name])
+        .args(["--admin-listen", &listen])
+        .args(["--admin-token-file", token_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--admin-token-file") && err.contains("mode 644"),
+        "{err}"
+    );
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let agent = Agent::start_with(
         &[&engine],
         &[
@@ -391,6 +437,11 @@ fn the_admin_api_with_a_token_answers_401_without_it_and_200_with_it() {
         assert_eq!(http(port, "GET", path, None, "").0, 401, "{path}");
         assert_eq!(http(port, "GET", path, Some("wrong"), "").0, 401, "{path}");
         assert_eq!(http(port, "GET", path, Some("s3cret"), "").0, 200, "{path}");
+        // The scheme is case-insensitive; another scheme is not a bearer.
+        let lower = "authorization: bearer s3cret\r\n";
+        assert_eq!(http_raw(port, "GET", path, "localhost", lower, "").0, 200);
+        let basic = "authorization: Basic s3cret\r\n";
+        assert_eq!(http_raw(port, "GET", path, "localhost", basic, "").0, 401);
     }
     let (status, body) = http(port, "GET", "/v1/tracing", Some("s3cret"), "");
     assert_eq!(status, 200);
@@ -400,8 +451,11 @@ fn the_admin_api_with_a_token_answers_401_without_it_and_200_with_it() {
     let (status, body) = http(port, "PUT", "/v1/tracing", Some("s3cret"), &put);
     assert_eq!(status, 400);
     assert!(body.contains("head_sample_ratio"), "{body}");
+    // Only the engines this agent serves may be named.
     let put = r#"{"engine":"ctl-e2e-missing","enabled":false}"#;
-    assert_eq!(http(port, "PUT", "/v1/tracing", Some("s3cret"), put).0, 404);
+    let (status, body) = http(port, "PUT", "/v1/tracing", Some("s3cret"), put);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("ctl-e2e-missing"), "{body}");
     let _ = std::fs::remove_file(&token_file);
 }
 
@@ -666,11 +720,50 @@ fn toggling_through_put_v1_tracing_stops_and_resumes_spans() {
     let listen = format!("127.0.0.1:{port}");
     let agent = Agent::start(&[&engine, &other], &rotel, &["--admin-listen", &listen]);
     wait_for_port(port);
-    assert!(agent.log().contains("auth=\"off (loopback only)\""));
+    assert!(
+        agent.log().contains("auth=\"bearer token\""),
+        "{}",
+        agent.log()
+    );
+    let token = agent.admin_token();
+    // A local user outside the agent's user, root and group ringside cannot
+    // read the token (and so gets 401 like any other caller without it).
+    let token_file = agent.state.with_extension("admin-token");
+    let stranger = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(&token_file)
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(
+        !stranger.status.success(),
+        "user nobody read the admin token"
+    );
+    assert!(
+        String::from_utf8_lossy(&stranger.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&stranger.stderr)
+    );
     let before = engine.push(false).unwrap();
     rotel.wait_for_span(&before);
     let off = format!(r#"{{"engine":"{}","enabled":false}}"#, engine.name);
-    let (status, body) = http(port, "PUT", "/v1/tracing", None, &off);
+    // Loopback is authenticated too: any local user can connect to it.
+    assert_eq!(http(port, "PUT", "/v1/tracing", None, &off).0, 401);
+    // A DNS-rebinding page's request carries its own host name.
+    let auth = format!("authorization: Bearer {token}\r\n");
+    let (status, _) = http_raw(
+        port,
+        "PUT",
+        "/v1/tracing",
+        "rebind.example:9464",
+        &auth,
+        &off,
+    );
+    assert_eq!(status, 421);
+    assert!(
+        engine.segment.ring().control().tracing_enabled(),
+        "nothing switched"
+    );
+    let (status, body) = http(port, "PUT", "/v1/tracing", Some(&token), &off);
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["engines"][0]["enabled"], false);
@@ -682,10 +775,10 @@ fn toggling_through_put_v1_tracing_stops_and_resumes_spans() {
     assert!((0..3).all(|_| engine.push(false).is_none()));
     assert_eq!(engine.written(), head, "no records while off");
     let on = format!(r#"{{"engines":["{}"],"enabled":true}}"#, engine.name);
-    assert_eq!(http(port, "PUT", "/v1/tracing", None, &on).0, 200);
+    assert_eq!(http(port, "PUT", "/v1/tracing", Some(&token), &on).0, 200);
     let after = engine.push(false).unwrap();
     rotel.wait_for_span(&after);
-    let (_, body) = http(port, "GET", "/v1/tracing", None, "");
+    let (_, body) = http(port, "GET", "/v1/tracing", Some(&token), "");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["engines"].as_array().unwrap().len(), 2);
 }
@@ -719,7 +812,7 @@ fn metrics_count_every_request_under_tail_sampling_and_pass_promtool() {
     rotel.wait_for_span(&error);
     agent.settled_status(&engine);
     assert!(ok.iter().all(|id| !rotel.has_span(id)));
-    let (status, text) = http(port, "GET", "/metrics", None, "");
+    let (status, text) = http(port, "GET", "/metrics", Some(&agent.admin_token()), "");
     assert_eq!(status, 200);
     assert_eq!(
         prometheus_sum(&text, "gen_ai_server_request_duration_seconds_count"),

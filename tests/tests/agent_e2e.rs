@@ -310,7 +310,7 @@ fn the_tracing_cli_and_the_admin_api_switch_a_serving_engine_without_a_restart()
     let admin_port = ringside_tests::harness::free_port();
     let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
     let admin = format!("127.0.0.1:{admin_port}");
-    let _agent = Agent::start(&[
+    let agent = Agent::start(&[
         "--engine",
         &engine.instance,
         "--endpoint",
@@ -344,13 +344,21 @@ fn the_tracing_cli_and_the_admin_api_switch_a_serving_engine_without_a_restart()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Authenticated on loopback too: the token the agent generated beside
+    // its default state file, readable by its user (this test's) and root.
+    let token_file = format!("/run/ringside/agent-{}.admin-token", agent.pid());
+    let token = std::fs::read_to_string(&token_file).expect("the agent's token file");
+    let bearer = format!("Bearer {}", token.trim());
     let put = |enabled: bool| {
         let body = format!(r#"{{"engine":"{}","enabled":{enabled}}}"#, engine.instance);
         let r = http(
             admin_port,
             "PUT",
             "/v1/tracing",
-            &[("content-type", "application/json")],
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &bearer),
+            ],
             body.as_bytes(),
         )
         .expect("PUT /v1/tracing");
@@ -372,4 +380,9 @@ fn the_tracing_cli_and_the_admin_api_switch_a_serving_engine_without_a_restart()
 
     assert!(engine.running());
     assert_eq!(engine.pid(), pid, "same engine process throughout");
+    drop(agent);
+    assert!(
+        !std::path::Path::new(&token_file).exists(),
+        "the generated token outlived the agent"
+    );
 }

@@ -229,6 +229,45 @@ fn resolve_state_file(flag: Option<&PathBuf>, env: &Env<'_>) -> PathBuf {
         .unwrap_or_else(|| published_state::default_path(env, std::process::id()))
 }
 
+/// The largest token file read (a token is a line).
+const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// Reads a bearer token file: a regular file (not through a link) that no
+/// other user can read and that nobody but its owner can write (a group may
+/// read it: Kubernetes mounts secrets `root:<fsGroup>` 0440).
+fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => "is a symbolic link; give the file itself".to_owned(),
+            _ => e.to_string(),
+        })?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o027 != 0 {
+        return Err(format!(
+            "mode {mode:o} lets other users read it or others write it; chmod 0600 (or 0440 for a group)"
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_TOKEN_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return Err(format!(
+            "longer than {MAX_TOKEN_FILE_BYTES} bytes: not a token"
+        ));
+    }
+    Ok(text)
+}
+
 /// `--admin-listen` (or `off`) and the bearer token (`--admin-token-file`
 /// over `RINGSIDE_ADMIN_TOKEN`), required beyond loopback.
 fn resolve_admin(args: &RunArgs, env: &Env<'_>) -> Result<Option<AdminSettings>, ConfigError> {
@@ -244,13 +283,8 @@ fn resolve_admin(args: &RunArgs, env: &Env<'_>) -> Result<Option<AdminSettings>,
         .map_err(|_| invalid("--admin-listen", text, "expected IP:PORT or off"))?;
     let token = match &args.admin_token_file {
         Some(path) => {
-            let t = std::fs::read_to_string(path).map_err(|e| {
-                invalid(
-                    "--admin-token-file",
-                    &path.display().to_string(),
-                    e.to_string(),
-                )
-            })?;
+            let t = read_token_file(path)
+                .map_err(|e| invalid("--admin-token-file", &path.display().to_string(), e))?;
             let t = t.trim().to_owned();
             if t.is_empty() {
                 return Err(invalid(

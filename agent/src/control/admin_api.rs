@@ -3,8 +3,14 @@
 //! `PUT /v1/tracing` (per engine or all: enabled, detail, sampling — in the
 //! spirit of Triton's `/v2/trace/setting`).
 //!
-//! Loopback by default. Bound to any other address it requires a bearer
-//! token; everything but the probes `/healthz` and `/readyz` then answers 401 without it.
+//! Loopback by default, and authenticated there too: every path but the
+//! probes `/healthz` and `/readyz` needs a bearer token, the operator's
+//! (`--admin-token-file`, `RINGSIDE_ADMIN_TOKEN`) or one the agent generates
+//! at start into a file beside its state file (any local user can reach
+//! loopback; only the agent's user, root and members of the `ringside`
+//! group can read that file). On loopback
+//! the `Host` header must name loopback (a DNS-rebinding page cannot use a
+//! browser as a proxy), and a `PUT` may only name engines this agent serves.
 
 use crate::control::control_block::{self, Change, ControlError, EngineSettings};
 use crate::export::queue::ExportQueue;
@@ -28,8 +34,76 @@ pub struct AdminSettings {
     pub listen: std::net::SocketAddr,
     /// Whether the address was given (a taken default is not fatal).
     pub explicit: bool,
-    /// The bearer token (required beyond loopback).
+    /// The operator's bearer token; `None`: generate one (the agent refuses
+    /// to start beyond loopback without one).
     pub token: Option<String>,
+}
+
+/// The generated token's file: beside the state file, `<stem>.admin-token`.
+pub fn generated_token_path(state_file: &std::path::Path) -> std::path::PathBuf {
+    state_file.with_extension("admin-token")
+}
+
+/// A fresh random token: 32 bytes from the kernel, in hex.
+pub fn generate_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        filled +=
+            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())
+                .map_err(std::io::Error::from)?;
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The group whose members may read the generated token: `ringside` (the
+/// engines' segment group), when it exists and this process is in it.
+pub const TOKEN_GROUP: &str = "ringside";
+
+/// The gid of `group` from `/etc/group` if this process has it as its
+/// group or a supplementary one; `None` otherwise.
+pub fn own_group_gid(group: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    let gid: u32 = text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == group)
+            .then(|| fields.nth(1)?.parse().ok())
+            .flatten()
+    })?;
+    let mine = rustix::process::getegid().as_raw() == gid
+        || rustix::process::getgroups()
+            .is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid));
+    mine.then_some(gid)
+}
+
+/// Writes a generated token to `path`, replacing whatever is there (a link
+/// itself, never its target) and never following a link: mode 0600, or
+/// 0640 owned by `group` so that its members can read it.
+pub fn write_token_file(
+    path: &std::path::Path,
+    token: &str,
+    group: Option<u32>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if let Some(gid) = group {
+        rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+        rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(0o640))?;
+    }
+    file.write_all(format!("{token}\n").as_bytes())
 }
 
 /// Why the admin API could not start.
@@ -40,6 +114,14 @@ pub enum AdminError {
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The generated token could not be written.
+    #[error("admin API: cannot write its token to {path}: {source}")]
+    TokenFile {
+        /// The token file.
+        path: std::path::PathBuf,
         /// The error.
         source: std::io::Error,
     },
@@ -60,8 +142,10 @@ pub struct AdminState {
     pub engines: Vec<String>,
     /// Trusted segment owners.
     pub trusted_uids: Vec<u32>,
-    /// The bearer token, if auth is on.
-    pub token: Option<Arc<str>>,
+    /// The bearer token every protected path requires.
+    pub token: Arc<str>,
+    /// The API listens on loopback only: check the `Host` header.
+    pub loopback: bool,
 }
 
 /// The router of the admin API.
@@ -76,6 +160,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(protected)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            host_check,
+        ))
         .with_state(state)
 }
 
@@ -91,7 +179,7 @@ pub async fn serve(
     let bound = listener.local_addr().unwrap_or(addr);
     tracing::info!(
         listen = %bound,
-        auth = if state.token.is_some() { "bearer token" } else { "off (loopback only)" },
+        auth = "bearer token",
         "admin API: /healthz /readyz /metrics /v1/tracing"
     );
     let app = router(state);
@@ -120,17 +208,64 @@ fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
         == 0
 }
 
-async fn auth(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
-        return next.run(request).await;
+/// The credentials of an `Authorization: Bearer <token>` header; the scheme
+/// is case-insensitive (RFC 9110 §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+}
+
+/// Whether a `Host` header's value names loopback: `localhost` or a
+/// loopback address, with any port.
+fn host_is_loopback(host: &str) -> bool {
+    // A bare IPv6 address ("::1") has colons but no port.
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let name = match host.strip_prefix('[') {
+        // "[::1]:9464"
+        Some(rest) => rest.split_once(']').map_or(rest, |(ip, _)| ip),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
     };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn host_check(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if state.loopback {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str()));
+        if !host.is_some_and(host_is_loopback) {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "Host must name loopback (localhost, 127.0.0.1 or [::1]): this API listens on loopback only",
+            );
+        }
+    }
+    next.run(request).await
+}
+
+async fn auth(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer);
     match presented {
-        Some(p) if token_matches(p.trim().as_bytes(), token.as_bytes()) => next.run(request).await,
+        Some(p) if token_matches(p.as_bytes(), state.token.as_bytes()) => next.run(request).await,
         _ => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -223,6 +358,20 @@ pub struct TracingUpdate {
     pub engines: Vec<String>,
     /// The change.
     pub change: Change,
+}
+
+/// Whether this agent serves `name`: one of its `--engine`s, or, when it
+/// reads every engine, one it has attached.
+fn serves(state: &AdminState, name: &str) -> bool {
+    if !state.engines.is_empty() {
+        return state.engines.iter().any(|e| e == name);
+    }
+    state
+        .registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .any(|handle| handle.instance == name)
 }
 
 fn bad(field: &str, expected: &str) -> String {
@@ -337,6 +486,12 @@ async fn put_tracing(
         Ok(u) => u,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
+    if let Some(foreign) = update.engines.iter().find(|name| !serves(&state, name)) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("engine {foreign:?} is not one this agent serves"),
+        );
+    }
     let names = if update.engines.is_empty() {
         &state.engines
     } else {
@@ -387,6 +542,70 @@ mod tests {
             let e = parse_update(body.as_bytes()).unwrap_err();
             assert!(e.contains(field), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_other_schemes_are_not_bearer() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc "), Some("abc"));
+        assert_eq!(bearer("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        assert_eq!(bearer(""), None);
+    }
+
+    #[test]
+    fn only_loopback_hosts_pass_the_host_check() {
+        for host in [
+            "localhost",
+            "localhost:9464",
+            "LOCALHOST:1",
+            "127.0.0.1:9464",
+            "127.1.2.3",
+            "[::1]:9464",
+            "[::1]",
+            "::1",
+        ] {
+            assert!(host_is_loopback(host), "{host}");
+        }
+        for host in [
+            "evil.example:9464",
+            "localhost.evil.example",
+            "10.0.0.1:9464",
+            "[::2]:1",
+            "",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!host_is_loopback(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn generated_tokens_are_random_hex_in_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let a = generate_token().unwrap();
+        let b = generate_token().unwrap();
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        let dir = std::env::temp_dir().join(format!("ringside-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.join("agent-1.admin-token");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_token_file(&path, &a, None).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), a);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // For a group: 0640 and that group (our own gid, which we are in).
+        let gid = rustix::process::getegid().as_raw();
+        write_token_file(&path, &b, Some(gid)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! what only the agent knows (exported, sampled out, lost in the agent).
 
 use crate::pipeline::accounting::{EngineHandle, StatsSnapshot};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -138,17 +140,79 @@ pub fn write(path: &Path, state: &AgentState) -> Result<(), StateError> {
         path: path.to_path_buf(),
         source,
     })?;
-    std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
+    // The temporary name is predictable: a file or link planted there must
+    // not be written through. Remove whatever is there (a link itself, never
+    // its target), then create exclusively, which never follows a link.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("removing", &tmp)(e));
+        }
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(no_follow_flag())
+        .open(&tmp)
+        .map_err(io("creating", &tmp))?;
+    file.write_all(&bytes).map_err(io("writing", &tmp))?;
+    drop(file);
+    // rename replaces a link at `path` itself; it never writes through it.
     std::fs::rename(&tmp, path).map_err(io("renaming to", path))
 }
 
-/// Reads a state file.
+/// `O_NOFOLLOW`, as the `OpenOptions` custom flag.
+fn no_follow_flag() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// The largest state file read: far above any real one (about 1 KiB per
+/// engine), so a planted huge or endless file cannot exhaust memory.
+pub const MAX_STATE_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads a state file: a regular file (not followed through a link) of at
+/// most [`MAX_STATE_FILE_BYTES`].
 pub fn read(path: &Path) -> Result<AgentState, StateError> {
-    let text = std::fs::read(path).map_err(|source| StateError::Io {
-        op: "reading",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let io = |op: &'static str| {
+        move |source| StateError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow_flag() | rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io("opening"))?;
+    let meta = file.metadata().map_err(io("reading"))?;
+    if !meta.is_file() {
+        return Err(io("reading")(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    if meta.len() > MAX_STATE_FILE_BYTES {
+        return Err(io("reading")(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} bytes, more than a state file's {MAX_STATE_FILE_BYTES}",
+                meta.len()
+            ),
+        )));
+    }
+    let mut text = Vec::new();
+    // Bounded again while reading: the file may grow after the check.
+    file.take(MAX_STATE_FILE_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(io("reading"))?;
+    if text.len() as u64 > MAX_STATE_FILE_BYTES {
+        return Err(io("reading")(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "grew past the size limit while read",
+        )));
+    }
     serde_json::from_slice(&text).map_err(|source| StateError::Decode {
         path: path.to_path_buf(),
         source,
@@ -197,5 +261,56 @@ mod tests {
         std::fs::write(&path, "nope").unwrap();
         assert!(matches!(read(&path), Err(StateError::Decode { .. })));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_link_planted_at_the_temporary_name_is_not_written_through() {
+        let dir = std::env::temp_dir().join(format!("ringside-state-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.join("agent-1.json");
+        let tmp = path.with_extension(format!("json.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        // A link at the final name is replaced, not followed, too.
+        let victim2 = dir.join("victim2");
+        std::fs::write(&victim2, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim2, &path).unwrap();
+        let state = AgentState {
+            agent_pid: 1,
+            updated_unix_ms: 2,
+            engines: vec![],
+        };
+        write(&path, &state).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&victim2).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(read(&path).unwrap(), state);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_state_file_that_is_a_link_a_device_or_huge_is_refused_without_reading_it_all() {
+        let dir = std::env::temp_dir().join(format!("ringside-state-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let zero = dir.join("zero.json");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(matches!(
+            read(&zero),
+            Err(StateError::Io { op: "opening", .. })
+        ));
+        // A device opened directly (no link): refused as not a regular file.
+        assert!(matches!(
+            read(Path::new("/dev/zero")),
+            Err(StateError::Io { op: "reading", .. })
+        ));
+        let huge = dir.join("huge.json");
+        let f = std::fs::File::create(&huge).unwrap();
+        f.set_len(MAX_STATE_FILE_BYTES + 1).unwrap();
+        assert!(matches!(
+            read(&huge),
+            Err(StateError::Io { op: "reading", .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

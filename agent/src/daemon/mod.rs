@@ -105,25 +105,33 @@ impl Application {
         let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
         let admin_task = match &settings.admin {
             None => None,
-            Some(admin_settings) => {
-                let state = admin_api::AdminState {
-                    registry: Arc::clone(&registry),
-                    metrics: Arc::clone(&metrics),
-                    counters: Arc::clone(&counters),
-                    queue: Arc::clone(&queue),
-                    engines: settings.engines.clone(),
-                    trusted_uids: settings.trusted_uids.clone(),
-                    token: admin_settings.token.as_deref().map(Arc::from),
-                };
-                match admin_api::serve(admin_settings.listen, state, admin_stop_rx).await {
-                    Ok(task) => Some(task),
-                    Err(e) if !admin_settings.explicit => {
-                        tracing::warn!(error = %e, "admin API not started (the default address is taken; give --admin-listen)");
-                        None
-                    }
-                    Err(e) => return Err(e.into()),
+            Some(admin_settings) => match admin_token(admin_settings, &settings.state_file) {
+                Err(e) if !admin_settings.explicit => {
+                    tracing::warn!(error = %e, "admin API not started (no token file could be written; give --admin-token-file)");
+                    None
                 }
-            }
+                Err(e) => return Err(e.into()),
+                Ok(token) => {
+                    let state = admin_api::AdminState {
+                        registry: Arc::clone(&registry),
+                        metrics: Arc::clone(&metrics),
+                        counters: Arc::clone(&counters),
+                        queue: Arc::clone(&queue),
+                        engines: settings.engines.clone(),
+                        trusted_uids: settings.trusted_uids.clone(),
+                        token: Arc::from(token),
+                        loopback: admin_settings.listen.ip().is_loopback(),
+                    };
+                    match admin_api::serve(admin_settings.listen, state, admin_stop_rx).await {
+                        Ok(task) => Some(task),
+                        Err(e) if !admin_settings.explicit => {
+                            tracing::warn!(error = %e, "admin API not started (the default address is taken; give --admin-listen)");
+                            None
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            },
         };
         let sighup = install(SignalKind::hangup(), "installing the SIGHUP handler")?;
         let (update_tx, update_rx) = tokio::sync::mpsc::channel(1);
@@ -343,6 +351,10 @@ impl FinishedApplication {
         if let Some(task) = admin_task {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), task).await;
         }
+        if settings.admin.as_ref().is_some_and(|a| a.token.is_none()) {
+            // The generated token dies with the agent.
+            let _ = std::fs::remove_file(admin_api::generated_token_path(&settings.state_file));
+        }
         let not_delivered = flush.left_in_queue + flush.failed;
         let mut total_failed = 0;
         if let Ok(registry) = registry.lock() {
@@ -399,6 +411,32 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
 
 /// Writes the state file; the first failure is logged, later ones only at
 /// debug level.
+/// The admin API's token: the operator's, or a generated one written beside
+/// the state file (`<stem>.admin-token`, 0600) for `curl` and scrapers.
+fn admin_token(
+    admin: &admin_api::AdminSettings,
+    state_file: &std::path::Path,
+) -> Result<String, admin_api::AdminError> {
+    if let Some(token) = &admin.token {
+        return Ok(token.clone());
+    }
+    let path = admin_api::generated_token_path(state_file);
+    let group = admin_api::own_group_gid(admin_api::TOKEN_GROUP);
+    let token = admin_api::generate_token()
+        .and_then(|token| admin_api::write_token_file(&path, &token, group).map(|()| token))
+        .map_err(|source| admin_api::AdminError::TokenFile {
+            path: path.clone(),
+            source,
+        })?;
+    let readers = if group.is_some() {
+        "this user, root and group ringside"
+    } else {
+        "this user and root"
+    };
+    tracing::info!(path = %path.display(), readable_by = readers, "admin API: generated its bearer token");
+    Ok(token)
+}
+
 fn publish_state(
     registry: &Mutex<Vec<Arc<EngineHandle>>>,
     path: &std::path::Path,
