@@ -153,8 +153,14 @@ fn main() {
     report.table(
         &["figure", "median (min–max)"],
         &[
-            vec!["clock read (CLOCK_MONOTONIC), ns".into(), fmt_summary(&clock, 1)],
-            vec!["token update incl. clock, ns".into(), fmt_summary(&update, 1)],
+            vec![
+                "clock read (CLOCK_MONOTONIC), ns".into(),
+                fmt_summary(&clock, 1),
+            ],
+            vec![
+                "token update incl. clock, ns".into(),
+                fmt_summary(&update, 1),
+            ],
             vec![
                 "token update − clock (same round), ns".into(),
                 fmt_summary(&net, 1),

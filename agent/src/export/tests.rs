@@ -383,3 +383,51 @@ async fn a_dead_collector_exhausts_the_budget_and_counts_every_request_failed() 
     assert_eq!(s.exported, 0);
     assert!(exporter.counters.retries.load(Ordering::Relaxed) >= 1);
 }
+
+#[tokio::test]
+async fn an_endless_success_body_is_not_buffered_and_the_batch_counts_exported() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+    let written = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::clone(&written);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let sent = Arc::clone(&sent);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_request(&mut conn, &mut buf).await.is_none() {
+                    return;
+                }
+                // Claims a 1 TiB partial success and streams it.
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 1099511627776\r\n\r\n";
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![0x0au8; 64 * 1024];
+                while conn.write_all(&chunk).await.is_ok() {
+                    sent.fetch_add(chunk.len(), Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let (mut exporter, queue) = http_exporter(&url, Duration::from_secs(10));
+    let engine = Arc::clone(&item(1, 0).engine);
+    let mut i = item(1, 0);
+    i.engine = Arc::clone(&engine);
+    queue.push(i);
+    let report = exporter
+        .flush(Instant::now() + Duration::from_secs(10))
+        .await;
+    assert_eq!(report, FlushReport::default());
+    let s = engine.stats.snapshot();
+    assert_eq!((s.exported, s.export_failed), (1, 0));
+    // The agent stopped reading at the bound: what the collector got out is
+    // the bound plus what the sockets' buffers held, nowhere near the claim.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = written.load(Ordering::SeqCst);
+    assert!(
+        out < crate::export::otlp_http::MAX_RESPONSE_BYTES + (32 << 20),
+        "{out} bytes were sent"
+    );
+}

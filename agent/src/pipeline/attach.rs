@@ -288,8 +288,17 @@ impl Reader {
             }
             Err(e) => tracing::warn!(error = %e, "cannot list dead engine generations"),
         }
+        // Forget what no longer exists: names any local user can create and
+        // remove must not grow these maps for as long as the agent runs.
+        let present: std::collections::HashSet<&str> = names
+            .iter()
+            .chain(&dead_names)
+            .map(String::as_str)
+            .collect();
         self.finished
-            .retain(|name, _| names.contains(name) || dead_names.contains(name));
+            .retain(|name, _| present.contains(name.as_str()));
+        self.reported
+            .retain(|name, _| present.contains(name.as_str()));
         self.initial_scan_done = true;
     }
 
@@ -809,4 +818,56 @@ impl Reader {
 
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test-only module: a failed unwrap is a failed test
+
+    use super::*;
+
+    fn reader(engines: Vec<String>) -> Reader {
+        Reader::new(
+            ReaderSettings {
+                engines,
+                backfill: false,
+                detail: None,
+                attributes: AttributeSet::default(),
+                poll_interval: Duration::from_millis(10),
+                discover_interval: Duration::from_millis(10),
+                trusted_uids: Vec::new(),
+                sampler: Sampler::AlwaysOn,
+                tail_above_p99: false,
+                tail_window: Duration::from_secs(60),
+                stall_after: Duration::from_secs(10),
+            },
+            ResourceEnv::from_env(&|_| None, "box".into()),
+            Arc::new(ExportQueue::new(1000, 1 << 20, 512)),
+            Arc::new(Mutex::new(Metrics::new(1))),
+            Arc::default(),
+        )
+    }
+
+    #[test]
+    fn refused_names_that_were_removed_are_forgotten() {
+        // Files any local user could put in /dev/shm under segment names:
+        // refused (too small to be a segment), reported once, then removed.
+        let names: Vec<String> = (0..50)
+            .map(|i| format!("t{}-junk{i}", std::process::id()))
+            .collect();
+        for name in &names {
+            let path = ringside_shm_protocol::segment_path(name);
+            std::fs::write(&path, b"not a segment").unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+        }
+        let mut reader = reader(names.clone());
+        reader.scan();
+        assert_eq!(reader.reported.len(), names.len());
+        for name in &names {
+            std::fs::remove_file(ringside_shm_protocol::segment_path(name)).unwrap();
+        }
+        reader.scan();
+        assert!(reader.reported.is_empty(), "{:?}", reader.reported.keys());
+    }
 }

@@ -97,8 +97,42 @@ impl Hist {
     }
 }
 
+/// The HTTP statuses that get a series of their own when an error has no
+/// class; any other error status is folded into `4xx`, `5xx` or `_OTHER`
+/// (semconv's fallback), so forged statuses cannot multiply the series.
+const STATUSES_WITH_A_SERIES: [u16; 14] = [
+    400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 499, 500, 502, 503,
+];
+
+/// An error status as a series key: itself if it has a series, else its
+/// class (`4` or `5`) or `1` (anything else at or above 400); 0 for none.
+fn status_key(http_status: u16) -> u16 {
+    match http_status {
+        s if s < 400 => 0,
+        s if STATUSES_WITH_A_SERIES.contains(&s) => s,
+        400..=499 => 4,
+        500..=599 => 5,
+        _ => 1,
+    }
+}
+
+/// The `error.type` label of a series: the record's error class, else its
+/// folded status.
+fn error_label(record: &RequestRecord) -> Option<String> {
+    if let Some(e) = record.error_type.as_str() {
+        return Some(e.to_owned());
+    }
+    match status_key(record.http_status) {
+        0 => None,
+        4 => Some("4xx".into()),
+        5 => Some("5xx".into()),
+        1 => Some("_OTHER".into()),
+        s => Some(s.to_string()),
+    }
+}
+
 /// A series, keyed without allocating: model index, operation, error class
-/// and (for an error without a class) the HTTP status.
+/// and (for an error without a class) the folded HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct SeriesKey {
     model_index: u16,
@@ -124,7 +158,7 @@ impl Series {
         Self {
             model: model.to_owned(),
             operation: record.operation.as_str(),
-            error: crate::pipeline::spans::error_type(record),
+            error: error_label(record),
             duration: Hist::new(DURATION_BOUNDS),
             ttft: Hist::new(TTFT_BOUNDS),
             tpot: Hist::new(TPOT_BOUNDS),
@@ -209,11 +243,7 @@ impl Metrics {
             model_index: record.model_index,
             operation: record.operation as u8,
             error_type: record.error_type as u8,
-            error_status: if record.http_status >= 400 {
-                record.http_status
-            } else {
-                0
-            },
+            error_status: status_key(record.http_status),
         };
         let series = entry
             .series
@@ -579,5 +609,32 @@ mod tests {
         ] {
             find(name);
         }
+    }
+
+    #[test]
+    fn forged_http_statuses_fold_into_a_bounded_set_of_series() {
+        let engine = Arc::new(EngineHandle {
+            id: 7,
+            instance: "e".into(),
+            pid: 1,
+            resource: Resource::default(),
+            stats: EngineStats::default(),
+        });
+        let mut m = Metrics::new(1);
+        let mut rec = raw_record(1).decode(1).unwrap();
+        rec.error_type = ringside_shm_protocol::ErrorType::None;
+        for status in 100..=u16::MAX {
+            rec.http_status = status;
+            m.record(&engine, "gemma", &rec);
+        }
+        let series = &m.engines[&7].series;
+        // Success, the statuses with a series of their own, 4xx, 5xx, _OTHER.
+        assert_eq!(series.len(), 1 + STATUSES_WITH_A_SERIES.len() + 3);
+        let labels: std::collections::BTreeSet<_> =
+            series.values().filter_map(|s| s.error.clone()).collect();
+        for label in ["4xx", "5xx", "_OTHER", "429", "503"] {
+            assert!(labels.contains(label), "{label}: {labels:?}");
+        }
+        assert_eq!(m.requests(7), u64::from(u16::MAX) - 99);
     }
 }

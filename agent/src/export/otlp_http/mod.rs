@@ -119,23 +119,44 @@ async fn http_post(h: &HttpTransport, url: &str, mut body: Vec<u8>) -> Result<Ve
         })?;
     let status = response.status().as_u16();
     if response.status().is_success() {
-        return Ok(response
-            .bytes()
-            .await
-            .map(|b| b.to_vec())
-            .unwrap_or_default());
+        // An oversized body is not a partial success we can trust: the
+        // status said success, so it counts as full success (as an
+        // undecodable one does).
+        let (body, complete) = read_bounded(response, MAX_RESPONSE_BYTES).await;
+        return Ok(if complete { body } else { Vec::new() });
     }
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let text = response.text().await.unwrap_or_default();
-    let text: String = text.chars().take(200).collect();
+    let (text, _) = read_bounded(response, MAX_ERROR_TEXT_BYTES).await;
+    let text: String = String::from_utf8_lossy(&text).chars().take(200).collect();
     Err(Attempt::Failed {
         verdict: retry::classify_http(status, retry_after.as_deref()),
         error: format!("HTTP {status} from {url}: {text}"),
     })
+}
+
+/// The largest success body read: a partial success names counts and one
+/// message, far below this (the gRPC exporter's decode limit is the same).
+pub(crate) const MAX_RESPONSE_BYTES: usize = 4 << 20;
+
+/// How much of an error response is read for the log line.
+const MAX_ERROR_TEXT_BYTES: usize = 4096;
+
+/// Reads at most `limit` bytes of `response`'s body; `false` when there was
+/// more (the rest is not read: a collector cannot make the agent buffer an
+/// endless body) or the body broke off.
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() <= limit => body.extend_from_slice(&chunk),
+            Ok(None) => return (body, true),
+            Ok(Some(_)) | Err(_) => return (body, false),
+        }
+    }
 }
 
 fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
