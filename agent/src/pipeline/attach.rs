@@ -299,6 +299,9 @@ impl Reader {
             .retain(|name, _| present.contains(name.as_str()));
         self.reported
             .retain(|name, _| present.contains(name.as_str()));
+        if let Ok(mut m) = self.metrics.lock() {
+            m.prune(crate::pipeline::metrics::unix_now_ns());
+        }
         self.initial_scan_done = true;
     }
 
@@ -614,15 +617,19 @@ impl Reader {
     fn retire(&mut self, mut a: Attached) {
         Self::commit_settled(&mut a);
         if Self::settled(&a) {
-            Self::let_go(a);
+            self.let_go(a);
         } else {
             self.retired.push(a);
         }
     }
 
     /// A retired engine whose records are all settled: its dead-generation
-    /// file, if it had one, is removed; the mapping goes with it.
-    fn let_go(a: Attached) {
+    /// file, if it had one, is removed; the mapping goes with it, and its
+    /// metric series after their retention.
+    fn let_go(&self, a: Attached) {
+        if let Ok(mut m) = self.metrics.lock() {
+            m.let_go(a.handle.id, crate::pipeline::metrics::unix_now_ns());
+        }
         if let Some(dead) = &a.release_when_settled
             && let Err(e) = remove_dead_generation(dead)
         {
@@ -637,7 +644,7 @@ impl Reader {
             .partition(Self::settled);
         self.retired = waiting;
         for a in settled {
-            Self::let_go(a);
+            self.let_go(a);
         }
     }
 

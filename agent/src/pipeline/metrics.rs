@@ -172,7 +172,14 @@ impl Series {
 struct EngineSeries {
     engine: Arc<EngineHandle>,
     series: BTreeMap<SeriesKey, Series>,
+    /// When the agent let go of the attachment (detached, all settled).
+    let_go_unix_ns: Option<u64>,
 }
+
+/// How long a let-go attachment's series are still exported: several
+/// metric intervals and scrapes see their final values, then they go, so an
+/// engine restarted over and over cannot grow the agent's metrics.
+pub const LET_GO_RETENTION_NS: u64 = 300_000_000_000;
 
 /// Agent-wide export counters.
 #[derive(Debug, Default)]
@@ -227,7 +234,30 @@ impl Metrics {
             .or_insert_with(|| EngineSeries {
                 engine: Arc::clone(engine),
                 series: BTreeMap::new(),
+                let_go_unix_ns: None,
             });
+    }
+
+    /// The agent let go of attachment `engine_id` (detached, everything read
+    /// from it settled): its series are kept for [`LET_GO_RETENTION_NS`].
+    pub fn let_go(&mut self, engine_id: u64, now_unix_ns: u64) {
+        if let Some(e) = self.engines.get_mut(&engine_id) {
+            e.let_go_unix_ns.get_or_insert(now_unix_ns);
+        }
+    }
+
+    /// Drops the series of attachments let go of more than
+    /// [`LET_GO_RETENTION_NS`] before `now_unix_ns`.
+    pub fn prune(&mut self, now_unix_ns: u64) {
+        self.engines.retain(|_, e| {
+            e.let_go_unix_ns
+                .is_none_or(|at| now_unix_ns.saturating_sub(at) <= LET_GO_RETENTION_NS)
+        });
+    }
+
+    /// Attachments with series (tests and status).
+    pub fn engine_count(&self) -> usize {
+        self.engines.len()
     }
 
     /// Records one request.
@@ -238,6 +268,7 @@ impl Metrics {
             .or_insert_with(|| EngineSeries {
                 engine: Arc::clone(engine),
                 series: BTreeMap::new(),
+                let_go_unix_ns: None,
             });
         let key = SeriesKey {
             model_index: record.model_index,
@@ -636,5 +667,39 @@ mod tests {
             assert!(labels.contains(label), "{label}: {labels:?}");
         }
         assert_eq!(m.requests(7), u64::from(u16::MAX) - 99);
+    }
+
+    #[test]
+    fn the_series_of_a_let_go_engine_are_exported_for_the_retention_then_pruned() {
+        let mut m = Metrics::new(1);
+        let rec = raw_record(1).decode(1).unwrap();
+        for id in 0..100 {
+            let engine = Arc::new(EngineHandle {
+                id,
+                instance: "restarting".into(),
+                pid: 1,
+                resource: Resource::default(),
+                stats: EngineStats::default(),
+            });
+            m.record(&engine, "gemma", &rec);
+            m.let_go(id, 1_000 + id);
+        }
+        let live = Arc::new(EngineHandle {
+            id: 100,
+            instance: "live".into(),
+            pid: 2,
+            resource: Resource::default(),
+            stats: EngineStats::default(),
+        });
+        m.record(&live, "gemma", &rec);
+        m.prune(1_000 + LET_GO_RETENTION_NS);
+        assert_eq!(m.engine_count(), 101, "within the retention: all exported");
+        let req = m.to_request(1_000 + LET_GO_RETENTION_NS, 0, &ExportCounters::default());
+        assert_eq!(req.resource_metrics.len(), 101);
+        // A second let-go keeps the first stamp.
+        m.let_go(99, 5_000 + LET_GO_RETENTION_NS);
+        m.prune(1_100 + LET_GO_RETENTION_NS);
+        assert_eq!(m.engine_count(), 1, "only the live engine is left");
+        assert_eq!(m.requests(100), 1);
     }
 }
