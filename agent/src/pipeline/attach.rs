@@ -32,6 +32,7 @@ use crate::pipeline::sampling::{Sampler, TailSampler, keep_by_ppm};
 use crate::pipeline::spans::hex;
 use crate::pipeline::spans::{AttributeSet, SpanContext};
 use crate::pipeline::stalls::{Observed, StallTracker};
+use crate::pipeline::throttle::Throttled;
 use ringside_shm_protocol::{
     AttachedSegment, Consumer, DeadSegment, Detail, EngineIdentity, InflightReader,
     InflightRequest, Liveness, OpenError, OpenOptions, PollError, Record, StartAt,
@@ -106,6 +107,11 @@ struct Attached {
     delivery: PollBatches,
     /// The cursor last committed to the segment.
     committed: Option<u64>,
+    /// Warnings of ring losses (overwritten, abandoned), at most one per
+    /// [`WARN_EVERY`](crate::pipeline::throttle::WARN_EVERY).
+    loss_log: Throttled<2>,
+    /// Warnings of invalid records, likewise.
+    invalid_log: Throttled<1>,
 }
 
 /// The reader: owns every attached segment and its consumer.
@@ -425,6 +431,8 @@ impl Reader {
                 release_when_settled: None,
                 delivery: PollBatches::default(),
                 committed: None,
+                loss_log: Throttled::default(),
+                invalid_log: Throttled::default(),
             },
         );
     }
@@ -738,12 +746,18 @@ impl Reader {
         EngineStats::add(&stats.read, report.delivered);
         EngineStats::add(&stats.lost_overwritten, report.lost_overwritten);
         EngineStats::add(&stats.lost_abandoned, report.lost_abandoned);
-        if report.lost_overwritten + report.lost_abandoned > 0 {
+        if report.lost_overwritten + report.lost_abandoned > 0
+            && let Some(line) = a.loss_log.note(
+                Instant::now(),
+                [report.lost_overwritten, report.lost_abandoned],
+            )
+        {
             tracing::warn!(
                 engine = %a.handle.instance,
-                overwritten = report.lost_overwritten,
-                abandoned = report.lost_abandoned,
-                "records lost in the ring"
+                overwritten = line.amounts[0],
+                abandoned = line.amounts[1],
+                polls = line.polls,
+                "records lost in the ring (at most one line per 10 s; the counters are exact)"
             );
         }
         if !buffer.is_empty() {
@@ -808,7 +822,9 @@ impl Reader {
             queue.push_all(items);
             if let Some((ticket, error)) = first_error {
                 EngineStats::add(&stats.invalid, invalid);
-                tracing::warn!(engine = %a.handle.instance, invalid, first_ticket = ticket, %error, "invalid records skipped");
+                if let Some(line) = a.invalid_log.note(Instant::now(), [invalid]) {
+                    tracing::warn!(engine = %a.handle.instance, invalid = line.amounts[0], polls = line.polls, first_ticket = ticket, %error, "invalid records skipped (at most one line per 10 s; the counters are exact)");
+                }
             }
         }
         let counters = a.segment.ring().counters();

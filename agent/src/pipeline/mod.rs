@@ -1,7 +1,7 @@
 //! From the engines' rings to validated, sampled records on the export
 //! queue: [`attach`] (discovery and the reader thread), [`spans`] (record →
-//! spans), [`metrics`], [`sampling`], [`resource`], and per-engine
-//! [`accounting`]. Settings come in as plain values
+//! spans), [`metrics`], [`sampling`], [`resource`], per-engine
+//! [`accounting`] and [`throttle`]d warnings. Settings come in as plain values
 //! ([`attach::ReaderSettings`]).
 
 pub mod accounting;
@@ -12,3 +12,4 @@ pub mod resource;
 pub mod sampling;
 pub mod spans;
 pub mod stalls;
+pub mod throttle;
