@@ -1236,3 +1236,91 @@ fn inflight_lists_what_the_engine_holds_and_marks_the_stalled_request() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_hostile_writer_with_maximal_variety_cannot_blow_up_the_metrics_page_or_the_agent() {
+    if !e2e_enabled() {
+        return;
+    }
+    // Before the statuses were folded, 32 000 forged but valid records made
+    // one scrape a 403 MB page with an 833 MB peak (the unit's MemoryMax is
+    // 256M): each distinct status was a series.
+    let rotel = Rotel::start();
+    let engine = FakeEngine::new("hostile");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&[&engine], &rotel, &["--admin-listen", &listen]);
+    wait_for_port(port);
+    let producer = engine.segment.ring().producer();
+    let mut pushed = 0u32;
+    for batch in 0..160u32 {
+        for i in 0..200u32 {
+            let n = batch * 200 + i;
+            let mut r = engine.record(true).decode(1).unwrap();
+            // Every error class, and every valid error status (400..=599)
+            // under each; a tenth without a class, so the status is its type.
+            let class = n % 11;
+            r.error_type = ErrorType::try_from(class as u8).unwrap();
+            r.http_status = 400 + (n.wrapping_mul(7919) % 200) as u16;
+            r.operation = if n % 2 == 0 {
+                Operation::Chat
+            } else {
+                Operation::TextCompletion
+            };
+            r.stream = n % 3 == 0;
+            assert!(matches!(
+                producer.push(&r.encode()),
+                ringside_shm_protocol::PushOutcome::Written(_)
+            ));
+            pushed += 1;
+        }
+        // Let the agent keep up with the 256-slot ring.
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let status = agent.settled_status(&engine);
+    let a = &status["accounting"];
+    let count = |v: &serde_json::Value| v.as_u64().unwrap();
+    // Every valid record the agent read is in the histograms (sampled out or
+    // not): what was written less what the ring lost before it was read.
+    let read = count(&a["written"])
+        - count(&a["not_observed"])
+        - count(&a["lost"]["overwritten"])
+        - count(&a["lost"]["abandoned"])
+        - count(&a["lost"]["invalid"]);
+    assert!(
+        read > u64::from(pushed) / 2,
+        "the agent read {read} of {pushed}: {status:#}\n{}",
+        agent.log()
+    );
+    let (code, page) = http(port, "GET", "/metrics", Some(&agent.admin_token()), "");
+    assert_eq!(code, 200);
+    assert!(
+        page.len() < 1 << 20,
+        "/metrics is {} bytes for one engine",
+        page.len()
+    );
+    let series = page
+        .lines()
+        .filter(|l| l.starts_with("gen_ai_server_request_duration_seconds_count{"))
+        .count();
+    // 2 operations × (10 classes + 14 statuses with a series + 4xx + 5xx).
+    assert!(series <= 2 * (10 + 16), "{series} series");
+    assert_eq!(count(&a["lost"]["invalid"]), 0, "the variety was valid");
+    // Every request read is in the histograms, whatever its status.
+    assert_eq!(
+        prometheus_sum(&page, "gen_ai_server_request_duration_seconds_count") as u64,
+        read,
+        "{status:#}"
+    );
+    let peak_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!(
+        "hostile writer: {read} records read, /metrics {} bytes, {series} series, agent peak RSS {peak_kib} KiB",
+        page.len()
+    );
+    assert!(peak_kib < 128 * 1024, "agent peak RSS {peak_kib} KiB");
+}

@@ -132,7 +132,7 @@ fn error_label(record: &RequestRecord) -> Option<String> {
 }
 
 /// A series, keyed without allocating: model index, operation, error class
-/// and (for an error without a class) the folded HTTP status.
+/// and (only for an error without a class) the folded HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct SeriesKey {
     model_index: u16,
@@ -274,7 +274,13 @@ impl Metrics {
             model_index: record.model_index,
             operation: record.operation as u8,
             error_type: record.error_type as u8,
-            error_status: status_key(record.http_status),
+            // With a class the label is the class: the status would only
+            // split one label into several series.
+            error_status: if record.error_type.as_str().is_some() {
+                0
+            } else {
+                status_key(record.http_status)
+            },
         };
         let series = entry
             .series
@@ -658,15 +664,22 @@ mod tests {
             rec.http_status = status;
             m.record(&engine, "gemma", &rec);
         }
+        // With a class, the status does not split the class's series.
+        rec.error_type = ringside_shm_protocol::ErrorType::Internal;
+        for status in 400..=599 {
+            rec.http_status = status;
+            m.record(&engine, "gemma", &rec);
+        }
         let series = &m.engines[&7].series;
-        // Success, the statuses with a series of their own, 4xx, 5xx, _OTHER.
-        assert_eq!(series.len(), 1 + STATUSES_WITH_A_SERIES.len() + 3);
+        // Success, the statuses with a series of their own, 4xx, 5xx,
+        // _OTHER, and the one class.
+        assert_eq!(series.len(), 1 + STATUSES_WITH_A_SERIES.len() + 3 + 1);
         let labels: std::collections::BTreeSet<_> =
             series.values().filter_map(|s| s.error.clone()).collect();
         for label in ["4xx", "5xx", "_OTHER", "429", "503"] {
             assert!(labels.contains(label), "{label}: {labels:?}");
         }
-        assert_eq!(m.requests(7), u64::from(u16::MAX) - 99);
+        assert_eq!(m.requests(7), u64::from(u16::MAX) - 99 + 200);
     }
 
     #[test]
