@@ -60,7 +60,15 @@ fn main() {
         id: 0,
         instance: "bench".into(),
         pid: 1,
-        resource: ResourceEnv::from_env(&|_| None, "bench".into()).engine_resource("bench", 1),
+        resource: ResourceEnv::from_env(&|_| None, "bench".into()).engine_resource(
+            "bench",
+            &ringside_shm_protocol::EngineIdentity {
+                pid: 1,
+                start_time: 1,
+                generation: 1,
+                created_realtime_ns: 1,
+            },
+        ),
         stats: EngineStats::default(),
     });
     let ctx = Arc::new(SpanContext {

@@ -328,7 +328,20 @@ fn grpc_export_delivers_the_request_span_its_phases_and_every_attribute() {
     let blocks = wait_for_spans(&rotel, &[hex(&record.span_id)], Duration::from_secs(15));
     assert_full_request_span(&blocks, &record);
     let text = rotel.text();
-    assert!(text.contains(&format!("-> service.instance.id: Str({})", engine.name)));
+    assert!(text.contains(&format!(
+        "-> ringside.engine.instance: Str({})",
+        engine.name
+    )));
+    // A UUID (v5) unique to this host and engine generation, not the name
+    // every host's engine shares.
+    let instance_id = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("-> service.instance.id: Str("))
+        .and_then(|r| r.strip_suffix(')'))
+        .expect("service.instance.id");
+    assert_eq!(instance_id.len(), 36, "{instance_id}");
+    assert_eq!(&instance_id[14..15], "5", "{instance_id}");
+    assert_ne!(instance_id, engine.name);
     assert!(text.contains("-> service.name: Str(ringside-engine)"));
     assert!(text.contains(&format!("-> process.pid: Int({})", std::process::id())));
     assert!(agent.terminate().success());

@@ -40,7 +40,7 @@ impl Rotel {
         Self(Collector::start())
     }
 
-    /// (service.instance.id, span ID) of every span received so far.
+    /// (ringside.engine.instance, span ID) of every span received so far.
     fn spans(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for resource in self.text().split("ResourceSpans #").skip(1) {
@@ -48,7 +48,7 @@ impl Rotel {
                 .lines()
                 .find_map(|l| {
                     l.trim()
-                        .strip_prefix("-> service.instance.id: Str(")
+                        .strip_prefix("-> ringside.engine.instance: Str(")
                         .and_then(|r| r.strip_suffix(')'))
                 })
                 .unwrap_or("")

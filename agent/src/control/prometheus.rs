@@ -5,7 +5,7 @@
 //! Names follow the OpenTelemetry → Prometheus rules: dots become
 //! underscores, the unit `s` adds `_seconds`, monotonic sums add `_total`;
 //! attributes become labels, and each series carries its engine as
-//! `engine` (the resource's `service.instance.id`).
+//! `engine` (the resource's `ringside.engine.instance`).
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -118,7 +118,7 @@ pub fn render(request: &ExportMetricsServiceRequest) -> String {
             .and_then(|r| {
                 r.attributes
                     .iter()
-                    .find(|kv| kv.key == "service.instance.id")
+                    .find(|kv| kv.key == crate::pipeline::resource::ENGINE_INSTANCE_KEY)
             })
             .map(|kv| value_text(kv.value.as_ref()))
             .unwrap_or_default();
@@ -215,7 +215,7 @@ mod tests {
             instance: "eng\"1".into(),
             pid: 1,
             resource: crate::pipeline::resource::ResourceEnv::from_env(&|_| None, "h".into())
-                .engine_resource("eng\"1", 1),
+                .engine_resource("eng\"1", &crate::pipeline::resource::tests::identity(1, 1)),
             stats: EngineStats::default(),
         });
         let mut m = Metrics::new(0);

@@ -25,8 +25,12 @@ fn item(id: u64, seq: u64) -> Item {
             service_name: "s".into(),
             extra: vec![],
             host_name: "h".into(),
+            machine_id: None,
         }
-        .engine_resource(&format!("e{id}"), 1),
+        .engine_resource(
+            &format!("e{id}"),
+            &crate::pipeline::resource::tests::identity(1, 1),
+        ),
         stats: EngineStats::default(),
     });
     Item::new(

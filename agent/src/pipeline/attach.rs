@@ -383,7 +383,7 @@ impl Reader {
             pid: info.identity.pid,
             resource: self
                 .resource_env
-                .engine_resource(&info.instance, info.identity.pid),
+                .engine_resource(&info.instance, &info.identity),
             stats: EngineStats::default(),
         });
         self.next_id += 1;
