@@ -110,6 +110,21 @@ fn wait_in_flight(engine: &Engine, count: usize, tokens: u32) {
     }
 }
 
+/// The agent arguments every test here starts with: `engine`, exporting to
+/// `collector` with short batches, then `extra`.
+fn agent_args<'a>(engine: &'a Engine, endpoint: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--engine",
+        engine.instance.as_str(),
+        "--endpoint",
+        endpoint,
+        "--batch-delay-ms",
+        "100",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 const LONG: &str = "Count from one to five hundred, in words, one number per line.";
 
 /// The three callers of the crash scenario: one streaming a long answer,
@@ -223,16 +238,11 @@ fn a_sigkilled_engine_leaves_an_engine_crashed_span_for_each_request_it_held() {
     let collector = Collector::start();
     let mut engine = Engine::start("crash-kill", &["--parallel", "1", "--max-queue", "4"]);
     let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
-    let _agent = Agent::start(&[
-        "--engine",
-        &engine.instance,
-        "--endpoint",
+    let _agent = Agent::start(&agent_args(
+        &engine,
         &endpoint,
-        "--batch-delay-ms",
-        "100",
-        "--metrics-interval-ms",
-        "500",
-    ]);
+        &["--metrics-interval-ms", "500"],
+    ));
     let callers = three_callers(&engine);
     engine.signal("KILL");
     for caller in &callers {
@@ -328,16 +338,7 @@ fn a_wedged_engine_shows_its_requests_stalled_and_after_sigcont_their_spans_carr
     let collector = Collector::start();
     let mut engine = Engine::start("wedged", &["--parallel", "1", "--max-queue", "4"]);
     let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
-    let _agent = Agent::start(&[
-        "--engine",
-        &engine.instance,
-        "--endpoint",
-        &endpoint,
-        "--batch-delay-ms",
-        "100",
-        "--stall-after",
-        "1s",
-    ]);
+    let _agent = Agent::start(&agent_args(&engine, &endpoint, &["--stall-after", "1s"]));
     let streaming = client(engine.port, 4, true, 64, LONG);
     let deadline = Instant::now() + Duration::from_secs(30);
     while in_flight(&engine).is_empty() {
@@ -468,14 +469,7 @@ fn an_engine_restarted_on_its_name_keeps_the_dead_generation_until_the_agent_rep
     let collector = Collector::start();
     let mut engine = Engine::start("crash-restart", &["--parallel", "1", "--max-queue", "4"]);
     let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
-    let agent = Agent::start_logged(&[
-        "--engine",
-        &engine.instance,
-        "--endpoint",
-        &endpoint,
-        "--batch-delay-ms",
-        "100",
-    ]);
+    let agent = Agent::start_logged(&agent_args(&engine, &endpoint, &[]));
     agent.wait_for_log("attached", Duration::from_secs(20));
     let callers = three_callers(&engine);
     let dead_generation = engine.segment().info().identity.generation;

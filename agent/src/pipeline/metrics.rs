@@ -581,6 +581,16 @@ mod tests {
     use crate::pipeline::spans::tests::raw_record;
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
+    fn engine(id: u64, instance: &str) -> Arc<EngineHandle> {
+        Arc::new(EngineHandle {
+            id,
+            instance: instance.into(),
+            pid: 1,
+            resource: Resource::default(),
+            stats: EngineStats::default(),
+        })
+    }
+
     #[test]
     fn buckets_are_upper_inclusive_and_complete() {
         let mut h = Hist::new(DURATION_BOUNDS);
@@ -597,13 +607,7 @@ mod tests {
 
     #[test]
     fn records_become_semconv_histograms_with_the_spec_boundaries() {
-        let engine = Arc::new(EngineHandle {
-            id: 7,
-            instance: "e".into(),
-            pid: 1,
-            resource: Resource::default(),
-            stats: EngineStats::default(),
-        });
+        let engine = engine(7, "e");
         let mut m = Metrics::new(1);
         let rec = raw_record(1).decode(1).unwrap();
         m.record(&engine, "gemma", &rec);
@@ -650,13 +654,7 @@ mod tests {
 
     #[test]
     fn forged_http_statuses_fold_into_a_bounded_set_of_series() {
-        let engine = Arc::new(EngineHandle {
-            id: 7,
-            instance: "e".into(),
-            pid: 1,
-            resource: Resource::default(),
-            stats: EngineStats::default(),
-        });
+        let engine = engine(7, "e");
         let mut m = Metrics::new(1);
         let mut rec = raw_record(1).decode(1).unwrap();
         rec.error_type = ringside_shm_protocol::ErrorType::None;
@@ -687,23 +685,11 @@ mod tests {
         let mut m = Metrics::new(1);
         let rec = raw_record(1).decode(1).unwrap();
         for id in 0..100 {
-            let engine = Arc::new(EngineHandle {
-                id,
-                instance: "restarting".into(),
-                pid: 1,
-                resource: Resource::default(),
-                stats: EngineStats::default(),
-            });
+            let engine = engine(id, "restarting");
             m.record(&engine, "gemma", &rec);
             m.let_go(id, 1_000 + id);
         }
-        let live = Arc::new(EngineHandle {
-            id: 100,
-            instance: "live".into(),
-            pid: 2,
-            resource: Resource::default(),
-            stats: EngineStats::default(),
-        });
+        let live = engine(100, "live");
         m.record(&live, "gemma", &rec);
         m.prune(1_000 + LET_GO_RETENTION_NS);
         assert_eq!(m.engine_count(), 101, "within the retention: all exported");
