@@ -44,6 +44,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Body size cap.
     pub max_request_bytes: usize,
+    /// Time the whole body may take to arrive (`--body-read-timeout`).
+    pub body_read_timeout: std::time::Duration,
     /// Queue bound (for messages).
     pub max_queue: usize,
     /// Counters and gauges.
@@ -311,7 +313,15 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
     if declared_len.is_some_and(|n| n > state.max_request_bytes) {
         return pending.reject(&state, ApiError::payload_too_large(state.max_request_bytes));
     }
-    let bytes = match read_body(body, state.max_request_bytes).await {
+    // A slow upload holds a connection as a slow head does: bounded the same way.
+    let read = tokio::time::timeout(
+        state.body_read_timeout,
+        read_body(body, state.max_request_bytes),
+    );
+    let Ok(read) = read.await else {
+        return pending.reject(&state, ApiError::body_timeout(state.body_read_timeout));
+    };
+    let bytes = match read {
         Ok(b) => b,
         Err(BodyError::TooLarge) => {
             return pending.reject(&state, ApiError::payload_too_large(state.max_request_bytes));
@@ -619,6 +629,7 @@ mod tests {
             model_names: vec!["m".into()],
             api_key: key.map(str::to_owned),
             max_request_bytes: 10,
+            body_read_timeout: std::time::Duration::from_secs(1),
             max_queue: 1,
             metrics: Arc::new(Metrics::default()),
             telemetry: Telemetry::disabled(),

@@ -140,6 +140,12 @@ pub struct ServeArgs {
           value_parser = parse_seconds, value_name = "SECONDS")]
     pub header_read_timeout: Duration,
 
+    /// Seconds a request's whole body may take to arrive; then 408 and the connection is
+    /// closed (a slow upload holds a connection as a slow head does).
+    #[arg(long, env = "RINGSIDE_BODY_READ_TIMEOUT", default_value = "30",
+          value_parser = parse_seconds, value_name = "SECONDS")]
+    pub body_read_timeout: Duration,
+
     /// Seconds a kept-alive connection may wait for its next request before it is closed.
     #[arg(long, env = "RINGSIDE_IDLE_TIMEOUT", default_value = "60",
           value_parser = parse_seconds, value_name = "SECONDS")]

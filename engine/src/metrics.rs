@@ -9,7 +9,7 @@ use crate::telemetry::Operation;
 use crate::telemetry::rejections::{CAUSES, RejectionLimiter, cause_name};
 
 /// HTTP statuses counted individually; anything else counts as `other`.
-const STATUSES: [u16; 10] = [200, 400, 401, 404, 413, 415, 429, 499, 500, 503];
+const STATUSES: [u16; 11] = [200, 400, 401, 404, 408, 413, 415, 429, 499, 500, 503];
 const OPERATIONS: [Operation; 2] = [Operation::Chat, Operation::TextCompletion];
 
 fn op_index(op: Operation) -> usize {

@@ -215,6 +215,7 @@ impl Application {
             model_names: names.clone(),
             api_key: args.effective_api_key(),
             max_request_bytes: args.max_request_bytes,
+            body_read_timeout: args.body_read_timeout,
             max_queue: args.max_queue,
             metrics: Arc::clone(&metrics),
             telemetry: telemetry.clone(),

@@ -191,6 +191,53 @@ fn a_slowloris_client_is_closed_by_the_header_read_timeout() {
 }
 
 #[test]
+fn a_slow_body_gets_408_from_the_body_read_timeout() {
+    if !e2e_enabled("a_slow_body_gets_408_from_the_body_read_timeout") {
+        return;
+    }
+    let _serial = serial();
+    let engine = Engine::start("slowbody", &["--body-read-timeout", "2"]);
+    let mut slow = connect(engine.port);
+    write!(
+        slow,
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: 1000\r\n\r\n"
+    )
+    .expect("head");
+    slow.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("read timeout");
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    for _ in 0..20 {
+        // One body byte a second; the read doubles as the wait.
+        if slow.write_all(b" ").is_err() {
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reset instead of a 408: {e}"),
+        }
+    }
+    let took = start.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    eprintln!("slow body answered after {took:?}");
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "{answer:?} after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "answered after {took:?}, the body-read timeout is 2 s"
+    );
+}
+
+#[test]
 fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     if !e2e_enabled("an_idle_keep_alive_connection_is_closed_after_the_idle_timeout") {
         return;
