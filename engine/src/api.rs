@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::model::{Model, TokenizeError};
 use crate::openai::{ApiError, GenerationRequest, PromptInput, parse_request};
 use crate::scheduler::{Event, Job, SchedulerHandle, SubmitError, TraceIds, Usage};
+use crate::telemetry::rejections::RejectionLimiter;
 use crate::telemetry::{
     FinishReason, Operation, OutcomeKind, RequestOutcome, SamplingRecord, Telemetry,
 };
@@ -43,6 +44,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Body size cap.
     pub max_request_bytes: usize,
+    /// Time the whole body may take to arrive (`--body-read-timeout`).
+    pub body_read_timeout: std::time::Duration,
     /// Queue bound (for messages).
     pub max_queue: usize,
     /// Counters and gauges.
@@ -53,6 +56,8 @@ pub struct AppState {
     pub ready: OnceLock<Ready>,
     /// Unix seconds at start (`created` of /v1/models).
     pub started_unix: u64,
+    /// Per-cause rate limit on rejection records.
+    pub rejections: Arc<RejectionLimiter>,
 }
 
 /// The router.
@@ -101,7 +106,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(name),
+        state.metrics.render(name, &state.rejections),
     )
         .into_response()
 }
@@ -175,7 +180,30 @@ struct Pending {
 }
 
 impl Pending {
+    /// Answers `error`, recording it unless its cause is over the rejection-record rate.
     fn reject(&self, state: &AppState, error: ApiError) -> Response {
+        let t_finished_ns = now_ns().max(self.t_arrival_ns);
+        if state.rejections.admit(error.kind, t_finished_ns) {
+            self.record(state, &error, t_finished_ns);
+        }
+        state
+            .metrics
+            .count_request(self.operation, error.status.as_u16());
+        let queue_full = error.status == StatusCode::TOO_MANY_REQUESTS;
+        let mut response = error.into_response();
+        if queue_full {
+            // A slot frees within a generation's time; a second is a polite first retry.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Ok(v) = HeaderValue::from_str(&hex(&self.request_id)) {
+            response.headers_mut().insert("x-request-id", v);
+        }
+        response
+    }
+
+    fn record(&self, state: &AppState, error: &ApiError, t_finished_ns: u64) {
         let outcome = RequestOutcome {
             kind: OutcomeKind::Rejected,
             operation: self.operation,
@@ -188,7 +216,7 @@ impl Pending {
             t_scheduled_ns: 0,
             t_first_token_ns: 0,
             t_last_token_ns: 0,
-            t_finished_ns: now_ns().max(self.t_arrival_ns),
+            t_finished_ns,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: 0,
             cached_prompt_tokens: 0,
@@ -202,14 +230,6 @@ impl Pending {
             running: 0,
         };
         state.telemetry.record(&outcome);
-        state
-            .metrics
-            .count_request(self.operation, error.status.as_u16());
-        let mut response = error.into_response();
-        if let Ok(v) = HeaderValue::from_str(&hex(&self.request_id)) {
-            response.headers_mut().insert("x-request-id", v);
-        }
-        response
     }
 }
 
@@ -267,7 +287,9 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
     let mut pending = Pending {
         operation,
         request_id: new_request_id(),
-        trace: TraceContext::from_headers(&parts.headers),
+        // Only an authenticated caller's traceparent is adopted: an unauthenticated one must
+        // not put error spans into traces it names.
+        trace: TraceContext::new_root(),
         t_arrival_ns,
         queue_depth,
         stream: false,
@@ -279,6 +301,7 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
     if !authorized(&state, &parts.headers) {
         return pending.reject(&state, ApiError::unauthorized());
     }
+    pending.trace = TraceContext::from_headers(&parts.headers);
     let Some(ready) = state.ready.get() else {
         return pending.reject(&state, ApiError::unavailable("The model is still loading"));
     };
@@ -290,7 +313,15 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
     if declared_len.is_some_and(|n| n > state.max_request_bytes) {
         return pending.reject(&state, ApiError::payload_too_large(state.max_request_bytes));
     }
-    let bytes = match read_body(body, state.max_request_bytes).await {
+    // A slow upload holds a connection as a slow head does: bounded the same way.
+    let read = tokio::time::timeout(
+        state.body_read_timeout,
+        read_body(body, state.max_request_bytes),
+    );
+    let Ok(read) = read.await else {
+        return pending.reject(&state, ApiError::body_timeout(state.body_read_timeout));
+    };
+    let bytes = match read {
         Ok(b) => b,
         Err(BodyError::TooLarge) => {
             return pending.reject(&state, ApiError::payload_too_large(state.max_request_bytes));
@@ -472,6 +503,7 @@ async fn full_response(meta: ResponseMeta, mut rx: UnboundedReceiver<Event>) -> 
                 .into_response();
             }
             Event::Failed(message) => return ApiError::internal(message).into_response(),
+            Event::Aborted(message) => return ApiError::unavailable(message).into_response(),
         }
     }
     ApiError::internal("The inference thread dropped the request").into_response()
@@ -515,6 +547,14 @@ enum StreamPhase {
     Start,
     Tokens,
     Done,
+}
+
+/// The last events of a stream that failed: the error, then `[DONE]`.
+fn error_events(error: &ApiError) -> Vec<SseEvent> {
+    vec![
+        SseEvent::default().data(error.body().to_string()),
+        SseEvent::default().data("[DONE]"),
+    ]
 }
 
 fn stream_response(meta: ResponseMeta, rx: UnboundedReceiver<Event>) -> Response {
@@ -561,19 +601,16 @@ fn stream_response(meta: ResponseMeta, rx: UnboundedReceiver<Event>) -> Response
                     return Some((v, (meta, rx, StreamPhase::Done)));
                 }
                 Some(Event::Failed(message)) => {
-                    let v = vec![
-                        SseEvent::default().data(ApiError::internal(message).body().to_string()),
-                        SseEvent::default().data("[DONE]"),
-                    ];
+                    let v = error_events(&ApiError::internal(message));
+                    return Some((v, (meta, rx, StreamPhase::Done)));
+                }
+                Some(Event::Aborted(message)) => {
+                    let v = error_events(&ApiError::unavailable(message));
                     return Some((v, (meta, rx, StreamPhase::Done)));
                 }
                 None => {
                     let error = ApiError::internal("The inference thread dropped the request");
-                    let v = vec![
-                        SseEvent::default().data(error.body().to_string()),
-                        SseEvent::default().data("[DONE]"),
-                    ];
-                    return Some((v, (meta, rx, StreamPhase::Done)));
+                    return Some((error_events(&error), (meta, rx, StreamPhase::Done)));
                 }
             },
         };
@@ -592,11 +629,13 @@ mod tests {
             model_names: vec!["m".into()],
             api_key: key.map(str::to_owned),
             max_request_bytes: 10,
+            body_read_timeout: std::time::Duration::from_secs(1),
             max_queue: 1,
             metrics: Arc::new(Metrics::default()),
             telemetry: Telemetry::disabled(),
             ready: OnceLock::new(),
             started_unix: 0,
+            rejections: Arc::new(RejectionLimiter::new(1)),
         }
     }
 

@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -126,6 +127,53 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes; larger bodies are refused with 413.
     #[arg(long, env = "RINGSIDE_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
+
+    /// Most HTTP connections open at once; beyond it a connection gets 503 and is closed
+    /// (keep the unit's `LimitNOFILE=` above it).
+    #[arg(long, env = "RINGSIDE_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds a client has to send a request's head, from its first byte (from the
+    /// connection's opening, for the first request); then the connection is closed.
+    #[arg(long, env = "RINGSIDE_HEADER_READ_TIMEOUT", default_value = "10",
+          value_parser = parse_seconds, value_name = "SECONDS")]
+    pub header_read_timeout: Duration,
+
+    /// Seconds a request's whole body may take to arrive; then 408 and the connection is
+    /// closed (a slow upload holds a connection as a slow head does).
+    #[arg(long, env = "RINGSIDE_BODY_READ_TIMEOUT", default_value = "30",
+          value_parser = parse_seconds, value_name = "SECONDS")]
+    pub body_read_timeout: Duration,
+
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "RINGSIDE_IDLE_TIMEOUT", default_value = "60",
+          value_parser = parse_seconds, value_name = "SECONDS")]
+    pub idle_timeout: Duration,
+
+    /// Seconds requests in flight may take to finish after SIGTERM/SIGINT; then they are
+    /// aborted and recorded as 503. A second signal exits at once.
+    #[arg(long, env = "RINGSIDE_SHUTDOWN_TIMEOUT", default_value = "30",
+          value_parser = parse_seconds, value_name = "SECONDS")]
+    pub shutdown_timeout: Duration,
+
+    /// Ring records written per second for each cause of rejection (401, 413, 429…); the
+    /// rest are counted in `ringside_rejection_records_suppressed_total`.
+    #[arg(
+        long,
+        env = "RINGSIDE_REJECTION_RECORDS_PER_SECOND",
+        default_value_t = 20
+    )]
+    pub rejection_records_per_second: u32,
+}
+
+/// Seconds, fractions allowed (`0.5`), as a [`Duration`].
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// The cache directory: `$RINGSIDE_CACHE_DIR`, else `$HOME/.cache/ringside`.
@@ -213,5 +261,17 @@ mod tests {
         assert_eq!(args.served_model_name, ["a", "b"]);
         assert_eq!(args.tracing, Switch::Off);
         assert!(Cli::try_parse_from(["ringside-engine", "serve", "--parallel", "0"]).is_err());
+        assert_eq!(args.max_connections, 1024);
+        assert_eq!(args.shutdown_timeout, Duration::from_secs(30));
+        let cli =
+            Cli::try_parse_from(["ringside-engine", "serve", "--idle-timeout", "0.5"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        assert_eq!(args.idle_timeout, Duration::from_millis(500));
+        assert!(
+            Cli::try_parse_from(["ringside-engine", "serve", "--shutdown-timeout", "-1"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["ringside-engine", "serve", "--max-connections", "0"]).is_err()
+        );
     }
 }

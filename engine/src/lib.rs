@@ -5,7 +5,8 @@
 //! reads [`trace_context`], tokenizes with [`model`]/[`chat_template`] and hands a job to the
 //! [`scheduler`], whose inference thread samples with [`sampling`], cuts text with [`stop`],
 //! and at the end records a [`telemetry::RequestOutcome`]. [`metrics`] backs `/metrics`;
-//! [`server`] wires it together from the [`cli`] arguments.
+//! [`server`] wires it together from the [`cli`] arguments and [`http_server`] is its front
+//! door (connection cap, timeouts, lingering close).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod chat_template;
 pub mod cli;
 pub mod clock;
 pub mod companion;
+pub mod http_server;
 pub mod metrics;
 pub mod model;
 pub mod omp;

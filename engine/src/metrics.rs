@@ -6,9 +6,10 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::telemetry::Operation;
+use crate::telemetry::rejections::{CAUSES, RejectionLimiter, cause_name};
 
 /// HTTP statuses counted individually; anything else counts as `other`.
-const STATUSES: [u16; 10] = [200, 400, 401, 404, 413, 415, 429, 499, 500, 503];
+const STATUSES: [u16; 11] = [200, 400, 401, 404, 408, 413, 415, 429, 499, 500, 503];
 const OPERATIONS: [Operation; 2] = [Operation::Chat, Operation::TextCompletion];
 
 fn op_index(op: Operation) -> usize {
@@ -45,6 +46,12 @@ pub struct Metrics {
     /// Records pushed into a telemetry segment whose name had been removed, before the
     /// heartbeat re-created it (set by the heartbeat from [`crate::telemetry::Telemetry`]).
     pub records_lost_segment_removed: AtomicU64,
+    /// HTTP connections open now.
+    pub connections_open: AtomicUsize,
+    /// Connections refused because `--max-connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Requests aborted by the engine at the shutdown deadline (recorded as 503).
+    pub shutdown_aborted: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -60,6 +67,9 @@ impl Default for Metrics {
             max_queue: AtomicUsize::new(0),
             loaded: AtomicUsize::new(0),
             records_lost_segment_removed: AtomicU64::new(0),
+            connections_open: AtomicUsize::new(0),
+            connections_refused: AtomicU64::new(0),
+            shutdown_aborted: AtomicU64::new(0),
         }
     }
 }
@@ -90,7 +100,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     #[must_use]
-    pub fn render(&self, model_name: &str) -> String {
+    pub fn render(&self, model_name: &str, rejections: &RejectionLimiter) -> String {
         let model = escape_label(model_name);
         let mut out = String::with_capacity(4096);
         out.push_str(
@@ -131,12 +141,37 @@ impl Metrics {
                 "Request records written into a telemetry segment after its name was removed, before the engine re-created it.",
                 self.records_lost_segment_removed.load(Ordering::Relaxed),
             ),
+            (
+                "ringside_connections_refused_total",
+                "HTTP connections refused because --max-connections were open.",
+                self.connections_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "ringside_shutdown_aborted_total",
+                "Requests the engine aborted at the --shutdown-timeout deadline (recorded as 503).",
+                self.shutdown_aborted.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in counters {
             let _ = write!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model=\"{model}\"}} {value}\n"
             );
+        }
+        out.push_str(
+            "# HELP ringside_rejection_records_suppressed_total Rejected requests whose ring \
+             record the per-cause rate limit dropped (the request is still counted in \
+             ringside_requests_total).\n\
+             # TYPE ringside_rejection_records_suppressed_total counter\n",
+        );
+        for cause in 0..CAUSES {
+            let value = rejections.suppressed(cause);
+            if let Some(name) = cause_name(cause) {
+                let _ = writeln!(
+                    out,
+                    "ringside_rejection_records_suppressed_total{{model=\"{model}\",error_type=\"{name}\"}} {value}"
+                );
+            }
         }
         let gauges = [
             (
@@ -163,6 +198,11 @@ impl Metrics {
                 "ringside_model_loaded",
                 "1 once the model is loaded and requests are served.",
                 self.loaded.load(Ordering::Relaxed),
+            ),
+            (
+                "ringside_connections_open",
+                "HTTP connections open now (at most --max-connections).",
+                self.connections_open.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in gauges {
@@ -200,7 +240,12 @@ mod tests {
         m.count_request(Operation::TextCompletion, 418);
         m.count_tokens(10, 5);
         m.count_cached_prompt_tokens(4);
-        let text = m.render("m\"x");
+        let limiter = RejectionLimiter::new(0);
+        limiter.admit(crate::telemetry::ErrorKind::Unauthorized, 0);
+        let text = m.render("m\"x", &limiter);
+        assert!(text.contains(
+            "ringside_rejection_records_suppressed_total{model=\"m\\\"x\",error_type=\"unauthorized\"} 1"
+        ));
         assert!(text.contains(
             "ringside_requests_total{model=\"m\\\"x\",operation=\"chat\",status=\"200\"} 2"
         ));

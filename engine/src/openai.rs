@@ -155,6 +155,22 @@ impl ApiError {
         }
     }
 
+    /// 408: the body did not arrive within `--body-read-timeout`.
+    #[must_use]
+    pub fn body_timeout(timeout: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "The request body did not arrive within {} s.",
+                timeout.as_secs_f32()
+            ),
+            error_type: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            kind: ErrorKind::InvalidRequest,
+        }
+    }
+
     /// 429.
     #[must_use]
     pub fn queue_full(max_queue: usize) -> Self {

@@ -25,7 +25,7 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use llama_cpp_2::context::LlamaContext;
@@ -120,6 +120,8 @@ pub enum Event {
     },
     /// The engine failed the request.
     Failed(String),
+    /// The engine ended the request unfinished (the shutdown deadline): 503.
+    Aborted(String),
 }
 
 /// Why a request could not be handed to the scheduler.
@@ -167,6 +169,8 @@ pub struct SchedulerHandle {
 #[derive(Debug)]
 struct Shared {
     admitted: AtomicUsize,
+    /// Set at the shutdown deadline: everything admitted ends as 503, nothing more is.
+    abort: AtomicBool,
     limit: usize,
     metrics: Arc<Metrics>,
     tracker: Tracker,
@@ -179,11 +183,26 @@ impl SchedulerHandle {
         self.shared.metrics.queue_depth.load(Ordering::Relaxed)
     }
 
+    /// Requests admitted and not ended (queued or running).
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.shared.admitted.load(Ordering::Acquire)
+    }
+
+    /// Ends every admitted request as 503 (recorded, the client told) between two decode
+    /// steps, and refuses new ones: the shutdown deadline.
+    pub fn abort_all(&self) {
+        self.shared.abort.store(true, Ordering::Release);
+    }
+
     /// Admits `job`, or refuses it when `parallel + max_queue` requests are already admitted.
     ///
     /// # Errors
     /// [`SubmitError::QueueFull`] (429) or [`SubmitError::Stopped`] (503); the job is dropped.
     pub fn submit(&self, mut job: Job) -> Result<(), SubmitError> {
+        if self.shared.abort.load(Ordering::Acquire) {
+            return Err(SubmitError::Stopped);
+        }
         let limit = self.shared.limit;
         self.shared
             .admitted
@@ -246,6 +265,7 @@ pub fn start(
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<u32, StartError>>(1);
     let shared = Arc::new(Shared {
         admitted: AtomicUsize::new(0),
+        abort: AtomicBool::new(false),
         limit: (config.parallel as usize).saturating_add(config.max_queue),
         metrics: Arc::clone(&metrics),
         tracker: telemetry.tracker(),
@@ -437,9 +457,28 @@ impl<'m> Engine<'m> {
                     }
                 }
             }
+            if self.shared.abort.load(Ordering::Acquire) {
+                self.abort_all();
+            }
             self.drop_abandoned();
             self.schedule();
             self.step();
+        }
+    }
+
+    /// The shutdown deadline: every running and queued request ends as 503.
+    fn abort_all(&mut self) {
+        const MESSAGE: &str = "The engine is shutting down";
+        for i in 0..self.slots.len() {
+            self.finish(i, FinishReason::Abort, Some(MESSAGE.to_owned()));
+        }
+        while let Some(job) = self.pending.pop_front() {
+            self.metrics().queue_depth.fetch_sub(1, Ordering::Relaxed);
+            let _ = job.events.send(Event::Aborted(MESSAGE.to_owned()));
+            self.metrics()
+                .shutdown_aborted
+                .fetch_add(1, Ordering::Relaxed);
+            self.end_unscheduled(job, 503, ErrorKind::Unavailable);
         }
     }
 
@@ -450,7 +489,7 @@ impl<'m> Engine<'m> {
             if self.pending[i].events.is_closed() {
                 if let Some(job) = self.pending.remove(i) {
                     self.metrics().queue_depth.fetch_sub(1, Ordering::Relaxed);
-                    self.end_unscheduled(job);
+                    self.end_unscheduled(job, 499, ErrorKind::ClientDisconnected);
                 }
             } else {
                 i += 1;
@@ -458,7 +497,7 @@ impl<'m> Engine<'m> {
         }
     }
 
-    fn end_unscheduled(&self, mut job: Job) {
+    fn end_unscheduled(&self, mut job: Job, http_status: u16, error: ErrorKind) {
         let t = now_ns();
         let outcome = RequestOutcome {
             kind: OutcomeKind::Finished,
@@ -479,8 +518,8 @@ impl<'m> Engine<'m> {
             sampling: sampling_record(&job, job.sampling.seed.unwrap_or(0), 0),
             stream: job.stream,
             finish_reason: FinishReason::Abort,
-            http_status: 499,
-            error: ErrorKind::ClientDisconnected,
+            http_status,
+            error,
             model_index: job.model_index,
             queue_depth: job.queue_depth_at_arrival,
             running: 0,
@@ -489,7 +528,7 @@ impl<'m> Engine<'m> {
         if let Some(tracked) = job.inflight.take() {
             tracked.release();
         }
-        self.metrics().count_request(job.operation, 499);
+        self.metrics().count_request(job.operation, http_status);
         self.shared.admitted.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -764,7 +803,18 @@ impl<'m> Engine<'m> {
                     (499, ErrorKind::ClientDisconnected)
                 }
             }
-            FinishReason::Abort => (499, ErrorKind::ClientDisconnected),
+            // With a message: the engine ended it (the shutdown deadline).
+            FinishReason::Abort => match error {
+                Some(message) => {
+                    let _ = slot.job.events.send(Event::Aborted(message));
+                    self.shared
+                        .metrics
+                        .shutdown_aborted
+                        .fetch_add(1, Ordering::Relaxed);
+                    (503, ErrorKind::Unavailable)
+                }
+                None => (499, ErrorKind::ClientDisconnected),
+            },
             FinishReason::Error | FinishReason::None => {
                 let message = error.unwrap_or_else(|| "generation failed".to_owned());
                 let _ = slot.job.events.send(Event::Failed(message));

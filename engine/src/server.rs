@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -22,9 +23,11 @@ use tokio::task::JoinHandle;
 use crate::api::{AppState, Ready, router};
 use crate::cli::ServeArgs;
 use crate::companion::{self, Companion};
+use crate::http_server::{self, HttpLimits};
 use crate::metrics::Metrics;
 use crate::model::{self, LoadModelError};
 use crate::scheduler::{self, SchedulerConfig, StartError};
+use crate::telemetry::rejections::RejectionLimiter;
 use crate::telemetry::{Telemetry, TelemetryError};
 
 /// Why `serve` failed.
@@ -77,24 +80,39 @@ fn model_names(args: &ServeArgs, path: &std::path::Path) -> Vec<String> {
     vec![stem]
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT and SIGTERM, installed once at start so that a second one is caught too.
+struct Signals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        Self {
+            #[cfg(unix)]
+            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| tracing::warn!(error = %e, "cannot catch SIGTERM"))
+                .ok(),
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        let terminate = async {
+            match self.terminate.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
     }
 }
 
@@ -193,21 +211,11 @@ impl Application {
         let metrics = Arc::new(Metrics::default());
         let heartbeat = telemetry.clone();
         let heartbeat_metrics = Arc::clone(&metrics);
-        // Also notices a removed telemetry segment and re-creates it (Telemetry::heartbeat).
-        let heartbeat_task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                heartbeat.heartbeat();
-                heartbeat_metrics
-                    .records_lost_segment_removed
-                    .store(heartbeat.records_lost_segment_removed(), Ordering::Relaxed);
-            }
-        });
         let state = Arc::new(AppState {
             model_names: names.clone(),
             api_key: args.effective_api_key(),
             max_request_bytes: args.max_request_bytes,
+            body_read_timeout: args.body_read_timeout,
             max_queue: args.max_queue,
             metrics: Arc::clone(&metrics),
             telemetry: telemetry.clone(),
@@ -215,6 +223,31 @@ impl Application {
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            rejections: Arc::new(RejectionLimiter::new(args.rejection_records_per_second)),
+        });
+        // Not the state itself: its last handle must go at shutdown (it ends the scheduler).
+        let rejections = Arc::clone(&state.rejections);
+        // Also notices a removed telemetry segment and re-creates it (Telemetry::heartbeat),
+        // and says what the rejection-record limit dropped, at most every REPORT_EVERY.
+        let heartbeat_task = tokio::spawn(async move {
+            const REPORT_EVERY: u32 = 10;
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            let mut ticks = 0u32;
+            loop {
+                tick.tick().await;
+                heartbeat.heartbeat();
+                heartbeat_metrics
+                    .records_lost_segment_removed
+                    .store(heartbeat.records_lost_segment_removed(), Ordering::Relaxed);
+                ticks = ticks.wrapping_add(1);
+                if ticks.is_multiple_of(REPORT_EVERY) {
+                    let report = rejections.take_suppressed_report();
+                    if !report.is_empty() {
+                        tracing::warn!(suppressed = ?report, per_second = rejections.per_second(),
+                            "rejection records rate-limited (ringside_rejection_records_suppressed_total)");
+                    }
+                }
+            }
         });
 
         tracing::info!(%addr, model = %path.display(), names = ?names, threads,
@@ -241,11 +274,20 @@ impl Application {
         );
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server =
-            axum::serve(listener, router(Arc::clone(&state))).with_graceful_shutdown(async move {
+        let limits = HttpLimits {
+            max_connections: args.max_connections as usize,
+            header_read_timeout: args.header_read_timeout,
+            idle_timeout: args.idle_timeout,
+        };
+        let server = tokio::spawn(http_server::serve(
+            listener,
+            router(Arc::clone(&state)),
+            limits,
+            Arc::clone(&metrics),
+            async move {
                 let _ = stop_rx.await;
-            });
-        let server = tokio::spawn(async move { server.await });
+            },
+        ));
 
         StartedApplication {
             state,
@@ -255,6 +297,7 @@ impl Application {
             fatal_rx,
             stop_tx,
             server,
+            shutdown_timeout: args.shutdown_timeout,
         }
     }
 }
@@ -320,20 +363,31 @@ struct StartedApplication {
     fatal_rx: oneshot::Receiver<ServeError>,
     /// Starts the HTTP server's graceful shutdown.
     stop_tx: oneshot::Sender<()>,
-    server: JoinHandle<std::io::Result<()>>,
+    /// Ends once every connection has.
+    server: JoinHandle<()>,
+    /// `--shutdown-timeout`.
+    shutdown_timeout: Duration,
 }
 
 impl StartedApplication {
     /// Serves until SIGINT/SIGTERM, or until loading fails.
     async fn run(mut self) -> FinishedApplication {
+        let mut signals = Signals::install();
         let fatal = tokio::select! {
-            () = shutdown_signal() => {
-                tracing::info!("shutting down");
+            () = signals.next() => {
+                tracing::info!(shutdown_timeout = ?self.shutdown_timeout, "shutting down");
                 None
             }
             // A dropped sender means loading succeeded: keep serving until a signal.
             Ok(e) = &mut self.fatal_rx => Some(e),
         };
+        // From here a second signal ends the process at once, whatever shutdown is waiting on.
+        // A weak handle: the state's last strong one ends the scheduler at teardown.
+        let state = Arc::downgrade(&self.state);
+        tokio::spawn(async move {
+            signals.next().await;
+            exit_now(state.upgrade().as_deref()).await;
+        });
         FinishedApplication {
             started: self,
             fatal,
@@ -360,7 +414,8 @@ impl FinishedApplication {
             load_watch,
             fatal_rx: _,
             stop_tx,
-            server,
+            mut server,
+            shutdown_timeout,
         } = started;
         notify_systemd(&[
             sd_notify::NotifyState::Stopping,
@@ -372,11 +427,7 @@ impl FinishedApplication {
             stop_companion(companion).await;
             return Err(e);
         }
-        let served = match server.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Http(e)),
-            Err(e) => Err(ServeError::LoadTask(e.to_string())),
-        };
+        let served = drain(&state, &mut server, shutdown_timeout).await;
         // Orderly teardown, so the telemetry segment's name is removed: the scheduler handle
         // goes with the state, the inference thread then drains and ends, and the last
         // telemetry clone (the heartbeat's) is dropped.
@@ -392,6 +443,66 @@ impl FinishedApplication {
         served
     }
 }
+
+/// How long the requests aborted at the shutdown deadline have to send their 503.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits for the HTTP server to drain, up to `timeout`; then aborts what is left in the
+/// scheduler (recorded as 503), gives the responses [`ABORT_GRACE`] and closes the rest.
+async fn drain(
+    state: &AppState,
+    server: &mut JoinHandle<()>,
+    timeout: Duration,
+) -> Result<(), ServeError> {
+    let joined = |r: Result<(), tokio::task::JoinError>| {
+        r.or_else(|e| {
+            if e.is_cancelled() {
+                Ok(())
+            } else {
+                Err(ServeError::Http(std::io::Error::other(e.to_string())))
+            }
+        })
+    };
+    if let Ok(r) = tokio::time::timeout(timeout, &mut *server).await {
+        return joined(r);
+    }
+    let in_flight = state.ready.get().map_or(0, |r| r.scheduler.in_flight());
+    tracing::warn!(
+        in_flight,
+        ?timeout,
+        "shutdown deadline: aborting the requests still in flight (recorded as 503)"
+    );
+    if let Some(ready) = state.ready.get() {
+        ready.scheduler.abort_all();
+    }
+    if let Ok(r) = tokio::time::timeout(ABORT_GRACE, &mut *server).await {
+        return joined(r);
+    }
+    tracing::warn!("closing the connections still open");
+    server.abort();
+    joined((&mut *server).await)
+}
+
+/// The second signal: abort what is in flight, give the inference thread a moment to record
+/// it, and exit without the orderly teardown (the in-flight table keeps what is left for the
+/// agent).
+async fn exit_now(state: Option<&AppState>) -> ! {
+    const RECORD_GRACE: Duration = Duration::from_millis(300);
+    let ready = state.and_then(|s| s.ready.get());
+    let in_flight = ready.map_or(0, |r| r.scheduler.in_flight());
+    tracing::warn!(in_flight, "second signal: exiting now");
+    if let Some(ready) = ready {
+        ready.scheduler.abort_all();
+        let until = tokio::time::Instant::now() + RECORD_GRACE;
+        while ready.scheduler.in_flight() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    std::process::exit(EXIT_SECOND_SIGNAL)
+}
+
+/// Exit status after a second SIGTERM/SIGINT (128 + SIGTERM, as a shell reports it).
+const EXIT_SECOND_SIGNAL: i32 = 143;
 
 /// Stops the companion agent, if there is one, off the async threads.
 async fn stop_companion(companion: Option<Companion>) {

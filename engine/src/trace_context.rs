@@ -285,13 +285,19 @@ impl TraceContext {
                     tracestate: parse_tracestate(&states),
                 }
             }
-            Ok(None) | Err(_) => Self {
-                trace_id: new_trace_id(),
-                parent_span_id: None,
-                trace_flags: 0,
-                span_id,
-                tracestate: None,
-            },
+            Ok(None) | Err(_) => Self::new_root(),
+        }
+    }
+
+    /// A new trace started by the engine, whatever the caller sent.
+    #[must_use]
+    pub fn new_root() -> Self {
+        Self {
+            trace_id: new_trace_id(),
+            parent_span_id: None,
+            trace_flags: 0,
+            span_id: new_span_id(),
+            tracestate: None,
         }
     }
 

@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use ringside_shm_protocol as shm;
 
 pub mod inflight;
+pub mod rejections;
 
 /// Trace identity of a request, as recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
