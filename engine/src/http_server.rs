@@ -6,7 +6,7 @@
 //! - **Header-read timeout**: a request's head must be complete within `--header-read-timeout`
 //!   of its first byte (of the connection's opening, for the first request): slowloris.
 //! - **Idle timeout**: a kept-alive connection waiting for its next request is closed after
-//!   `--idle-timeout`. Both are one watchdog per connection ([`ConnClock`]); hyper's own
+//!   `--idle-timeout`. Both are one watchdog per connection (`ConnClock`); hyper's own
 //!   header timer is off because it also runs while a connection idles, which would tie the
 //!   two together.
 //! - **Lingering close**: after the last response hyper shuts the socket's write side; the
