@@ -252,5 +252,13 @@ mod tests {
             text.contains("gen_ai_server_request_duration_seconds_count{"),
             "{text}"
         );
+        for family in [
+            "# TYPE ringside_server_request_queue_duration_seconds histogram",
+            "# TYPE ringside_server_request_prefill_duration_seconds histogram",
+            "# TYPE ringside_server_request_decode_duration_seconds histogram",
+            "# TYPE ringside_server_token_usage histogram",
+        ] {
+            assert!(text.contains(family), "{family}\n{text}");
+        }
     }
 }

@@ -22,7 +22,9 @@ pub(crate) fn unix_now_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Boundaries of `gen_ai.server.request.duration` (seconds), semconv v1.41.
+/// Boundaries of `gen_ai.server.request.duration` (seconds), semconv v1.41;
+/// also those of the phase histograms (`ringside.server.request.*.duration`),
+/// so a phase and the whole request can be compared bucket by bucket.
 pub const DURATION_BOUNDS: &[f64] = &[
     0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
 ];
@@ -34,7 +36,8 @@ pub const TPOT_BOUNDS: &[f64] = &[
 pub const TTFT_BOUNDS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
-/// Boundaries of token usage (tokens).
+/// Boundaries of `ringside.server.token.usage` (tokens): those semconv v1.41
+/// advises for `gen_ai.client.token.usage`, its client-side counterpart.
 pub const TOKEN_BOUNDS: &[f64] = &[
     1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
     16777216.0, 67108864.0,
@@ -147,6 +150,9 @@ struct Series {
     operation: &'static str,
     error: Option<String>,
     duration: Hist,
+    queue: Hist,
+    prefill: Hist,
+    decode: Hist,
     ttft: Hist,
     tpot: Hist,
     input_tokens: Hist,
@@ -160,6 +166,9 @@ impl Series {
             operation: record.operation.as_str(),
             error: error_label(record),
             duration: Hist::new(DURATION_BOUNDS),
+            queue: Hist::new(DURATION_BOUNDS),
+            prefill: Hist::new(DURATION_BOUNDS),
+            decode: Hist::new(DURATION_BOUNDS),
             ttft: Hist::new(TTFT_BOUNDS),
             tpot: Hist::new(TPOT_BOUNDS),
             input_tokens: Hist::new(TOKEN_BOUNDS),
@@ -287,6 +296,17 @@ impl Metrics {
             .entry(key)
             .or_insert_with(|| Series::new(model, record));
         series.duration.record(ns(record.e2e_ns()));
+        // A phase is recorded when the request went through it, also when it
+        // failed later: where a failing request spent its time is the point.
+        for (hist, phase) in [
+            (&mut series.queue, record.queue_ns()),
+            (&mut series.prefill, record.prefill_ns()),
+            (&mut series.decode, record.decode_ns()),
+        ] {
+            if let Some(phase) = phase {
+                hist.record(ns(phase));
+            }
+        }
         series.input_tokens.record(f64::from(record.prompt_tokens));
         series
             .output_tokens
@@ -319,6 +339,7 @@ impl Metrics {
         let mut resource_metrics = Vec::new();
         for engine in self.engines.values() {
             let mut duration = Vec::new();
+            let mut phases: [Vec<HistogramDataPoint>; 3] = Default::default();
             let mut ttft = Vec::new();
             let mut tpot = Vec::new();
             let mut tokens = Vec::new();
@@ -336,6 +357,11 @@ impl Metrics {
                     attrs.push(kv_str("error.type", e.clone()));
                 }
                 duration.push(s.duration.point(attrs.clone(), start, now_unix_ns));
+                for (points, hist) in phases.iter_mut().zip([&s.queue, &s.prefill, &s.decode]) {
+                    if hist.count() > 0 {
+                        points.push(hist.point(attrs.clone(), start, now_unix_ns));
+                    }
+                }
                 if s.ttft.count() > 0 {
                     ttft.push(s.ttft.point(attrs.clone(), start, now_unix_ns));
                 }
@@ -366,12 +392,36 @@ impl Metrics {
                     "Generative AI server request duration.",
                     duration,
                 ));
+                // Not `gen_ai.server.token.usage`: semconv v1.41 defines no
+                // server token metric, only the client's.
                 metrics.push(hist(
-                    "gen_ai.server.token.usage",
+                    "ringside.server.token.usage",
                     "{token}",
                     "Number of input and output tokens per request.",
                     tokens,
                 ));
+            }
+            let [queue, prefill, decode] = phases;
+            for (name, description, points) in [
+                (
+                    "ringside.server.request.queue.duration",
+                    "Time requests waited for a sequence slot (arrival to scheduling).",
+                    queue,
+                ),
+                (
+                    "ringside.server.request.prefill.duration",
+                    "Time requests spent in prefill (scheduling to first token).",
+                    prefill,
+                ),
+                (
+                    "ringside.server.request.decode.duration",
+                    "Time requests spent in decode (first token to last token).",
+                    decode,
+                ),
+            ] {
+                if !points.is_empty() {
+                    metrics.push(hist(name, "s", description, points));
+                }
             }
             if !ttft.is_empty() {
                 metrics.push(hist(
@@ -637,7 +687,7 @@ mod tests {
         assert_eq!(tpot[0].explicit_bounds, TPOT_BOUNDS);
         // 1 s of decode over 10 steps.
         assert_eq!(tpot[0].sum, Some(0.2));
-        let tokens = points("gen_ai.server.token.usage");
+        let tokens = points("ringside.server.token.usage");
         assert_eq!(tokens.len(), 2);
         assert_eq!(tokens[0].sum, Some(24.0));
         assert_eq!(tokens[1].sum, Some(22.0));
@@ -650,6 +700,54 @@ mod tests {
         ] {
             find(name);
         }
+    }
+
+    #[test]
+    fn each_phase_of_a_request_is_its_own_histogram_and_unreached_phases_are_not_recorded() {
+        let engine = engine(7, "e");
+        let mut m = Metrics::new(1);
+        // queue 0.25 s, prefill 0.25 s, decode 1 s.
+        let finished = raw_record(1).decode(1).unwrap();
+        m.record(&engine, "gemma", &finished);
+        // Failed in the queue: a queue phase it never left is not a queue time.
+        let mut queued = finished.clone();
+        queued.timestamps.scheduled_ns = None;
+        queued.timestamps.first_token_ns = None;
+        queued.timestamps.last_token_ns = None;
+        queued.error_type = ringside_shm_protocol::ErrorType::Unavailable;
+        queued.http_status = 503;
+        m.record(&engine, "gemma", &queued);
+        let req = m.to_request(2, 0, &ExportCounters::default());
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        let points = |name: &str| {
+            let metric = metrics
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(metric.unit, "s", "{name}");
+            match &metric.data {
+                Some(metric::Data::Histogram(h)) => h.data_points.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        for (name, seconds) in [
+            ("ringside.server.request.queue.duration", 0.25),
+            ("ringside.server.request.prefill.duration", 0.25),
+            ("ringside.server.request.decode.duration", 1.0),
+        ] {
+            let p = points(name);
+            assert_eq!(p.len(), 1, "{name}: only the finished request's series");
+            assert_eq!(p[0].explicit_bounds, DURATION_BOUNDS, "{name}");
+            assert_eq!((p[0].count, p[0].sum), (1, Some(seconds)), "{name}");
+        }
+        // Both requests are in the end-to-end histogram, in their own series.
+        assert_eq!(points("gen_ai.server.request.duration").len(), 2);
+        assert!(
+            metrics
+                .iter()
+                .all(|m| m.name != "gen_ai.server.token.usage"),
+            "semconv defines no server token usage metric"
+        );
     }
 
     #[test]
