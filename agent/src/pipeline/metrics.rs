@@ -710,7 +710,7 @@ mod tests {
         let finished = raw_record(1).decode(1).unwrap();
         m.record(&engine, "gemma", &finished);
         // Failed in the queue: a queue phase it never left is not a queue time.
-        let mut queued = finished.clone();
+        let mut queued = finished;
         queued.timestamps.scheduled_ns = None;
         queued.timestamps.first_token_ns = None;
         queued.timestamps.last_token_ns = None;
