@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// End-to-end tests need the model, the Python tools and a release build; they
 /// run when `RINGSIDE_E2E=1` (as `scripts/test.sh` sets it) and are skipped,
@@ -678,4 +678,57 @@ impl Drop for Collector {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends a chat request over a raw socket with its own trace id (parent span
+/// `aa`), the way a client measures it; returns the client's view: wall clock
+/// when the request was written (ns since the epoch), time to the first
+/// content (ms) and to the last byte (ms).
+pub fn timed_traced_chat(engine: &Engine, trace_id: &str, stream: bool) -> (u64, f64, f64) {
+    let body = serde_json::json!({
+        "model": engine.model,
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 32,
+        "temperature": 0,
+        "stream": stream,
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         traceparent: 00-{trace_id}-00000000000000aa-01\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut socket = TcpStream::connect(("127.0.0.1", engine.port)).expect("connect");
+    socket.set_nodelay(true).expect("nodelay");
+    socket.write_all(request.as_bytes()).expect("send");
+    let start = Instant::now();
+    let sent_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64;
+    let mut all = Vec::new();
+    let mut first = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+        if first.is_none() {
+            let text = String::from_utf8_lossy(&all);
+            let has_text = text
+                .match_indices("\"content\":\"")
+                .any(|(i, m)| !text[i + m.len()..].starts_with('"'));
+            if !stream || has_text {
+                first = Some(start.elapsed());
+            }
+        }
+    }
+    let last = start.elapsed();
+    (
+        sent_at,
+        first.expect("a content chunk").as_secs_f64() * 1e3,
+        last.as_secs_f64() * 1e3,
+    )
 }

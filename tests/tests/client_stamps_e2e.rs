@@ -5,7 +5,8 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Agent, Collector, Engine, e2e_enabled, hex, records, span_blocks, span_field, wait_for_records,
+    Agent, Collector, Engine, e2e_enabled, hex, records, span_blocks, span_field,
+    timed_traced_chat, wait_for_records,
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -100,58 +101,6 @@ fn record_stamps_match_what_a_raw_client_sees() {
 fn double_attribute(block: &str, key: &str) -> Option<f64> {
     let at = block.find(&format!("{key}: Double("))? + key.len() + 9;
     block[at..].split(')').next()?.parse().ok()
-}
-
-/// Sends a chat request with its own trace id; returns the client's view: wall clock when the
-/// request was written (ns since the epoch), time to the first content (ms) and to the last byte
-/// (ms).
-fn timed_traced_chat(engine: &Engine, trace_id: &str, stream: bool) -> (u64, f64, f64) {
-    let body = serde_json::json!({
-        "model": engine.model,
-        "messages": [{"role": "user", "content": "Tell me a story."}],
-        "max_tokens": 32,
-        "temperature": 0,
-        "stream": stream,
-    })
-    .to_string();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         traceparent: 00-{trace_id}-00000000000000aa-01\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut socket = TcpStream::connect(("127.0.0.1", engine.port)).expect("connect");
-    socket.set_nodelay(true).expect("nodelay");
-    socket.write_all(request.as_bytes()).expect("send");
-    let start = Instant::now();
-    let sent_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as u64;
-    let mut all = Vec::new();
-    let mut first = None;
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = socket.read(&mut buf).expect("read");
-        if n == 0 {
-            break;
-        }
-        all.extend_from_slice(&buf[..n]);
-        if first.is_none() {
-            let text = String::from_utf8_lossy(&all);
-            let has_text = text
-                .match_indices("\"content\":\"")
-                .any(|(i, m)| !text[i + m.len()..].starts_with('"'));
-            if !stream || has_text {
-                first = Some(start.elapsed());
-            }
-        }
-    }
-    let last = start.elapsed();
-    (
-        sent_at,
-        first.expect("a content chunk").as_secs_f64() * 1e3,
-        last.as_secs_f64() * 1e3,
-    )
 }
 
 /// The exported SERVER span of `trace_id`, once rotel printed it.
