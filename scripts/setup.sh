@@ -46,6 +46,12 @@ fi
 scripts/install-model.sh >/dev/null
 
 if ((want_tests)); then
+    # A real tracing backend for the interoperability tests (Arize Phoenix:
+    # OTLP gRPC and HTTP in, spans out of a REST API).
+    if ! .venv/bin/python -c 'import phoenix' 2>/dev/null; then
+        say "pip install -r scripts/requirements-tests.txt"
+        .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-tests.txt
+    fi
     # miri and cargo-fuzz need nightly. They are checks, not build steps: if
     # nightly cannot be installed here, test.sh reports them as skipped.
     if ! rustup +nightly component list --installed 2>/dev/null | grep -q '^miri'; then

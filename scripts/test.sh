@@ -65,7 +65,8 @@ missing=()
 .venv/bin/python -c 'import openai, rotel, kubernetes_validate' 2>/dev/null \
     || missing+=(".venv Python tools (openai, rotel, kubernetes-validate; scripts/setup.sh)")
 [[ -x .venv/bin/rotel-agent ]] || missing+=("rotel-agent in .venv/bin (scripts/setup.sh)")
-for tool in tmux promtool; do
+[[ -x .venv/bin/phoenix ]] || missing+=("Arize Phoenix in .venv (scripts/setup.sh --tests)")
+for tool in tmux promtool prometheus; do
     command -v "$tool" >/dev/null || missing+=("$tool (scripts/setup.sh)")
 done
 if ((${#missing[@]})); then

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Agent, Collector, Engine, e2e_enabled, free_port, http, timed_traced_chat,
+    Agent, Collector, Engine, e2e_enabled, free_port, http, repo_root, timed_traced_chat,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -287,4 +287,197 @@ scrape_configs:
         5.0,
     );
     let _ = std::fs::remove_dir_all(&token_dir);
+}
+
+/// Arize Phoenix (PyPI `arize-phoenix`, in `.venv` from `scripts/setup.sh
+/// --tests`) on loopback with its own working directory (SQLite), killed
+/// when dropped.
+struct Phoenix {
+    child: Child,
+    http_port: u16,
+    grpc_port: u16,
+    dir: PathBuf,
+}
+
+impl Phoenix {
+    fn start() -> Phoenix {
+        let dir = std::env::temp_dir().join(format!("ringside-phoenix-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("phoenix dir");
+        let (http_port, grpc_port) = (free_port(), free_port());
+        let phoenix = repo_root().join(".venv/bin/phoenix");
+        let child = Command::new(&phoenix)
+            .arg("serve")
+            .env("PHOENIX_HOST", "127.0.0.1")
+            .env("PHOENIX_PORT", http_port.to_string())
+            .env("PHOENIX_GRPC_PORT", grpc_port.to_string())
+            .env("PHOENIX_WORKING_DIR", &dir)
+            .env("PHOENIX_TELEMETRY_ENABLED", "false")
+            // A closed network: no docs assistant fetched from the internet.
+            .env("PHOENIX_ALLOW_EXTERNAL_RESOURCES", "false")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("phoenix.log")).expect("log file"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {} (arize-phoenix; scripts/setup.sh --tests): {e}",
+                    phoenix.display()
+                )
+            });
+        let phoenix = Phoenix {
+            child,
+            http_port,
+            grpc_port,
+            dir,
+        };
+        // Phoenix imports a lot before it listens: minutes on a loaded 2-core machine.
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while http(http_port, "GET", "/v1/projects", &[], b"").map_or(true, |r| r.status != 200)
+            || std::net::TcpStream::connect(("127.0.0.1", grpc_port)).is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "phoenix did not come up; its log:\n{}",
+                std::fs::read_to_string(phoenix.dir.join("phoenix.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        phoenix
+    }
+
+    /// The spans of `trace_id` Phoenix's REST API returns, once it returns
+    /// `count` of them.
+    fn wait_for_trace(&self, trace_id: &str, count: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let response = http(
+                self.http_port,
+                "GET",
+                "/v1/projects/default/spans?limit=1000",
+                &[],
+                b"",
+            )
+            .expect("GET spans");
+            let body = response.json();
+            let spans: Vec<serde_json::Value> = body["data"]
+                .as_array()
+                .map(|spans| {
+                    spans
+                        .iter()
+                        .filter(|s| s["context"]["trace_id"] == trace_id)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            if spans.len() >= count {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Phoenix has {} of {count} spans of {trace_id}: {body}",
+                spans.len()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Phoenix {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Seconds since the epoch of Phoenix's ISO 8601 stamps
+/// (`2026-12-06T23:46:09.933772+00:00`).
+fn epoch_seconds(stamp: &serde_json::Value) -> f64 {
+    let text = stamp.as_str().expect("a timestamp string");
+    let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+    parsed.unix_timestamp_nanos() as f64 / 1e9
+}
+
+#[test]
+fn phoenix_receives_spans_over_grpc_and_http_protobuf_with_the_clients_ids_tokens_and_durations() {
+    if !e2e_enabled(
+        "phoenix_receives_spans_over_grpc_and_http_protobuf_with_the_clients_ids_tokens_and_durations",
+    ) {
+        return;
+    }
+    let phoenix = Phoenix::start();
+    let engine = Engine::start("phoenix", &[]);
+    for (protocol, endpoint, tag) in [
+        (
+            "grpc",
+            format!("http://127.0.0.1:{}", phoenix.grpc_port),
+            0xd0_u128,
+        ),
+        (
+            "http/protobuf",
+            format!("http://127.0.0.1:{}", phoenix.http_port),
+            0xe0_u128,
+        ),
+    ] {
+        let agent = Agent::start(&[
+            "--engine",
+            &engine.instance,
+            "--protocol",
+            protocol,
+            "--endpoint",
+            &endpoint,
+            "--batch-delay-ms",
+            "100",
+            "--admin-listen",
+            "off",
+        ]);
+        // The agent attaches within a scan; requests before it would be history.
+        std::thread::sleep(Duration::from_secs(2));
+        for (n, stream) in [(1_u128, true), (2, false)] {
+            let trace_id = format!("{:032x}", tag + n);
+            let (sent_at_ns, _first_ms, last_ms) = timed_traced_chat(&engine, &trace_id, stream);
+            let spans = phoenix.wait_for_trace(&trace_id, 4);
+            let what = format!("{protocol} stream={stream}: {spans:#?}");
+            let server: Vec<_> = spans.iter().filter(|s| s["span_kind"] == "LLM").collect();
+            assert_eq!(server.len(), 1, "one LLM (server) span: {what}");
+            let server = server[0];
+            assert_eq!(
+                server["parent_id"], "00000000000000aa",
+                "the caller's parent span: {what}"
+            );
+            let server_id = &server["context"]["span_id"];
+            let mut children: Vec<&str> = spans
+                .iter()
+                .filter(|s| &s["parent_id"] == server_id)
+                .map(|s| s["name"].as_str().unwrap_or(""))
+                .collect();
+            children.sort_unstable();
+            assert_eq!(children, ["decode", "prefill", "queue"], "{what}");
+            // Token counts as the engine answered them (a chat of 32 tokens at most).
+            let attributes = &server["attributes"];
+            let output = attributes["gen_ai.usage.output_tokens"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("output tokens: {what}"));
+            assert!((1..=32).contains(&output), "{what}");
+            assert!(
+                attributes["gen_ai.usage.input_tokens"].as_u64() > Some(0),
+                "{what}"
+            );
+            // The duration the client measured, and where its clock put the start.
+            let start = epoch_seconds(&server["start_time"]);
+            let duration_ms = (epoch_seconds(&server["end_time"]) - start) * 1e3;
+            let start_offset_ms = (start - sent_at_ns as f64 / 1e9) * 1e3;
+            assert!(
+                (duration_ms - last_ms).abs() <= 5.0,
+                "duration {duration_ms:.2} ms, the client saw {last_ms:.2} ms: {what}"
+            );
+            assert!(
+                start_offset_ms.abs() <= 5.0,
+                "starts {start_offset_ms:+.2} ms from the client's send: {what}"
+            );
+        }
+        drop(agent);
+    }
 }

@@ -10,7 +10,7 @@ use ringside_tests::harness::{
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Sends a chat request; returns (response id hex, time to first content chunk / first byte,
 /// time to last byte), measured from right after the request bytes were written.
