@@ -12,10 +12,11 @@ want_tests=0
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 # C/C++ toolchain for llama.cpp (built by llama-cpp-sys-2), promtool for
-# /metrics checks, tmux for the terminal UI tests, shellcheck for CI's check
-# of the shell scripts.
+# /metrics checks and the Prometheus interoperability test, tmux for the
+# terminal UI tests, shellcheck for CI's check of the shell scripts, iproute2
+# for the fleet test's network namespaces.
 apt_needed=()
-for pkg in cmake clang libclang-dev prometheus tmux shellcheck; do
+for pkg in cmake clang libclang-dev prometheus tmux shellcheck iproute2; do
     dpkg -s "$pkg" >/dev/null 2>&1 || apt_needed+=("$pkg")
 done
 if ((${#apt_needed[@]})); then
