@@ -2,7 +2,8 @@
 # Installs what ringside's build, demo and tests need on a fresh Debian
 # machine (root, Rust toolchain present). Idempotent: only what is missing.
 #   scripts/setup.sh            build + demo needs (apt build deps, model, Python client, collector)
-#   scripts/setup.sh --tests    also the test-only tools (nightly miri, cargo-fuzz)
+#   scripts/setup.sh --tests    also the test-only tools (nightly miri, cargo-fuzz; debootstrap,
+#                               systemd-nspawn and cargo-deb for systemd/real-systemd-test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +47,21 @@ fi
 scripts/install-model.sh >/dev/null
 
 if ((want_tests)); then
+    # The real-systemd test: a bookworm root (debootstrap) booted by
+    # systemd-nspawn, the .deb built by cargo-deb.
+    test_apt=()
+    for pkg in debootstrap systemd-container jq curl; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || test_apt+=("$pkg")
+    done
+    if ((${#test_apt[@]})); then
+        say "apt-get install ${test_apt[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${test_apt[@]}" >/dev/null
+    fi
+    if ! command -v cargo-deb >/dev/null; then
+        say "cargo install cargo-deb"
+        cargo install --quiet --locked cargo-deb || say "cargo-deb unavailable (systemd/real-systemd-test.sh will fail)"
+    fi
     # miri and cargo-fuzz need nightly. They are checks, not build steps: if
     # nightly cannot be installed here, test.sh reports them as skipped.
     if ! rustup +nightly component list --installed 2>/dev/null | grep -q '^miri'; then
