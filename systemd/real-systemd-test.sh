@@ -525,6 +525,14 @@ else
     fail "warnings in the journal from our units:"
     printf '%s\n' "$warnings" | sed 's/^/      | /' >&2
 fi
+# An option systemd could not apply here it says at notice level ("...,
+# ignoring"): shown, for systemd/README.md's list.
+ignored="$(in_ct journalctl -o json --no-pager UNIT=ringside-agent.service + UNIT=ringside-engine@demo.service \
+    | jq -r 'select((.PRIORITY | tonumber) <= 5) | .MESSAGE' | grep -iE 'ignor|prohibit|not supported|unavailable|missing' | sort -u || true)"
+if [[ -n "$ignored" ]]; then
+    printf 'NOT APPLIED IN THIS CONTAINER (systemd says so):\n' >&2
+    printf '%s\n' "$ignored" | sed 's/^/      | /' >&2
+fi
 note "expected, during the SIGKILL check:"
 { our_warnings "$t_kill" "$t_kill_end"; systemd_warnings "$t_kill" "$t_kill_end"; } | sed 's/^/      | /' >&2
 : "$t_missing" "$t_steady_end"
