@@ -87,6 +87,10 @@ teardown() {
         for _ in $(seq 1 300); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$nspawn_pid" 2>/dev/null || true
         say "container powered off and removed in $((SECONDS - off)) s"
+        if ((SECONDS - off > 10)); then
+            say "slow power-off; the console's last lines:"
+            tail -n 15 "$work/console.log" | sed 's/\x1b\[[0-9;]*m//g' >&2
+        fi
     fi
     # The ephemeral copy is nspawn's to remove; one it left (killed) is ours.
     for copy in "$(dirname "$root_dir")"/.#machine.* "$(dirname "$root_dir")"/.#.#machine.*; do
