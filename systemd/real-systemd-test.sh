@@ -551,9 +551,24 @@ fi
 note "expected, during the SIGKILL check:"
 { our_warnings "$t_kill" "$t_kill_end"; systemd_warnings "$t_kill" "$t_kill_end"; } | sed 's/^/      | /' >&2
 
-# --- purge -------------------------------------------------------------------------------
+# --- upgrade (a reinstall runs the same maintainer scripts) -------------------------------
 in_ct systemctl start ringside-engine@demo ringside-agent
 in_ct systemctl enable ringside-agent.service ringside-engine@demo.service >/dev/null 2>&1
+pids_before="$(in_ct systemctl show -p MainPID --value ringside-engine@demo ringside-agent | xargs)"
+reinstall_out="$(in_ct apt-get install -y --reinstall /root/ringside.deb 2>&1)" \
+    || { printf '%s\n' "$reinstall_out" >&2; fail "apt-get install --reinstall"; }
+pids_after="$(in_ct systemctl show -p MainPID --value ringside-engine@demo ringside-agent | xargs)"
+states="$(in_ct systemctl is-active ringside-engine@demo ringside-agent | xargs)"
+kept="$(in_ct grep -c "^RINGSIDE_PORT=$engine_port\$" /etc/ringside/engine.env || true)"
+if [[ "$states" == "active active" && "$pids_after" != "$pids_before" && "$kept" == 1 ]] \
+    && curl -fsS --max-time 5 "http://127.0.0.1:$engine_port/health" >/dev/null; then
+    pass "reinstall (as an upgrade): both units restarted and serving (pids $pids_before -> $pids_after), the edited engine.env kept"
+else
+    fail "reinstall: units '$states', pids $pids_before -> $pids_after, edited engine.env kept: $kept"
+fi
+check_env_modes "after the reinstall"
+
+# --- purge -------------------------------------------------------------------------------
 purge_out="$(in_ct apt-get purge -y ringside 2>&1)" || { printf '%s\n' "$purge_out" >&2; fail "apt-get purge ringside"; }
 left=""
 procs="$(in_ct ps -e -o uid=,pid=,comm= | awk -v e="$engine_uid" -v a="$agent_uid" '$1 == e || $1 == a || $3 ~ /^ringside/')"
