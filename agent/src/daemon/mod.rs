@@ -23,7 +23,7 @@
 mod reload;
 
 use crate::RunError;
-use crate::config::{RunArgs, Settings};
+use crate::config::{EnvFile, RunArgs, Settings};
 use crate::control::{admin_api, published_state};
 use crate::export::{ExportQueue, Exporter, ExporterUpdate, Transport};
 use crate::pipeline::accounting::EngineHandle;
@@ -60,6 +60,8 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
 pub struct Application {
     settings: Settings,
     resource_env: ResourceEnv,
+    /// `--env-file` as read at start (empty without one).
+    env_file: EnvFile,
 }
 
 impl Application {
@@ -70,12 +72,18 @@ impl Application {
         // whole in RSS and in a container's memory limit; a small sidecar has no
         // use for them. Best effort: a kernel without the flag keeps them.
         let _ = rustix::thread::disable_transparent_huge_pages(true);
-        let env = |name: &str| std::env::var(name).ok();
+        let env_file = match &args.env_file {
+            Some(path) => EnvFile::read(path)?,
+            None => EnvFile::default(),
+        };
+        let process_env = |name: &str| std::env::var(name).ok();
+        let env = |name: &str| env_file.lookup(&env_file, &process_env, name);
         let settings = Settings::resolve(args, &env)?;
         let resource_env = ResourceEnv::from_env(&env, resource::host_name());
         Ok(Self {
             settings,
             resource_env,
+            env_file,
         })
     }
 
@@ -87,6 +95,7 @@ impl Application {
         let Self {
             settings,
             resource_env,
+            env_file,
         } = self;
         let transport = Transport::new(&settings.target)?;
         let sigterm = install(SignalKind::terminate(), "installing the SIGTERM handler")?;
@@ -201,6 +210,7 @@ impl Application {
             update_tx,
             sampler_update,
             stall_after_update,
+            env_file_at_start: env_file,
             running: Running {
                 settings,
                 registry,
@@ -254,6 +264,8 @@ pub struct StartedApplication {
     sampler_update: Arc<Mutex<Option<Sampler>>>,
     /// New stall threshold (ns) on SIGHUP (read by the reader thread).
     stall_after_update: Arc<std::sync::atomic::AtomicU64>,
+    /// `--env-file` as read at start: what a reload may find removed.
+    env_file_at_start: EnvFile,
     running: Running,
 }
 
@@ -267,7 +279,7 @@ impl StartedApplication {
                 _ = self.signals.sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
                 _ = self.signals.sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
                 _ = self.signals.sighup.recv() => {
-                    if let Some((update, new)) = reload::reload(&current) {
+                    if let Some((update, new)) = reload::reload(&current, &self.env_file_at_start) {
                         if let Ok(mut slot) = self.sampler_update.lock() {
                             *slot = Some(new.sampler.clone());
                         }

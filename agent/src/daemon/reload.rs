@@ -1,16 +1,19 @@
-//! SIGHUP: the command line and its config file read again, and what of
+//! SIGHUP: the command line, its config file and its env file read again, and what of
 //! the new configuration the running daemon can apply without a restart
 //! (the exporter's transport and batching, the head sampler, the stall
 //! threshold).
 
-use crate::config::{self, Command, Settings};
+use crate::config::{self, Command, EnvFile, Settings};
 use crate::export::{self, Transport};
 
 /// Re-reads the command line and its config file (SIGHUP): the exporter
 /// settings and the head sampler for the running agent, and the new
 /// settings; `None` (logged) if the new configuration cannot be used, and
 /// the agent goes on as it was.
-pub(super) fn reload(current: &Settings) -> Option<(export::ExporterUpdate, Settings)> {
+pub(super) fn reload(
+    current: &Settings,
+    env_file_at_start: &EnvFile,
+) -> Option<(export::ExporterUpdate, Settings)> {
     let cli = match config::parse_command_line(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(e) => {
@@ -21,7 +24,19 @@ pub(super) fn reload(current: &Settings) -> Option<(export::ExporterUpdate, Sett
     let Command::Run(args) = cli.command else {
         return None;
     };
-    let env = |name: &str| std::env::var(name).ok();
+    // The service manager read the environment file only at start: read it again.
+    let env_file = match &args.env_file {
+        Some(path) => match EnvFile::read(path) {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: configuration not reloaded");
+                return None;
+            }
+        },
+        None => EnvFile::default(),
+    };
+    let process_env = |name: &str| std::env::var(name).ok();
+    let env = |name: &str| env_file.lookup(env_file_at_start, &process_env, name);
     let new = match Settings::resolve(&args, &env) {
         Ok(s) => s,
         Err(e) => {
