@@ -114,7 +114,8 @@ pub struct SelectionArgs {
     /// Engine instance (repeatable); default: every segment under /dev/shm.
     #[arg(long = "engine", value_name = "NAME")]
     pub engines: Vec<String>,
-    /// Uids whose segments are trusted besides our own and root (repeatable).
+    /// Uids whose segments are trusted besides our own, root and the
+    /// `ringside-engine` user's (repeatable).
     #[arg(long = "trusted-uid", value_name = "UID")]
     pub trusted_uids: Vec<u32>,
 }
@@ -299,7 +300,8 @@ pub struct RunArgs {
     /// Longest the SIGTERM flush may take, in milliseconds.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     pub shutdown_timeout_ms: u64,
-    /// Uids whose segments are trusted besides our own and root (repeatable).
+    /// Uids whose segments are trusted besides our own, root and the
+    /// `ringside-engine` user's (repeatable).
     #[arg(long = "trusted-uid", value_name = "UID")]
     pub trusted_uids: Vec<u32>,
     /// Head sampler (OTEL_TRACES_SAMPLER).
@@ -361,7 +363,7 @@ impl SelectionArgs {
     pub fn selection(&self) -> EngineSelection {
         EngineSelection {
             engines: self.engines.clone(),
-            trusted_uids: self.trusted_uids.clone(),
+            trusted_uids: super::trust::with_engine_user(self.trusted_uids.clone()),
         }
     }
 }

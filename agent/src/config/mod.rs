@@ -18,6 +18,7 @@ pub mod otlp;
 pub mod settings;
 #[cfg(test)]
 mod tests;
+pub mod trust;
 
 pub use cli::{
     AttributeSetArg, Cli, Command, DetailArg, ExporterKind, RunArgs, SelectionArgs, SetArgs,

@@ -101,7 +101,7 @@ impl Settings {
             poll_interval: Duration::from_millis(args.poll_interval_ms),
             discover_interval: Duration::from_millis(args.discover_interval_ms.max(1)),
             shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
-            trusted_uids: args.trusted_uids.clone(),
+            trusted_uids: super::trust::with_engine_user(args.trusted_uids.clone()),
             sampler,
             tail_above_p99: args.tail_above_p99,
             tail_window: Duration::from_secs(args.tail_window_s.max(1)),
