@@ -151,9 +151,7 @@ fn main() -> ExitCode {
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     let llama = &loaded.model.llama;
-    let mut ctx = llama
-        .new_context(&loaded.backend, params)
-        .expect("context");
+    let mut ctx = llama.new_context(&loaded.backend, params).expect("context");
     let tok = |s: &str| loaded.model.tokenize_text(s);
     let p = tok("My favourite food is");
     let n = p.len();
@@ -175,32 +173,87 @@ fn main() -> ExitCode {
     let mut all_same = true;
     // B: the prompt cache today: prefix kept, the last token decoded alone (1 row).
     clear(&mut ctx);
-    decode(&mut ctx, &[Part { seq: 0, pos: 0, tokens: &p[..n - 1] }]);
-    let b = decode(&mut ctx, &[Part { seq: 0, pos: i32::try_from(n - 1).unwrap(), tokens: &p[n - 1..] }]).remove(0);
+    decode(
+        &mut ctx,
+        &[Part {
+            seq: 0,
+            pos: 0,
+            tokens: &p[..n - 1],
+        }],
+    );
+    let b = decode(
+        &mut ctx,
+        &[Part {
+            seq: 0,
+            pos: to_i32(n - 1),
+            tokens: &p[n - 1..],
+        }],
+    )
+    .remove(0);
     all_same &= compare("B reuse n-1, last token alone (1 row)", &a, &b);
 
     // F: re-decode the last two tokens (2 rows, one sequence).
     clear(&mut ctx);
-    decode(&mut ctx, &[Part { seq: 0, pos: 0, tokens: &p[..n - 2] }]);
-    let f = decode(&mut ctx, &[Part { seq: 0, pos: i32::try_from(n - 2).unwrap(), tokens: &p[n - 2..] }]).remove(0);
+    decode(
+        &mut ctx,
+        &[Part {
+            seq: 0,
+            pos: 0,
+            tokens: &p[..n - 2],
+        }],
+    );
+    let f = decode(
+        &mut ctx,
+        &[Part {
+            seq: 0,
+            pos: to_i32(n - 2),
+            tokens: &p[n - 2..],
+        }],
+    )
+    .remove(0);
     all_same &= compare("F reuse n-2, last two tokens (2 rows)", &a, &f);
 
     // C/D/E: last token together with k other sequences' decode tokens (k+1 rows).
     for k in [1usize, 2, 3, 4, 5] {
         clear(&mut ctx);
-        decode(&mut ctx, &[Part { seq: 0, pos: 0, tokens: &p[..n - 1] }]);
+        decode(
+            &mut ctx,
+            &[Part {
+                seq: 0,
+                pos: 0,
+                tokens: &p[..n - 1],
+            }],
+        );
         for s in 1..=k {
-            decode(&mut ctx, &[Part { seq: i32::try_from(s).unwrap(), pos: 0, tokens: &q }]);
+            decode(
+                &mut ctx,
+                &[Part {
+                    seq: to_i32(s),
+                    pos: 0,
+                    tokens: &q,
+                }],
+            );
         }
-        let qn = i32::try_from(q.len()).unwrap();
+        let qn = to_i32(q.len());
         let extra: Vec<[LlamaToken; 1]> = (0..k).map(|_| [q[1]]).collect();
-        let mut parts = vec![Part { seq: 0, pos: i32::try_from(n - 1).unwrap(), tokens: &p[n - 1..] }];
+        let mut parts = vec![Part {
+            seq: 0,
+            pos: to_i32(n - 1),
+            tokens: &p[n - 1..],
+        }];
         for (s, t) in extra.iter().enumerate() {
-            parts.push(Part { seq: i32::try_from(s + 1).unwrap(), pos: qn, tokens: t });
+            parts.push(Part {
+                seq: to_i32(s + 1),
+                pos: qn,
+                tokens: t,
+            });
         }
         let c = decode(&mut ctx, &parts).remove(0);
         all_same &= compare(
-            &format!("reuse n-1, last token + {k} other sequences' tokens ({} rows)", k + 1),
+            &format!(
+                "reuse n-1, last token + {k} other sequences' tokens ({} rows)",
+                k + 1
+            ),
             &a,
             &c,
         );
@@ -208,13 +261,28 @@ fn main() -> ExitCode {
 
     // G: fresh, with another sequence's decode token in the same call (seq 1, consecutive).
     clear(&mut ctx);
-    decode(&mut ctx, &[Part { seq: 1, pos: 0, tokens: &q }]);
-    let qn = i32::try_from(q.len()).unwrap();
+    decode(
+        &mut ctx,
+        &[Part {
+            seq: 1,
+            pos: 0,
+            tokens: &q,
+        }],
+    );
+    let qn = to_i32(q.len());
     let g = decode(
         &mut ctx,
         &[
-            Part { seq: 1, pos: qn, tokens: &q[1..2] },
-            Part { seq: 0, pos: 0, tokens: &p },
+            Part {
+                seq: 1,
+                pos: qn,
+                tokens: &q[1..2],
+            },
+            Part {
+                seq: 0,
+                pos: 0,
+                tokens: &p,
+            },
         ],
     )
     .remove(1);
@@ -224,23 +292,36 @@ fn main() -> ExitCode {
     let steps = 24;
     let run = |ctx: &mut LlamaContext<'_>, k: usize| {
         clear(ctx);
-        let l0 = decode(ctx, &[Part { seq: 0, pos: 0, tokens: &p }]).remove(0);
+        let l0 = decode(
+            ctx,
+            &[Part {
+                seq: 0,
+                pos: 0,
+                tokens: &p,
+            }],
+        )
+        .remove(0);
         let mut comps = Vec::new();
         for s in 1..=k {
-            let s = i32::try_from(s).unwrap();
-            let l = decode(ctx, &[Part { seq: s, pos: 0, tokens: &q }]).remove(0);
-            comps.push((s, i32::try_from(q.len()).unwrap(), l));
+            let s = to_i32(s);
+            let l = decode(
+                ctx,
+                &[Part {
+                    seq: s,
+                    pos: 0,
+                    tokens: &q,
+                }],
+            )
+            .remove(0);
+            comps.push((s, to_i32(q.len()), l));
         }
-        greedy(ctx, 0, i32::try_from(n).unwrap(), l0, &mut comps, steps)
+        greedy(ctx, 0, to_i32(n), l0, &mut comps, steps)
     };
     let alone = run(&mut ctx, 0);
     for k in [1usize, 3, 4] {
         let with = run(&mut ctx, k);
         let d = first_divergence(&alone, &with);
-        let tokens_same = alone
-            .iter()
-            .zip(&with)
-            .all(|(x, y)| argmax(x) == argmax(y));
+        let tokens_same = alone.iter().zip(&with).all(|(x, y)| argmax(x) == argmax(y));
         println!(
             "decode {steps} steps with {k} companions: first logits difference at step {d:?}; greedy tokens same: {tokens_same}"
         );
@@ -249,12 +330,22 @@ fn main() -> ExitCode {
 
     // Long context (n_kv >= 512): decode alone vs in a ubatch with other sequences (all rows
     // gemv-sized, so only attention's path differs: llama.cpp splits the KV of a lone token).
-    let long: Vec<LlamaToken> = (0..100).flat_map(|_| tok(" the quick brown fox jumps over")).collect();
+    let long: Vec<LlamaToken> = (0..100)
+        .flat_map(|_| tok(" the quick brown fox jumps over"))
+        .collect();
     let long = &long[..600.min(long.len())];
     let prefill = |ctx: &mut LlamaContext<'_>, seq: i32, toks: &[LlamaToken], chunk: usize| {
         let mut out = Vec::new();
         for (k, c) in toks.chunks(chunk).enumerate() {
-            out = decode(ctx, &[Part { seq, pos: i32::try_from(k * chunk).unwrap(), tokens: c }]).remove(0);
+            out = decode(
+                ctx,
+                &[Part {
+                    seq,
+                    pos: to_i32(k * chunk),
+                    tokens: c,
+                }],
+            )
+            .remove(0);
         }
         out
     };
@@ -263,11 +354,11 @@ fn main() -> ExitCode {
         let l0 = prefill(ctx, 0, long, 32);
         let mut comps = Vec::new();
         for s in 1..=k {
-            let s = i32::try_from(s).unwrap();
+            let s = to_i32(s);
             let l = prefill(ctx, s, &q, 32);
-            comps.push((s, i32::try_from(q.len()).unwrap(), l));
+            comps.push((s, to_i32(q.len()), l));
         }
-        greedy(ctx, 0, i32::try_from(long.len()).unwrap(), l0, &mut comps, 8)
+        greedy(ctx, 0, to_i32(long.len()), l0, &mut comps, 8)
     };
     let alone = long_run(&mut ctx, 0);
     for k in [1usize, 2] {
@@ -286,13 +377,28 @@ fn main() -> ExitCode {
         clear(&mut ctx);
         let mut logits = prefill(&mut ctx, 0, long, 32);
         let mut trace = Vec::new();
-        let mut pos = i32::try_from(long.len()).unwrap();
-        for _ in 0..8 {
-            let token = [LlamaToken::new(i32::try_from(argmax(&logits)).unwrap())];
+        let start = to_i32(long.len());
+        for pos in start..start + 8 {
+            let token = [LlamaToken::new(to_i32(argmax(&logits)))];
             let dummy = [q[0]];
-            logits = decode(&mut ctx, &[Part { seq: 0, pos, tokens: &token }, Part { seq: 1, pos: 0, tokens: &dummy }]).remove(0);
-            ctx.clear_kv_cache_seq(Some(1), None, None).expect("rm dummy");
-            pos += 1;
+            logits = decode(
+                &mut ctx,
+                &[
+                    Part {
+                        seq: 0,
+                        pos,
+                        tokens: &token,
+                    },
+                    Part {
+                        seq: 1,
+                        pos: 0,
+                        tokens: &dummy,
+                    },
+                ],
+            )
+            .remove(0);
+            ctx.clear_kv_cache_seq(Some(1), None, None)
+                .expect("rm dummy");
             trace.push(logits.clone());
         }
         trace
@@ -311,17 +417,33 @@ fn main() -> ExitCode {
     let fresh = prefill(&mut ctx, 0, &long[..290], 32);
     clear(&mut ctx);
     prefill(&mut ctx, 0, &other, 32);
-    ctx.clear_kv_cache_seq(Some(0), Some(256), None).expect("trim");
+    ctx.clear_kv_cache_seq(Some(0), Some(256), None)
+        .expect("trim");
     let mut reused = Vec::new();
     for (k, c) in long[256..290].chunks(32).enumerate() {
-        reused = decode(&mut ctx, &[Part { seq: 0, pos: i32::try_from(256 + k * 32).unwrap(), tokens: c }]).remove(0);
+        reused = decode(
+            &mut ctx,
+            &[Part {
+                seq: 0,
+                pos: to_i32(256 + k * 32),
+                tokens: c,
+            }],
+        )
+        .remove(0);
     }
-    compare("290-token prompt: fresh vs 256 reused from another prompt", &fresh, &reused);
+    compare(
+        "290-token prompt: fresh vs 256 reused from another prompt",
+        &fresh,
+        &reused,
+    );
     for chunk in [64usize, 128] {
         clear(&mut ctx);
         let t = std::time::Instant::now();
         prefill(&mut ctx, 0, &long[..512], chunk);
-        println!("prefill 512 tokens in chunks of {chunk}: {:.1} tokens/s", 512.0 / t.elapsed().as_secs_f64());
+        println!(
+            "prefill 512 tokens in chunks of {chunk}: {:.1} tokens/s",
+            512.0 / t.elapsed().as_secs_f64()
+        );
     }
     // Prompt chunking: the same 600 tokens in chunks of 256 vs 32 (last logits).
     clear(&mut ctx);
@@ -338,11 +460,15 @@ fn main() -> ExitCode {
             prefill(ctx, s, &q, 32);
         }
         let t = std::time::Instant::now();
-        let qn = i32::try_from(q.len()).unwrap();
+        let qn = to_i32(q.len());
         for step in 0..32 {
             let toks = [q[1]];
             let parts: Vec<Part<'_>> = (0..4)
-                .map(|s| Part { seq: s, pos: qn + step, tokens: &toks })
+                .map(|s| Part {
+                    seq: s,
+                    pos: qn + step,
+                    tokens: &toks,
+                })
                 .collect();
             if together {
                 for g in parts.chunks(group) {
@@ -375,4 +501,8 @@ fn main() -> ExitCode {
     }
     println!("all bit-identical: {all_same}");
     ExitCode::SUCCESS
+}
+
+fn to_i32(n: usize) -> i32 {
+    i32::try_from(n).expect("fits in i32")
 }

@@ -663,10 +663,11 @@ impl<'m> Engine<'m> {
     /// Returns the rows decoded (0 when no sequence of the group is decoding).
     fn decode_group(&mut self, g: usize) -> usize {
         let group = self.groups[g].clone();
-        if !group
-            .clone()
-            .any(|i| self.slots[i].as_ref().is_some_and(|s| s.pending_token.is_some()))
-        {
+        if !group.clone().any(|i| {
+            self.slots[i]
+                .as_ref()
+                .is_some_and(|s| s.pending_token.is_some())
+        }) {
             return 0;
         }
         self.batch.clear();
@@ -705,11 +706,9 @@ impl<'m> Engine<'m> {
         let rows = usize::try_from(self.batch.n_tokens()).unwrap_or(0);
         let result = self.ctx.decode(&mut self.batch);
         for &(i, end) in &placeholders {
-            let _ = self.ctx.clear_kv_cache_seq(
-                u32::try_from(i).ok(),
-                u32::try_from(end).ok(),
-                None,
-            );
+            let _ =
+                self.ctx
+                    .clear_kv_cache_seq(u32::try_from(i).ok(), u32::try_from(end).ok(), None);
         }
         if let Err(e) = result {
             tracing::error!(error = %e, tokens = rows, "llama_decode failed");
@@ -962,5 +961,33 @@ fn sampling_record(job: &Job, seed: u64, max_tokens: u32) -> SamplingRecord {
         frequency_penalty: job.sampling.frequency_penalty,
         presence_penalty: job.sampling.presence_penalty,
         params_set: job.params_set,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_groups;
+
+    /// Every slot in exactly one group of consecutive slots, and every group of one kernel
+    /// class: all multiples of 4 rows, or all 2–3 rows (issue 12: a row's rounding must not
+    /// depend on how many others are decoded with it).
+    #[test]
+    fn decode_groups_cover_the_slots_in_one_kernel_class() {
+        assert_eq!(decode_groups(1), vec![0..1]);
+        assert_eq!(decode_groups(4), vec![0..4]);
+        assert_eq!(decode_groups(2), vec![0..2]);
+        assert_eq!(decode_groups(7), vec![0..2, 2..4, 4..7]);
+        for parallel in 2..=64 {
+            let groups = decode_groups(parallel);
+            let mut next = 0;
+            for g in &groups {
+                assert_eq!(g.start, next, "{parallel}: {groups:?}");
+                next = g.end;
+            }
+            assert_eq!(next, parallel, "{parallel}: {groups:?}");
+            let gemm = groups.iter().all(|g| g.len() == 4);
+            let gemv = groups.iter().all(|g| (2..=3).contains(&g.len()));
+            assert!(gemm || gemv, "{parallel}: {groups:?}");
+        }
     }
 }

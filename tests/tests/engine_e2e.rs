@@ -178,7 +178,10 @@ fn a_conversations_next_turn_reuses_its_prompt_from_the_kv_cache() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let engine = Engine::start("prompt-cache", &["--parallel", "2"]);
     let mut messages = serde_json::json!([
-        {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."},
+        {"role": "system", "content": "You are a terse assistant working for a travel agency. \
+            Answer in one short sentence, name the city first, never add a greeting, never \
+            apologise, never ask a question back, and keep every answer under twenty words \
+            so that it fits on the screen of the small kiosk in the agency's front window."},
         {"role": "user", "content": "What is the capital of France?"},
     ]);
     let first = chat(&engine, &messages);
@@ -196,12 +199,17 @@ fn a_conversations_next_turn_reuses_its_prompt_from_the_kv_cache() {
     let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .expect("cached_tokens");
-    // The first turn's whole prompt is a prefix of the second's.
+    // The first turn's whole prompt is a prefix of the second's; the cache reuses it in
+    // whole chunks of 64 tokens (what follows is computed as a fresh request computes it).
     assert!(
-        cached >= first_prompt && cached < second_prompt,
+        first_prompt >= 64,
+        "the test needs a first prompt of a chunk or more"
+    );
+    assert!(
+        cached.is_multiple_of(64) && cached >= first_prompt / 64 * 64 && cached < second_prompt,
         "cached {cached} of {second_prompt}; the first prompt had {first_prompt}"
     );
-    // An unrelated prompt shares only the template's opening tokens.
+    // An unrelated prompt shares only the template's opening tokens: no whole chunk.
     let other = chat(
         &engine,
         &serde_json::json!([{"role": "user", "content": "Count to five."}]),
@@ -209,7 +217,7 @@ fn a_conversations_next_turn_reuses_its_prompt_from_the_kv_cache() {
     let other_cached = other["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .expect("cached_tokens");
-    assert!(other_cached < 8, "{other_cached}");
+    assert_eq!(other_cached, 0);
     // The ring records what the client was told.
     let segment = engine.segment();
     wait_for_records(&segment, 3);
@@ -262,7 +270,7 @@ fn identical_requests_give_identical_text_with_the_prompt_cache_under_load() {
         drifted towards the reef while its crew shouted into the wind. ";
     let prompt = format!("{story}The keeper ran down to the shore and");
     let body = |k: usize| {
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             serde_json::json!({"model": model, "prompt": prompt,
                 "max_tokens": 24, "temperature": 0})
         } else {
@@ -284,7 +292,7 @@ fn identical_requests_give_identical_text_with_the_prompt_cache_under_load() {
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     n += 1;
-                    let prompt = if (n + t) % 2 == 0 {
+                    let prompt = if (n + t).is_multiple_of(2) {
                         format!("{story}Then, request {t}.{n}, the keeper")
                     } else {
                         format!("Request {t}.{n}: list some animals:")
@@ -306,7 +314,7 @@ fn identical_requests_give_identical_text_with_the_prompt_cache_under_load() {
                 .collect();
             for handle in handles {
                 let (k, response) = handle.join().expect("request thread");
-                if k % 2 == 0 {
+                if k.is_multiple_of(2) {
                     greedy.push(response);
                 } else {
                     seeded.push(response);
@@ -327,9 +335,16 @@ fn identical_requests_give_identical_text_with_the_prompt_cache_under_load() {
     let all: Vec<&serde_json::Value> = greedy.iter().chain(&seeded).collect();
     let cached: Vec<u64> = all
         .iter()
-        .map(|r| r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached"))
+        .map(|r| {
+            r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .expect("cached")
+        })
         .collect();
-    assert!(cached.iter().any(|&c| c > 0), "no repeat reused the cache: {cached:?}");
+    assert!(
+        cached.iter().any(|&c| c > 0),
+        "no repeat reused the cache: {cached:?}"
+    );
     assert_eq!(cached[0], 0, "the first request had nothing to reuse");
     let segment = engine.segment();
     let ring = by_request_id(&records(&segment));
@@ -340,7 +355,10 @@ fn identical_requests_give_identical_text_with_the_prompt_cache_under_load() {
             ring.get(id_hex(id)).expect("record").running
         })
         .collect();
-    assert!(running.iter().any(|&n| n >= 3), "never ran among others: {running:?}");
+    assert!(
+        running.iter().any(|&n| n >= 3),
+        "never ran among others: {running:?}"
+    );
 }
 
 #[test]
