@@ -1,23 +1,31 @@
 //! The inference thread and its continuous-batching scheduler.
 //!
 //! One OS thread owns the llama.cpp context. It keeps up to `--parallel` sequences ("slots"),
-//! each with its own llama.cpp sequence id and KV stream. Every step builds one batch:
+//! each with its own llama.cpp sequence id and KV stream. Every step:
 //!
-//! 1. one token for each decoding sequence (the token sampled in the previous step),
-//! 2. then prompt chunks of prefilling sequences, oldest first, up to `--batch-size` tokens in
-//!    all, so a long prompt is spread over several steps and never stalls the others,
+//! 1. decodes the next token of every decoding sequence: one `llama_decode` per fixed group of
+//!    consecutive slots that has one (`decode_groups`), idle members carrying a placeholder
+//!    token that is removed right after,
+//! 2. then computes prompt chunks of prefilling sequences, oldest first, up to `--batch-size`
+//!    tokens in all, one sequence per call, each chunk ending at the next multiple of
+//!    `PROMPT_CHUNK` (or the prompt's end), so a long prompt is spread over several steps,
 //!
-//! decodes it, samples the next token of every sequence whose logits were produced, and streams
-//! text to the request's channel. Between steps it admits queued requests into free slots
-//! (continuous batching) and notices closed response channels (client gone: abort). A finished
-//! or aborted sequence frees its slot immediately.
+//! samples after each call and streams text to the request's channel. Between steps it admits
+//! queued requests into free slots (continuous batching) and notices closed response channels
+//! (client gone: abort). A finished or aborted sequence frees its slot immediately.
+//!
+//! Why the calls are shaped this way (issue 12, engine/README.md *Reproducible sampling*):
+//! llama.cpp's CPU kernels choose a path, and so a rounding, from the micro-batch's shape.
+//! With every decode row in a group of one fixed kernel class and every prompt computed in the
+//! same chunks whatever was reused, a request's logits depend on its own tokens only:
+//! identical requests sample identical text, with the prompt cache and under any load.
 //!
 //! Prompt cache: a freed slot keeps the KV of the prompt it computed (the generated part is
 //! removed). A new request goes to the free slot whose kept prompt shares the longest prefix
-//! with its own and starts computing after that prefix: a conversation's next turn, or a
-//! repeated system prompt, costs only its new tokens. The reused count is the request's
-//! `cached_tokens`. Kept only while the slot's KV still holds every position from 0 (a
-//! sliding-window layer may have let early ones go on a long prompt).
+//! with its own and skips that prefix's whole chunks: a conversation's next turn, or a repeated
+//! system prompt, costs only its new tokens (and < one chunk). The reused count is the
+//! request's `cached_tokens`. Kept only while the slot's KV still holds every position from 0
+//! (a sliding-window layer may have let early ones go on a long prompt).
 //!
 //! Admission is bounded: at most `--parallel + --max-queue` requests are admitted at once; the
 //! HTTP layer answers 429 beyond that.
