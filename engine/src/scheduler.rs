@@ -1,23 +1,31 @@
 //! The inference thread and its continuous-batching scheduler.
 //!
 //! One OS thread owns the llama.cpp context. It keeps up to `--parallel` sequences ("slots"),
-//! each with its own llama.cpp sequence id and KV stream. Every step builds one batch:
+//! each with its own llama.cpp sequence id and KV stream. Every step:
 //!
-//! 1. one token for each decoding sequence (the token sampled in the previous step),
-//! 2. then prompt chunks of prefilling sequences, oldest first, up to `--batch-size` tokens in
-//!    all, so a long prompt is spread over several steps and never stalls the others,
+//! 1. decodes the next token of every decoding sequence: one `llama_decode` per fixed group of
+//!    consecutive slots that has one (`decode_groups`), idle members carrying a placeholder
+//!    token that is removed right after,
+//! 2. then computes prompt chunks of prefilling sequences, oldest first, up to `--batch-size`
+//!    tokens in all, one sequence per call, each chunk ending at the next multiple of
+//!    `PROMPT_CHUNK` (or the prompt's end), so a long prompt is spread over several steps,
 //!
-//! decodes it, samples the next token of every sequence whose logits were produced, and streams
-//! text to the request's channel. Between steps it admits queued requests into free slots
-//! (continuous batching) and notices closed response channels (client gone: abort). A finished
-//! or aborted sequence frees its slot immediately.
+//! samples after each call and streams text to the request's channel. Between steps it admits
+//! queued requests into free slots (continuous batching) and notices closed response channels
+//! (client gone: abort). A finished or aborted sequence frees its slot immediately.
+//!
+//! Why the calls are shaped this way (issue 12, engine/README.md *Reproducible sampling*):
+//! llama.cpp's CPU kernels choose a path, and so a rounding, from the micro-batch's shape.
+//! With every decode row in a group of one fixed kernel class and every prompt computed in the
+//! same chunks whatever was reused, a request's logits depend on its own tokens only:
+//! identical requests sample identical text, with the prompt cache and under any load.
 //!
 //! Prompt cache: a freed slot keeps the KV of the prompt it computed (the generated part is
 //! removed). A new request goes to the free slot whose kept prompt shares the longest prefix
-//! with its own and starts computing after that prefix: a conversation's next turn, or a
-//! repeated system prompt, costs only its new tokens. The reused count is the request's
-//! `cached_tokens`. Kept only while the slot's KV still holds every position from 0 (a
-//! sliding-window layer may have let early ones go on a long prompt).
+//! with its own and skips that prefix's whole chunks: a conversation's next turn, or a repeated
+//! system prompt, costs only its new tokens (and < one chunk). The reused count is the
+//! request's `cached_tokens`. Kept only while the slot's KV still holds every position from 0
+//! (a sliding-window layer may have let early ones go on a long prompt).
 //!
 //! Admission is bounded: at most `--parallel + --max-queue` requests are admitted at once; the
 //! HTTP layer answers 429 beyond that.
@@ -330,8 +338,6 @@ struct Slot {
     t_first: u64,
     t_last: u64,
     running_at_schedule: u16,
-    logits_index: Option<i32>,
-    in_batch: bool,
     /// Prompt tokens taken from the slot's KV cache instead of computed.
     cached_prompt: u32,
 }
@@ -350,6 +356,42 @@ struct Engine<'m> {
     prompt_cache: bool,
     /// Per slot: the tokens its KV stream holds from position 0 while it is free.
     kept: Vec<Vec<LlamaToken>>,
+    /// The fixed groups of consecutive slots whose next tokens are decoded together.
+    groups: Vec<std::ops::Range<usize>>,
+    /// Prompt chunk size: prompts are computed in chunks that start at its multiples.
+    chunk: usize,
+}
+
+/// The token a group's idle sequence carries through a decode call; its KV is removed after.
+const PLACEHOLDER: LlamaToken = LlamaToken(0);
+
+/// Most tokens in a prompt chunk (below `--batch-size`): the prompt cache reuses whole chunks.
+const PROMPT_CHUNK: usize = 64;
+
+/// Splits `parallel` slots into the fixed groups decoded together: consecutive slots (llama.cpp
+/// puts only consecutive sequence ids into one micro-batch) and group sizes that give every
+/// row the same kernels — all multiples of 4 rows (repacked Q4_K weights go through the 4-row
+/// GEMM kernel) or all 2–3 rows (the one-row GEMV kernel; at least two sequences, so attention
+/// never takes the path llama.cpp keeps for a lone token). One slot: one row, always.
+fn decode_groups(parallel: usize) -> Vec<std::ops::Range<usize>> {
+    let sizes: Vec<usize> = match parallel {
+        0 => Vec::new(),
+        1 => vec![1],
+        p if p % 4 == 0 => vec![4; p / 4],
+        p => match p % 3 {
+            0 => vec![3; p / 3],
+            2 => std::iter::once(2).chain(vec![3; p / 3]).collect(),
+            _ => [2, 2].into_iter().chain(vec![3; (p - 4) / 3]).collect(),
+        },
+    };
+    let mut start = 0;
+    sizes
+        .into_iter()
+        .map(|n| {
+            start += n;
+            start - n..start
+        })
+        .collect()
 }
 
 fn saturate_u16(n: usize) -> u16 {
@@ -383,6 +425,8 @@ impl<'m> Engine<'m> {
             piece: Vec::with_capacity(64),
             prompt_cache: config.prompt_cache,
             kept: (0..config.parallel).map(|_| Vec::new()).collect(),
+            groups: decode_groups(config.parallel as usize),
+            chunk: PROMPT_CHUNK.min(batch_size).max(1),
         }
     }
 
@@ -405,10 +449,11 @@ impl<'m> Engine<'m> {
     }
 
     /// Prepares slot `i`'s KV stream for a prompt sharing `shared` tokens with what it keeps;
-    /// returns how many prompt tokens it can skip. At least the last prompt token is always
-    /// computed: its logits give the first output token.
+    /// returns how many prompt tokens it can skip: whole chunks only, so that what follows is
+    /// computed in exactly the chunks a fresh request computes, and never the last prompt token
+    /// (its logits give the first output token).
     fn reuse_prefix(&mut self, i: usize, shared: usize, prompt_len: usize) -> usize {
-        let reuse = shared.min(prompt_len.saturating_sub(1));
+        let reuse = shared.min(prompt_len.saturating_sub(1)) / self.chunk * self.chunk;
         let seq = u32::try_from(i).ok();
         let seq_id = i32::try_from(i).unwrap_or(i32::MAX);
         let trimmed = reuse > 0
@@ -576,37 +621,21 @@ impl<'m> Engine<'m> {
                 t_first: 0,
                 t_last: 0,
                 running_at_schedule: saturate_u16(running),
-                logits_index: None,
-                in_batch: false,
                 job,
             });
         }
     }
 
-    /// Builds and decodes one batch, then samples.
+    /// One scheduling step: every decoding sequence gets its next token (one decode call per
+    /// group that has one), then prefilling sequences compute prompt chunks, oldest first, up
+    /// to `--batch-size` tokens. See the module docs for why the calls are shaped this way.
     fn step(&mut self) {
-        self.batch.clear();
-        let mut budget = self.batch_size;
-        // 1. One token per decoding sequence.
-        for slot in self.slots.iter_mut().flatten() {
-            slot.logits_index = None;
-            slot.in_batch = false;
-            if let Some(token) = slot.pending_token
-                && budget > 0
-            {
-                if self
-                    .batch
-                    .add(token, slot.n_past, &[slot.seq], true)
-                    .is_err()
-                {
-                    break;
-                }
-                slot.logits_index = Some(self.batch.n_tokens() - 1);
-                slot.in_batch = true;
-                budget -= 1;
-            }
+        let t_step = now_ns();
+        let mut rows = 0;
+        for g in 0..self.groups.len() {
+            rows += self.decode_group(g);
         }
-        // 2. Prompt chunks, oldest request first.
+        let mut budget = self.batch_size.saturating_sub(rows);
         let mut prefilling: Vec<usize> = self
             .slots
             .iter()
@@ -615,73 +644,14 @@ impl<'m> Engine<'m> {
             .collect();
         prefilling.sort_by_key(|&i| self.slots[i].as_ref().map_or(u64::MAX, |s| s.t_scheduled));
         for i in prefilling {
-            if budget == 0 {
-                break;
-            }
-            let Some(slot) = self.slots[i].as_mut() else {
-                continue;
-            };
-            let end = slot.job.prompt.len().min(slot.fed + budget);
-            let mut added = 0;
-            for (k, &token) in slot.job.prompt[slot.fed..end].iter().enumerate() {
-                let last = slot.fed + k + 1 == slot.job.prompt.len();
-                if self
-                    .batch
-                    .add(token, slot.n_past, &[slot.seq], last)
-                    .is_err()
-                {
-                    break;
-                }
-                added += 1;
-                slot.n_past += 1;
-                if last {
-                    slot.logits_index = Some(self.batch.n_tokens() - 1);
+            while budget > 0 {
+                match self.prefill_chunk(i) {
+                    Some(n) => budget = budget.saturating_sub(n),
+                    None => break,
                 }
             }
-            budget = budget.saturating_sub(added);
-            slot.fed += added;
-            slot.in_batch = added > 0;
         }
-        if self.batch.n_tokens() == 0 {
-            return;
-        }
-
-        let t_decode = now_ns();
-        if let Err(e) = self.ctx.decode(&mut self.batch) {
-            tracing::error!(error = %e, tokens = self.batch.n_tokens(), "llama_decode failed");
-            for i in 0..self.slots.len() {
-                if self.slots[i].as_ref().is_some_and(|s| s.in_batch) {
-                    self.finish(i, FinishReason::Error, Some(format!("decode failed: {e}")));
-                }
-            }
-            return;
-        }
-
-        let t_sample = now_ns();
         for i in 0..self.slots.len() {
-            let Some(slot) = self.slots[i].as_mut() else {
-                continue;
-            };
-            // A prompt chunk that does not end the prompt is progress too (a long prefill
-            // spans several steps); the chunk that ends it is followed by the first token.
-            if slot.in_batch
-                && slot.t_first == 0
-                && slot.pending_token.is_none()
-                && slot.fed < slot.job.prompt.len()
-                && let Some(tracked) = slot.job.inflight.as_mut()
-            {
-                tracked.prefilled(t_sample, saturate_u32(slot.fed));
-            }
-            if let Some(index) = slot.logits_index.take() {
-                if slot.pending_token.take().is_some() {
-                    slot.n_past += 1;
-                }
-                let logits = self.ctx.get_logits_ith(index);
-                match slot.sampler.sample(logits) {
-                    Some(token) => self.on_token(i, LlamaToken::new(token)),
-                    None => self.finish(i, FinishReason::Error, Some("empty vocabulary".into())),
-                }
-            }
             if self.slots[i]
                 .as_ref()
                 .is_some_and(|s| s.job.events.is_closed())
@@ -690,11 +660,128 @@ impl<'m> Engine<'m> {
             }
         }
         tracing::trace!(
-            tokens = self.batch.n_tokens(),
-            decode_us = t_sample.saturating_sub(t_decode) / 1000,
-            sample_us = now_ns().saturating_sub(t_sample) / 1000,
+            decode_rows = rows,
+            step_us = now_ns().saturating_sub(t_step) / 1000,
             "step"
         );
+    }
+
+    /// Decodes the next token of every decoding sequence in group `g` in one call, the
+    /// group's other sequences carrying a placeholder token (removed right after), and samples.
+    /// Returns the rows decoded (0 when no sequence of the group is decoding).
+    fn decode_group(&mut self, g: usize) -> usize {
+        let group = self.groups[g].clone();
+        if !group.clone().any(|i| {
+            self.slots[i]
+                .as_ref()
+                .is_some_and(|s| s.pending_token.is_some())
+        }) {
+            return 0;
+        }
+        self.batch.clear();
+        // (sequence, position) of each placeholder, to remove after the call.
+        let mut placeholders: Vec<(usize, usize)> = Vec::with_capacity(group.len());
+        let mut outputs: Vec<(usize, i32)> = Vec::with_capacity(group.len());
+        for i in group.clone() {
+            let seq = i32::try_from(i).unwrap_or(i32::MAX);
+            let added = match self.slots[i].as_ref() {
+                Some(slot) if slot.pending_token.is_some() => {
+                    let token = slot.pending_token.unwrap_or(PLACEHOLDER);
+                    let added = self.batch.add(token, slot.n_past, &[seq], true);
+                    outputs.push((i, self.batch.n_tokens() - 1));
+                    added
+                }
+                other => {
+                    // Right after what the sequence's KV holds: a prefilling slot's next
+                    // position, a free slot's kept prompt length.
+                    let end = other.map_or(self.kept[i].len(), |s| {
+                        usize::try_from(s.n_past).unwrap_or(0)
+                    });
+                    placeholders.push((i, end));
+                    self.batch.add(
+                        PLACEHOLDER,
+                        i32::try_from(end).unwrap_or(i32::MAX),
+                        &[seq],
+                        false,
+                    )
+                }
+            };
+            if added.is_err() {
+                // The batch holds at least `--parallel` tokens; unreachable, but never panic.
+                break;
+            }
+        }
+        let rows = usize::try_from(self.batch.n_tokens()).unwrap_or(0);
+        let result = self.ctx.decode(&mut self.batch);
+        for &(i, end) in &placeholders {
+            let _ =
+                self.ctx
+                    .clear_kv_cache_seq(u32::try_from(i).ok(), u32::try_from(end).ok(), None);
+        }
+        if let Err(e) = result {
+            tracing::error!(error = %e, tokens = rows, "llama_decode failed");
+            for (i, _) in outputs {
+                self.finish(i, FinishReason::Error, Some(format!("decode failed: {e}")));
+            }
+            return rows;
+        }
+        for (i, index) in outputs {
+            let Some(slot) = self.slots[i].as_mut() else {
+                continue;
+            };
+            slot.pending_token = None;
+            slot.n_past += 1;
+            let logits = self.ctx.get_logits_ith(index);
+            match slot.sampler.sample(logits) {
+                Some(token) => self.on_token(i, LlamaToken::new(token)),
+                None => self.finish(i, FinishReason::Error, Some("empty vocabulary".into())),
+            }
+        }
+        rows
+    }
+
+    /// Computes slot `i`'s next prompt chunk in a call of its own: from where it stands to the
+    /// next multiple of the chunk size (or the prompt's end). The prompt's last chunk also
+    /// samples the first token. Returns the tokens computed; `None` when the slot is not
+    /// prefilling (or just failed).
+    fn prefill_chunk(&mut self, i: usize) -> Option<usize> {
+        let slot = self.slots[i].as_mut()?;
+        let len = slot.job.prompt.len();
+        if slot.fed >= len {
+            return None;
+        }
+        let end = len.min((slot.fed / self.chunk + 1) * self.chunk);
+        let seq = slot.seq;
+        self.batch.clear();
+        for (k, &token) in slot.job.prompt[slot.fed..end].iter().enumerate() {
+            let last = slot.fed + k + 1 == len;
+            let pos = slot.n_past + i32::try_from(k).unwrap_or(i32::MAX);
+            if self.batch.add(token, pos, &[seq], last).is_err() {
+                // The batch holds at least `--batch-size` ≥ chunk tokens; never panic.
+                self.finish(i, FinishReason::Error, Some("batch overflow".into()));
+                return None;
+            }
+        }
+        if let Err(e) = self.ctx.decode(&mut self.batch) {
+            tracing::error!(error = %e, tokens = end - slot.fed, "llama_decode failed");
+            self.finish(i, FinishReason::Error, Some(format!("decode failed: {e}")));
+            return None;
+        }
+        let n = end - slot.fed;
+        slot.fed = end;
+        slot.n_past = i32::try_from(end).unwrap_or(i32::MAX);
+        if end < len {
+            if let Some(tracked) = slot.job.inflight.as_mut() {
+                tracked.prefilled(now_ns(), saturate_u32(end));
+            }
+            return Some(n);
+        }
+        let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
+        match slot.sampler.sample(logits) {
+            Some(token) => self.on_token(i, LlamaToken::new(token)),
+            None => self.finish(i, FinishReason::Error, Some("empty vocabulary".into())),
+        }
+        Some(n)
     }
 
     fn on_token(&mut self, i: usize, token: LlamaToken) {
@@ -882,5 +969,33 @@ fn sampling_record(job: &Job, seed: u64, max_tokens: u32) -> SamplingRecord {
         frequency_penalty: job.sampling.frequency_penalty,
         presence_penalty: job.sampling.presence_penalty,
         params_set: job.params_set,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_groups;
+
+    /// Every slot in exactly one group of consecutive slots, and every group of one kernel
+    /// class: all multiples of 4 rows, or all 2–3 rows (issue 12: a row's rounding must not
+    /// depend on how many others are decoded with it).
+    #[test]
+    fn decode_groups_cover_the_slots_in_one_kernel_class() {
+        assert_eq!(decode_groups(1), vec![0..1]);
+        assert_eq!(decode_groups(4), vec![0..4]);
+        assert_eq!(decode_groups(2), vec![0..2]);
+        assert_eq!(decode_groups(7), vec![0..2, 2..4, 4..7]);
+        for parallel in 2..=64 {
+            let groups = decode_groups(parallel);
+            let mut next = 0;
+            for g in &groups {
+                assert_eq!(g.start, next, "{parallel}: {groups:?}");
+                next = g.end;
+            }
+            assert_eq!(next, parallel, "{parallel}: {groups:?}");
+            let gemm = groups.iter().all(|g| g.len() == 4);
+            let gemv = groups.iter().all(|g| (2..=3).contains(&g.len()));
+            assert!(gemm || gemv, "{parallel}: {groups:?}");
+        }
     }
 }
