@@ -680,11 +680,34 @@ impl Drop for Collector {
     }
 }
 
+/// What a raw-socket client saw of one request ([`timed_traced_chat`]).
+#[derive(Debug)]
+pub struct ClientView {
+    /// Wall clock when the request was written, ns since the epoch.
+    pub sent_at_ns: u64,
+    /// Time to the first content chunk (streamed) or the first byte, ms.
+    pub first_ms: f64,
+    /// Time to the last byte, ms.
+    pub last_ms: f64,
+    /// The whole response, head and body.
+    pub response: String,
+}
+
+impl ClientView {
+    /// The response's id (`chatcmpl-<hex>`), as hex.
+    pub fn response_id(&self) -> String {
+        let at = self.response.find("chatcmpl-").expect("a response id");
+        self.response[at + 9..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect()
+    }
+}
+
 /// Sends a chat request over a raw socket with its own trace id (parent span
-/// `aa`), the way a client measures it; returns the client's view: wall clock
-/// when the request was written (ns since the epoch), time to the first
-/// content (ms) and to the last byte (ms).
-pub fn timed_traced_chat(engine: &Engine, trace_id: &str, stream: bool) -> (u64, f64, f64) {
+/// `aa`), the way a client measures it, timed from right after the request
+/// bytes were written.
+pub fn timed_traced_chat(engine: &Engine, trace_id: &str, stream: bool) -> ClientView {
     let body = serde_json::json!({
         "model": engine.model,
         "messages": [{"role": "user", "content": "Tell me a story."}],
@@ -726,9 +749,10 @@ pub fn timed_traced_chat(engine: &Engine, trace_id: &str, stream: bool) -> (u64,
         }
     }
     let last = start.elapsed();
-    (
-        sent_at,
-        first.expect("a content chunk").as_secs_f64() * 1e3,
-        last.as_secs_f64() * 1e3,
-    )
+    ClientView {
+        sent_at_ns: sent_at,
+        first_ms: first.expect("a content chunk").as_secs_f64() * 1e3,
+        last_ms: last.as_secs_f64() * 1e3,
+        response: String::from_utf8_lossy(&all).into_owned(),
+    }
 }

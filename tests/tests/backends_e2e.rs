@@ -197,8 +197,8 @@ scrape_configs:
     // content, one non-streamed, and one the engine refuses.
     let mut client_ttft_s = Vec::new();
     for n in 0..4 {
-        let (_, first_ms, _) = timed_traced_chat(&engine, &format!("{:032x}", 0xb0_u128 + n), true);
-        client_ttft_s.push(first_ms / 1e3);
+        let view = timed_traced_chat(&engine, &format!("{:032x}", 0xb0_u128 + n), true);
+        client_ttft_s.push(view.first_ms / 1e3);
     }
     timed_traced_chat(&engine, &format!("{:032x}", 0xc0_u128), false);
     let refused_body = serde_json::json!({
@@ -437,7 +437,8 @@ fn phoenix_receives_spans_over_grpc_and_http_protobuf_with_the_clients_ids_token
         std::thread::sleep(Duration::from_secs(2));
         for (n, stream) in [(1_u128, true), (2, false)] {
             let trace_id = format!("{:032x}", tag + n);
-            let (sent_at_ns, _first_ms, last_ms) = timed_traced_chat(&engine, &trace_id, stream);
+            let view = timed_traced_chat(&engine, &trace_id, stream);
+            let (sent_at_ns, last_ms) = (view.sent_at_ns, view.last_ms);
             let spans = phoenix.wait_for_trace(&trace_id, 4);
             let what = format!("{protocol} stream={stream}: {spans:#?}");
             let server: Vec<_> = spans.iter().filter(|s| s["span_kind"] == "LLM").collect();
