@@ -504,7 +504,7 @@ mod tests {
     // same as a trace id ending in 6e6d1a75832a2f without rv.
     #[test]
     fn randomness_is_the_explicit_rv_or_the_trace_ids_low_56_bits() {
-        let rv = 0x6e6d_1a75_832a_2f;
+        let rv = 0x6e6d1a75832a2f;
         let t = |v| Threshold::from_value(v).unwrap();
         assert!(t(rv).keeps(rv) && t(0).keeps(rv) && !t(rv + 1).keeps(rv));
         let mut id = [0xab; 16];
@@ -515,8 +515,8 @@ mod tests {
         let mut r = traced(u64::MAX, true, 0, OtState::default());
         r.trace_id = [0xff; 16];
         assert_eq!(randomness(&r), 0xff_ffff_ffff_ffff);
-        r.ot.randomness = Some(0x7479_cfb5_0689_1d);
-        assert_eq!(randomness(&r), 0x7479_cfb5_0689_1d);
+        r.ot.randomness = Some(0x7479cfb506891d);
+        assert_eq!(randomness(&r), 0x7479cfb506891d);
         assert_eq!(Threshold::from_value(1 << 56), None);
     }
 
