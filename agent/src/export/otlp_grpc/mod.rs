@@ -11,7 +11,7 @@
 //! network, with no FIN or RST; every call on it then times out. So after
 //! an attempt fails in a way that may be the connection's fault (not ready,
 //! a timeout, `UNAVAILABLE`, `UNKNOWN`), the channel is replaced by a fresh,
-//! lazily connected one ([`Reconnecting`]): the next attempt resolves the
+//! lazily connected one (`Reconnecting`): the next attempt resolves the
 //! name and connects again. Attempts back off as the retry policy says, so
 //! reconnects do too; what a batch cannot deliver within its retries is
 //! counted failed.
