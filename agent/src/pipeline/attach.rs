@@ -557,7 +557,6 @@ impl Reader {
             // Kept by rule, not by chance, like a failed request.
             let sampling = SpanSampling {
                 priority: true,
-                randomness: record.ot.randomness,
                 threshold: None,
             };
             items.push(
@@ -819,11 +818,11 @@ impl Reader {
                     continue;
                 };
                 first_kept.get_or_insert(*ticket);
-                items.push(
-                    Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
-                        .with_stalls(stalls)
-                        .with_sampling(kept),
-                );
+                let mut item = Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
+                    .with_stalls(stalls);
+                // Set in place: the item is large, a builder would move it again.
+                item.sampling = kept;
+                items.push(item);
             }
             drop(metrics);
             if let Some(first) = first_kept {

@@ -125,16 +125,15 @@ pub fn randomness(record: &RequestRecord) -> u64 {
         .unwrap_or_else(|| trace_id_randomness(&record.trace_id))
 }
 
-/// How a kept request's spans are marked for what comes after the agent.
+/// How a kept request's spans are marked for what comes after the agent
+/// (with the caller's explicit randomness, from the record, written back
+/// unchanged as `ot=rv:`). Small: the export queue holds one per request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpanSampling {
     /// The highest threshold any stage kept it with, written as `ot=th:`;
     /// `None` when a stage of unknown probability kept it (a parent-based
     /// decision without the parent's threshold).
     pub threshold: Option<Threshold>,
-    /// The caller's explicit randomness, written back as `ot=rv:` (it must
-    /// travel unchanged).
-    pub randomness: Option<u64>,
     /// Kept by a tail rule (error, slow), not by chance: the spans carry
     /// `sampling.priority` = 1, which a downstream probabilistic sampler
     /// honours by keeping them.
@@ -231,7 +230,6 @@ impl Sampler {
     pub fn sample(&self, record: &RequestRecord, randomness: u64) -> Option<SpanSampling> {
         let kept = |threshold| SpanSampling {
             threshold,
-            randomness: record.ot.randomness,
             priority: false,
         };
         match self {
@@ -529,12 +527,10 @@ mod tests {
         assert!(half.keeps(rv));
         let before = SpanSampling {
             threshold: Some(Threshold::ALWAYS),
-            randomness: Some(rv),
             priority: false,
         };
         let after = before.raised_to(half);
         assert_eq!(after.threshold.map(|t| t.to_string()).as_deref(), Some("8"));
-        assert_eq!(after.randomness, Some(rv));
         // A stage never lowers a threshold, and an unknown one stays unknown.
         assert_eq!(after.raised_to(Threshold::ALWAYS), after);
         let unknown = SpanSampling::default();
@@ -564,7 +560,6 @@ mod tests {
         };
         let kept = decide(&on, &traced(7, true, FLAG_SAMPLED, quarter)).unwrap();
         assert_eq!(kept.threshold.map(|t| t.to_string()).as_deref(), Some("c"));
-        assert_eq!(kept.randomness, quarter.randomness);
         // …and is erased when it contradicts the parent's sampled flag.
         let inconsistent = OtState {
             randomness: Some(0x10),
@@ -572,7 +567,6 @@ mod tests {
         };
         let kept = decide(&on, &traced(7, true, FLAG_SAMPLED, inconsistent)).unwrap();
         assert_eq!(kept.threshold, None);
-        assert_eq!(kept.randomness, Some(0x10));
     }
 
     #[test]

@@ -353,19 +353,23 @@ fn span_ids(
 }
 
 /// The span's `tracestate`: the OpenTelemetry entry with the threshold and
-/// the explicit randomness, or nothing when there is neither. At most
-/// `ot=th:` + 14 + `;rv:` + 14 = 38 bytes, on the stack.
-fn ot_tracestate(sampling: &SpanSampling) -> Short {
+/// the caller's explicit randomness, or `None` when there is neither. At
+/// most `ot=th:` + 14 + `;rv:` + 14 = 38 bytes, on the stack.
+fn ot_tracestate(sampling: &SpanSampling, record: &RequestRecord) -> Option<Short> {
+    let rv = record.ot.randomness;
+    if sampling.threshold.is_none() && rv.is_none() {
+        return None;
+    }
     let mut s = Short::new();
     let mut separator = "ot=";
     if let Some(th) = sampling.threshold {
         let _ = write!(s, "{separator}th:{th}");
         separator = ";";
     }
-    if let Some(rv) = sampling.randomness {
+    if let Some(rv) = rv {
         let _ = write!(s, "{separator}rv:{rv:014x}");
     }
-    s
+    Some(s)
 }
 
 /// `sampling.priority`: a downstream sampler keeps spans that carry a
@@ -458,8 +462,8 @@ pub fn encode_with_stalls(
     let t = &record.timestamps;
     // Exported means sampled; the caller's other flags (random) go on.
     let trace_flags = u32::from(record.trace_flags | FLAG_SAMPLED);
-    let trace_state = ot_tracestate(sampling);
-    let trace_state = trace_state.as_str();
+    let trace_state = ot_tracestate(sampling, record);
+    let trace_state = trace_state.as_ref().map_or("", Short::as_str);
     let priority = |b: &mut Vec<u8>| {
         if sampling.priority {
             wire::key_value(b, field::ATTRIBUTES, SAMPLING_PRIORITY, wire::Value::Int(1));
@@ -925,7 +929,10 @@ pub(crate) mod tests {
                 let mut out = Vec::new();
                 let (mut written, mut counted) = (0, 0);
                 for record in &records {
-                    let record = record.decode(1).unwrap();
+                    let mut record = record.decode(1).unwrap();
+                    if sampling.priority {
+                        record.ot.randomness = Some(0x6e_6d1a_7583_2a2f);
+                    }
                     written += encode_with_stalls(c, &record, detail, &[], sampling, &mut out);
                     counted += span_count(&record, detail);
                 }
@@ -948,7 +955,6 @@ pub(crate) mod tests {
         use crate::pipeline::sampling::Threshold;
         SpanSampling {
             threshold: Threshold::from_value(0xc0_0000_0000_0000),
-            randomness: Some(0x6e_6d1a_7583_2a2f),
             priority: true,
         }
     }
@@ -956,8 +962,10 @@ pub(crate) mod tests {
     #[test]
     fn every_span_carries_the_sampling_marks_and_the_sampled_flag() {
         let mut record = raw_record(1).decode(1).unwrap();
-        // The caller's random flag, not sampled (a traceidratio keep).
+        // The caller's random flag, not sampled (a traceidratio keep), and
+        // its explicit randomness.
         record.trace_flags = 0x02;
+        record.ot.randomness = Some(0x6e_6d1a_7583_2a2f);
         let c = ctx(AttributeSet::Both);
         let mut out = Vec::new();
         encode_with_stalls(&c, &record, Detail::Phases, &[], &marked(), &mut out);
@@ -984,6 +992,7 @@ pub(crate) mod tests {
             );
         }
         // th:0 alone, no rv, no priority.
+        record.ot.randomness = None;
         let kept_all = SpanSampling {
             threshold: Some(crate::pipeline::sampling::Threshold::ALWAYS),
             ..SpanSampling::default()
@@ -993,7 +1002,14 @@ pub(crate) mod tests {
         let span = &ScopeSpans::decode(out.as_slice()).unwrap().spans[0];
         assert_eq!(span.trace_state, "ot=th:0");
         assert!(span.attributes.iter().all(|kv| kv.key != SAMPLING_PRIORITY));
+        // The caller's rv goes out whatever the marks.
+        record.ot.randomness = Some(0x6e_6d1a_7583_2a2f);
+        let mut out = Vec::new();
+        encode(&c, &record, Detail::Request, &mut out);
+        let span = &ScopeSpans::decode(out.as_slice()).unwrap().spans[0];
+        assert_eq!(span.trace_state, "ot=rv:6e6d1a75832a2f");
         // Nothing known: no tracestate at all.
+        record.ot.randomness = None;
         let mut out = Vec::new();
         encode(&c, &record, Detail::Request, &mut out);
         assert_eq!(
