@@ -68,6 +68,7 @@ impl FakeEngine {
             parent_span_id: Some((seq ^ 0xaaaa_0000_0000_0000).to_be_bytes()),
             span_id: (seq ^ 0x5555_0000_0000_0000).to_be_bytes(),
             trace_flags: 1,
+            ot: Default::default(),
             timestamps: Timestamps {
                 arrival_ns: now - 900_000_000,
                 scheduled_ns: Some(now - 800_000_000),
@@ -146,6 +147,16 @@ static AGENTS: AtomicU64 = AtomicU64::new(0);
 
 impl Agent {
     fn start(engine: &FakeEngine, extra: &[&str]) -> Self {
+        Self::start_with_hosts(engine, extra, None)
+    }
+
+    /// With `hosts`: in a mount namespace of its own whose `/etc/hosts` is
+    /// that file (bound over it), so the test decides what a name resolves to.
+    fn start_with_hosts(
+        engine: &FakeEngine,
+        extra: &[&str],
+        hosts: Option<&std::path::Path>,
+    ) -> Self {
         let mut args = vec![
             "run".to_owned(),
             "--engine".to_owned(),
@@ -164,7 +175,19 @@ impl Agent {
         let base = std::env::temp_dir().join(format!("{}-agent{n}", engine.name));
         let stdout = base.with_extension("stdout");
         let stderr = base.with_extension("stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_ringside-agent"))
+        let mut command = match hosts {
+            None => Command::new(env!("CARGO_BIN_EXE_ringside-agent")),
+            Some(hosts) => {
+                // unshare and sh exec: the agent keeps the child's pid.
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+                    .arg(hosts)
+                    .arg(env!("CARGO_BIN_EXE_ringside-agent"));
+                c
+            }
+        };
+        let child = command
             .args(&args)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env("RINGSIDE_LOG", "info")
@@ -449,6 +472,90 @@ fn spans_arrive_after_the_collector_comes_back() {
     let rotel = Rotel::start_on(grpc, http);
     wait_for_spans(&rotel, &ids, Duration::from_secs(20));
     assert!(agent.terminate().success());
+}
+
+/// The agent's accounting line at shutdown: (read, exported, lost in all).
+fn shutdown_accounting(agent: &mut Agent) -> (u64, u64, u64) {
+    assert!(agent.terminate().success());
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("accounting"))
+        .unwrap_or_else(|| panic!("no accounting in\n{log}"));
+    assert_eq!(log_value(line, "pending"), 0, "{line}");
+    let lost = log_value(line, "queue_dropped") + log_value(line, "export_failed");
+    (log_value(line, "read"), log_value(line, "exported"), lost)
+}
+
+#[test]
+fn spans_written_while_the_gateway_restarts_on_its_port_arrive_and_the_accounting_is_exact() {
+    if !e2e_enabled() {
+        return;
+    }
+    let (grpc, http) = (free_port(), free_port());
+    let engine = FakeEngine::new("gwrestart");
+    let gateway = Rotel::start_on(grpc, http);
+    let mut agent = Agent::grpc(&engine, &gateway, &["--timeout-ms", "500"]);
+    let before: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
+    wait_for_spans(&gateway, &before, Duration::from_secs(15));
+    // SIGKILL: the connection is reset, the port closed.
+    drop(gateway);
+    let during: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let gateway = Rotel::start_on(grpc, http);
+    let after: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
+    let all: Vec<String> = during.iter().chain(&after).cloned().collect();
+    wait_for_spans(&gateway, &all, Duration::from_secs(30));
+    let (read, exported, lost) = shutdown_accounting(&mut agent);
+    assert_eq!((read, exported, lost), (15, 15, 0));
+}
+
+/// Whether this process may make a mount namespace (root, or user
+/// namespaces); the test of a moving gateway needs one.
+fn can_bind_etc_hosts() -> bool {
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+// A gateway that moves: its name is rewritten to a new address and the old
+// gateway hangs with its connection open (SIGSTOP: no FIN, no RST, as when
+// its host leaves the network). The agent must give up the dead connection,
+// resolve the name again and deliver to the new gateway.
+#[test]
+fn a_gateway_that_moves_to_a_new_address_is_found_again_by_its_name() {
+    if !e2e_enabled() {
+        return;
+    }
+    if !can_bind_etc_hosts() {
+        eprintln!("SKIPPED: cannot make a mount namespace to bind /etc/hosts (needs root)");
+        return;
+    }
+    const NAME: &str = "gateway.ringside.test";
+    let hosts = std::env::temp_dir().join(format!("ringside-hosts-{}", std::process::id()));
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.2 {NAME}\n")).unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let old = Rotel::start_at("127.0.0.2", grpc, http);
+    let engine = FakeEngine::new("gwmove");
+    let endpoint = format!("http://{NAME}:{grpc}");
+    let mut agent = Agent::start_with_hosts(
+        &engine,
+        &["--endpoint", &endpoint, "--timeout-ms", "500"],
+        Some(&hosts),
+    );
+    let before: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
+    wait_for_spans(&old, &before, Duration::from_secs(15));
+    old.signal("STOP");
+    // Rewritten in place: the bind mount shows the same inode.
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.3 {NAME}\n")).unwrap();
+    let new = Rotel::start_at("127.0.0.3", grpc, http);
+    let after: Vec<String> = (0..5).map(|_| engine.push_new()).collect();
+    wait_for_spans(&new, &after, Duration::from_secs(30));
+    let (read, exported, lost) = shutdown_accounting(&mut agent);
+    old.signal("CONT");
+    let _ = std::fs::remove_file(&hosts);
+    assert_eq!((read, exported, lost), (10, 10, 0));
 }
 
 #[test]

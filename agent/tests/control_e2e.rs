@@ -114,6 +114,7 @@ impl FakeEngine {
             parent_span_id: Some((seq ^ 0xaaaa_0000_0000_0000).to_be_bytes()),
             span_id: (seq ^ 0x5555_0000_0000_0000).to_be_bytes(),
             trace_flags: 1,
+            ot: Default::default(),
             timestamps: Timestamps {
                 arrival_ns: now - 900_000_000,
                 scheduled_ns: Some(now - 800_000_000),

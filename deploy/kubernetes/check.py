@@ -4,6 +4,7 @@ resources parse and carry the fields the OpenTelemetry Operator expects
 (OpenTelemetryCollector v1beta1, Instrumentation v1alpha1)."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -67,4 +68,56 @@ if not instrumentation["spec"]["exporter"]["endpoint"].startswith("http"):
 annotations = deployment["spec"]["template"]["metadata"]["annotations"]
 if annotations.get("instrumentation.opentelemetry.io/inject-sdk") != instrumentation["metadata"]["name"]:
     fail("the pod annotation must name the Instrumentation resource")
+
+# gateway.yaml: no collector binary can be installed here to run
+# `otelcol validate`, so this checks the structure the collector would: every
+# component a pipeline names is defined, of a type otelcol-contrib has, and
+# the two tiers agree (trace-id routing to the sampling tier's headless
+# Service and port, the agent's sampling.priority mark in a policy).
+CONTRIB_TYPES = {
+    "receivers": {"otlp"},
+    "processors": {"memory_limiter", "batch", "tail_sampling", "probabilistic_sampler"},
+    "exporters": {"otlp_grpc", "otlp_http", "loadbalancing", "kafka", "clickhouse", "debug"},
+}
+gateway = {d["metadata"]["name"]: d for d in yaml.safe_load_all((here / "gateway.yaml").read_text())}
+if set(gateway) != {"ringside-lb", "ringside-sampler"}:
+    fail(f"gateway.yaml resources {sorted(gateway)}")
+for name, resource in gateway.items():
+    if (resource["apiVersion"], resource["kind"]) != ("opentelemetry.io/v1beta1", "OpenTelemetryCollector"):
+        fail(f"{name}: apiVersion/kind")
+    config = resource["spec"]["config"]
+    for kind, types in CONTRIB_TYPES.items():
+        for component in config.get(kind, {}):
+            if component.split("/")[0] not in types:
+                fail(f"{name}: unknown {kind[:-1]} type {component}")
+    for pipeline, p in config["service"]["pipelines"].items():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in p.get(kind, []):
+                if component not in config.get(kind, {}):
+                    fail(f"{name}: {pipeline} names undefined {kind[:-1]} {component}")
+        if p.get("processors") and p["processors"][0] != "memory_limiter":
+            fail(f"{name}: {pipeline} must start with memory_limiter")
+lb, sampler = gateway["ringside-lb"], gateway["ringside-sampler"]
+lb_config, sampler_config = lb["spec"]["config"], sampler["spec"]["config"]
+if lb_config["service"]["pipelines"]["traces"]["exporters"] != ["loadbalancing"]:
+    fail("ringside-lb must send traces only through the loadbalancing exporter")
+balancer = lb_config["exporters"]["loadbalancing"]
+if balancer.get("routing_key") != "traceID":
+    fail("the loadbalancing exporter must route by traceID")
+sampler_port = int(sampler_config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].rsplit(":", 1)[1])
+dns = balancer["resolver"]["dns"]
+if (dns["hostname"], dns["port"]) != ("ringside-sampler-collector-headless", sampler_port):
+    fail(f"the resolver must name the sampling tier's headless Service and port: {dns}")
+if sampler["spec"]["mode"] != "statefulset":
+    fail("the sampling tier is a statefulset (stable pod names behind its headless Service)")
+if "tail_sampling" not in sampler_config["service"]["pipelines"]["traces"]["processors"]:
+    fail("the sampling tier's traces pipeline lacks tail_sampling")
+policies = sampler_config["processors"]["tail_sampling"]["policies"]
+for policy in policies:
+    if policy["type"] not in policy:
+        fail(f"tail_sampling policy {policy['name']} lacks its {policy['type']} block")
+spans_rs = (here / "../../agent/src/pipeline/spans.rs").read_text()
+mark = re.search(r'SAMPLING_PRIORITY: &str = "([^"]+)"', spans_rs).group(1)
+if not any(p["type"] == "numeric_attribute" and p["numeric_attribute"]["key"] == mark for p in policies):
+    fail(f"no tail_sampling policy keeps what the agent marks with {mark}")
 print("kubernetes check: ok")

@@ -10,9 +10,18 @@
 //! - the trace id or the parent id is all zeros.
 //!
 //! `tracestate` is only kept when the `traceparent` is valid, and dropped when it does not parse
-//! (more than 32 members, a bad key or value, a duplicated key).
+//! (more than 32 members, more than 512 bytes in all, a bad key or value, a duplicated key): a
+//! bad `tracestate` is ignored, never an error.
+//!
+//! Of the `tracestate`, the engine records only the OpenTelemetry entry's sampling values
+//! (`ot=th:<1-14 hex digits>;rv:<14 hex digits>`, [`parse_ot`]): the agent needs them for
+//! consistent probability sampling. A malformed `th` or `rv` is ignored on its own.
+//!
+//! A trace the engine starts gets the W3C Level 2 *random* flag (`0x02`): its id is 128 random
+//! bits, so its low 56 bits are the randomness consistent samplers compare with a threshold.
 
 use axum::http::HeaderMap;
+use ringside_shm_protocol::OtState;
 
 /// The trace identity of one request as the engine records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +36,12 @@ pub struct TraceContext {
     pub span_id: [u8; 8],
     /// The caller's `tracestate`, when the `traceparent` was valid and the state parsed.
     pub tracestate: Option<String>,
+    /// The sampling values of its `ot` entry.
+    pub ot: OtState,
 }
+
+/// W3C Trace Context Level 2: the trace id's low 56 bits are random.
+pub const FLAG_RANDOM: u8 = 0x02;
 
 /// Why a `traceparent` header was rejected (the request still succeeds, with a new trace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -138,6 +152,9 @@ pub fn parse_traceparent(value: &[u8]) -> Result<Traceparent, TraceparentError> 
 }
 
 const MAX_TRACESTATE_MEMBERS: usize = 32;
+/// What W3C asks every participant to propagate at least, and what implementations accept: a
+/// longer combined `tracestate` is dropped whole.
+const MAX_TRACESTATE_BYTES: usize = 512;
 
 fn valid_simple_key(key: &[u8], max: usize) -> bool {
     match key.split_first() {
@@ -194,6 +211,11 @@ fn valid_tracestate_value(value: &[u8]) -> bool {
 /// Parses the combined `tracestate` header values; `None` when the list is invalid or empty.
 #[must_use]
 pub fn parse_tracestate(values: &[&[u8]]) -> Option<String> {
+    // The combined header: the values and the commas joining them.
+    let combined = values.iter().map(|v| v.len()).sum::<usize>() + values.len().saturating_sub(1);
+    if combined > MAX_TRACESTATE_BYTES {
+        return None;
+    }
     let mut members: Vec<&[u8]> = Vec::new();
     for value in values {
         for member in value.split(|&c| c == b',') {
@@ -223,6 +245,49 @@ pub fn parse_tracestate(values: &[&[u8]]) -> Option<String> {
     }
     let joined = members.join(&b","[..]);
     String::from_utf8(joined).ok()
+}
+
+fn parse_hex56(digits: &str) -> Option<u64> {
+    if digits.is_empty()
+        || digits.len() > 14
+        || !digits
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    u64::from_str_radix(digits, 16).ok()
+}
+
+/// The sampling values of a parsed `tracestate`'s `ot` entry: `rv` (exactly 14 lowercase hex
+/// digits) and `th` (1 to 14 lowercase hex digits, padded with trailing zeros to 56 bits). A
+/// sub-key that is repeated or malformed is ignored; other sub-keys are not the engine's.
+#[must_use]
+pub fn parse_ot(tracestate: &str) -> OtState {
+    let mut ot = OtState::default();
+    let Some(value) = tracestate
+        .split(',')
+        .find_map(|member| member.strip_prefix("ot="))
+    else {
+        return ot;
+    };
+    let (mut rv_seen, mut th_seen) = (0u8, 0u8);
+    for item in value.split(';') {
+        if let Some(rv) = item.strip_prefix("rv:") {
+            rv_seen += 1;
+            ot.randomness = parse_hex56(rv).filter(|_| rv.len() == 14);
+        } else if let Some(th) = item.strip_prefix("th:") {
+            th_seen += 1;
+            ot.threshold = parse_hex56(th).map(|t| t << (4 * (14 - th.len())));
+        }
+    }
+    if rv_seen > 1 {
+        ot.randomness = None;
+    }
+    if th_seen > 1 {
+        ot.threshold = None;
+    }
+    ot
 }
 
 /// Parses the `traceparent` from headers, requiring exactly one.
@@ -277,12 +342,14 @@ impl TraceContext {
                     .iter()
                     .map(|v| v.as_bytes())
                     .collect();
+                let tracestate = parse_tracestate(&states);
                 Self {
                     trace_id: tp.trace_id,
                     parent_span_id: Some(tp.parent_id),
                     trace_flags: tp.flags,
                     span_id,
-                    tracestate: parse_tracestate(&states),
+                    ot: tracestate.as_deref().map(parse_ot).unwrap_or_default(),
+                    tracestate,
                 }
             }
             Ok(None) | Err(_) => Self::new_root(),
@@ -295,9 +362,10 @@ impl TraceContext {
         Self {
             trace_id: new_trace_id(),
             parent_span_id: None,
-            trace_flags: 0,
+            trace_flags: FLAG_RANDOM,
             span_id: new_span_id(),
             tracestate: None,
+            ot: OtState::default(),
         }
     }
 
@@ -465,8 +533,91 @@ mod tests {
     fn missing_header_starts_new_trace() {
         let ctx = TraceContext::from_headers(&HeaderMap::new());
         assert_eq!(ctx.parent_span_id, None);
-        assert_eq!(ctx.trace_flags, 0);
+        assert_eq!(ctx.trace_flags, FLAG_RANDOM);
         assert_ne!(ctx.trace_id, [0; 16]);
+    }
+
+    #[test]
+    fn tracestate_over_512_bytes_is_dropped_whole() {
+        // Two header lines of `n` bytes each, joined by a comma.
+        let member = |key: &str, n: usize| format!("{key}={}", "x".repeat(n - key.len() - 1));
+        let (a, b) = (member("a", 256), member("b", 256));
+        assert!(parse_tracestate(&[a.as_bytes(), b.as_bytes()]).is_none());
+        let b = member("b", 255);
+        assert_eq!(
+            parse_tracestate(&[a.as_bytes(), b.as_bytes()]).map(|s| s.len()),
+            Some(512)
+        );
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static(VALID));
+        let long = format!(
+            "ot=th:c;rv:6e6d1a75832a2f,{}",
+            "k=".to_owned() + &"v".repeat(600)
+        );
+        h.insert("tracestate", HeaderValue::from_str(&long).unwrap());
+        let ctx = TraceContext::from_headers(&h);
+        assert_eq!((ctx.tracestate, ctx.ot), (None, OtState::default()));
+    }
+
+    // The specification's own encodings (tracestate-handling.md, tracestate-probability-sampling.md).
+    #[test]
+    fn ot_sampling_values_parse_per_the_specification() {
+        let ot = |s: &str| parse_ot(s);
+        assert_eq!(ot("ot=th:0").threshold, Some(0));
+        assert_eq!(ot("ot=th:c").threshold, Some(0xc0_0000_0000_0000));
+        assert_eq!(ot("ot=th:fd70a4").threshold, Some(0xfd70a400000000));
+        assert_eq!(ot("ot=th:8").threshold, Some(1 << 55));
+        assert_eq!(
+            ot("ot=rv:6e6d1a75832a2f"),
+            OtState {
+                randomness: Some(0x6e6d1a75832a2f),
+                threshold: None
+            }
+        );
+        assert_eq!(
+            ot("ot=th:8;rv:9b8233f7e3a151"),
+            OtState {
+                randomness: Some(0x9b8233f7e3a151),
+                threshold: Some(0x80000000000000)
+            }
+        );
+        // Other entries and other OpenTelemetry sub-keys are not in the way.
+        assert_eq!(
+            ot("congo=t61rcWkgMzE,ot=p:8;th:c;r:62").threshold,
+            Some(0xc0_0000_0000_0000)
+        );
+    }
+
+    #[test]
+    fn malformed_ot_values_are_ignored_never_an_error() {
+        for bad in [
+            "ot=th:",
+            "ot=th:123456789abcdef",
+            "ot=th:C",
+            "ot=th:xyz",
+            "ot=rv:6e6d1a75832a2",
+            "ot=rv:6e6d1a75832a2f0",
+            "ot=rv:6E6D1A75832A2F",
+            "ot=th:c;th:8",
+            "ot=rv:6e6d1a75832a2f;rv:6e6d1a75832a2f",
+            "xot=th:c",
+        ] {
+            assert_eq!(parse_ot(bad), OtState::default(), "{bad}");
+        }
+        // One bad sub-key does not take the other with it.
+        assert_eq!(
+            parse_ot("ot=th:zz;rv:6e6d1a75832a2f").randomness,
+            Some(0x6e6d1a75832a2f)
+        );
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static(VALID));
+        h.insert(
+            "tracestate",
+            HeaderValue::from_static("ot=th:c;rv:0000000000000g"),
+        );
+        let ctx = TraceContext::from_headers(&h);
+        assert_eq!(ctx.ot.threshold, Some(0xc0_0000_0000_0000));
+        assert_eq!(ctx.ot.randomness, None);
     }
 
     #[test]

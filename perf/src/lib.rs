@@ -26,6 +26,7 @@ pub fn engine_like_record(seq: u64) -> Record {
         parent_span_id: None,
         span_id: [9; 8],
         trace_flags: 0,
+        ot: Default::default(),
         timestamps: Timestamps {
             arrival_ns: 1,
             scheduled_ns: Some(2),

@@ -12,7 +12,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"RINGSIDE");
 /// Incompatible layout changes bump the major version; readers refuse other majors.
 pub const ABI_MAJOR: u16 = 1;
 /// Additive changes (new fields carved out of reserved bytes) bump the minor version.
-pub const ABI_MINOR: u16 = 2;
+pub const ABI_MINOR: u16 = 3;
 
 /// Size of the header region at offset 0.
 pub const HEADER_SIZE: usize = 1024;
@@ -586,6 +586,12 @@ u8_enum_try_from!(ErrorType {
 pub const FLAG_STREAM: u8 = 1 << 0;
 /// [`Record::flags`]: `parent_span_id` came from a valid caller `traceparent`.
 pub const FLAG_REMOTE_PARENT: u8 = 1 << 1;
+/// [`Record::flags`] (1.3): `ot_randomness` holds the caller's explicit
+/// randomness value (`rv` of the `ot` tracestate entry).
+pub const FLAG_OT_RANDOMNESS: u8 = 1 << 2;
+/// [`Record::flags`] (1.3): `ot_threshold` holds the caller's sampling
+/// threshold (`th` of the `ot` tracestate entry).
+pub const FLAG_OT_THRESHOLD: u8 = 1 << 3;
 
 /// [`Record::params_set`] bits: which sampling parameters the caller set
 /// explicitly (the record always carries the effective values).
@@ -668,12 +674,20 @@ pub struct Record {
     pub error_type: u8,
     /// W3C trace flags (0x01 = sampled).
     pub trace_flags: u8,
-    /// [`FLAG_STREAM`], [`FLAG_REMOTE_PARENT`]; unknown bits are ignored.
+    /// [`FLAG_STREAM`], [`FLAG_REMOTE_PARENT`], [`FLAG_OT_RANDOMNESS`],
+    /// [`FLAG_OT_THRESHOLD`]; unknown bits are ignored.
     pub flags: u8,
     /// Bits of [`params`].
     pub params_set: u16,
+    /// 1.3: the caller's explicit randomness (`ot=rv:`), a 56-bit value as a
+    /// native-endian u64 (bytes, so the record keeps its alignment); meaningful
+    /// only with [`FLAG_OT_RANDOMNESS`].
+    pub ot_randomness: [u8; 8],
+    /// 1.3: the caller's rejection threshold (`ot=th:`), a 56-bit value as a
+    /// native-endian u64; meaningful only with [`FLAG_OT_THRESHOLD`].
+    pub ot_threshold: [u8; 8],
     /// Zero; room for minor versions (readers ignore what they do not know).
-    pub reserved: [u8; 100],
+    pub reserved: [u8; 84],
 }
 
 /// A lock-free way to read the version word a creator publishes last.
@@ -860,7 +874,9 @@ mod tests {
         assert_eq!(offset_of!(Record, trace_flags), 144);
         assert_eq!(offset_of!(Record, flags), 145);
         assert_eq!(offset_of!(Record, params_set), 146);
-        assert_eq!(offset_of!(Record, reserved), 148);
+        assert_eq!(offset_of!(Record, ot_randomness), 148);
+        assert_eq!(offset_of!(Record, ot_threshold), 156);
+        assert_eq!(offset_of!(Record, reserved), 164);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! shared memory; the agent reads it from another process. Everything
 //! `unsafe` about that memory lives in this crate.
 //!
-//! # Segment layout (`/dev/shm/ringside.<instance>`, ABI 1.2)
+//! # Segment layout (`/dev/shm/ringside.<instance>`, ABI 1.3)
 //!
 //! ```text
 //! offset  size                 region            written by            read by
@@ -51,7 +51,19 @@
 //! 72 t_last_token  80 t_progress  88 prompt_tokens  92 prefilled_tokens
 //! 96 output_tokens  100 cached_prompt_tokens  104 max_tokens  108 phase
 //! 109 operation  110 trace_flags  111 flags  112 model_index
-//! 114 sequence_slot  116 reserved[4]`.
+//! 114 sequence_slot  116 reserved[4]`. A [`Record`] (frozen likewise):
+//! `0 request_id[16]  16 trace_id[16]  32 parent_span_id[8]  40 span_id[8]
+//! 48 t_arrival  56 t_scheduled  64 t_first_token  72 t_last_token
+//! 80 t_finished  88 seed  96 prompt_tokens  100 completion_tokens
+//! 104 cached_prompt_tokens  108 max_tokens  112 temperature  116 top_p
+//! 120 frequency_penalty  124 presence_penalty  128 top_k  132 http_status
+//! 134 model_index  136 queue_depth  138 running  140 kind  141 operation
+//! 142 finish_reason  143 error_type  144 trace_flags  145 flags
+//! 146 params_set  148 ot_randomness[8] (1.3)  156 ot_threshold[8] (1.3)
+//! 164 reserved[84]`. The 1.3 fields hold the caller's `ot=rv:` / `th:`
+//! tracestate values (56-bit, native-endian), each meaningful only with its
+//! flag bit ([`FLAG_OT_RANDOMNESS`], [`FLAG_OT_THRESHOLD`]); a reader rejects
+//! a flagged value of 57 bits or more.
 //!
 //! `capacity` is a power of two; ticket `t` lives in slot `t & (capacity-1)`.
 //! A slot's commit word is `0` (never written), `(t+1) << 1` (holds the
@@ -302,13 +314,14 @@ pub use inflight::{
 };
 pub use layout::{
     ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, CONTROL_SIZE, COUNTERS_OFFSET,
-    COUNTERS_SIZE, ControlBlock, Detail, ENGINE_FLAG_LIVENESS_LOCK, ErrorType, FLAG_REMOTE_PARENT,
-    FLAG_STREAM, FinishReason, HEADER_SIZE, Header, INFLIGHT_ENTRY_SIZE, INFLIGHT_PAYLOAD_SIZE,
-    InflightEntry, InflightPhase, MAGIC, MAX_CAPACITY, MAX_INFLIGHT, MAX_MODELS, MIN_CAPACITY,
-    NAME_LEN, Operation, OverflowMode, RECORD_SIZE, RING_OFFSET, Record, RecordKind, SLOT_SIZE,
-    inflight_offset_for, pack_version, params, segment_size, segment_size_with_inflight,
+    COUNTERS_SIZE, ControlBlock, Detail, ENGINE_FLAG_LIVENESS_LOCK, ErrorType, FLAG_OT_RANDOMNESS,
+    FLAG_OT_THRESHOLD, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason, HEADER_SIZE, Header,
+    INFLIGHT_ENTRY_SIZE, INFLIGHT_PAYLOAD_SIZE, InflightEntry, InflightPhase, MAGIC, MAX_CAPACITY,
+    MAX_INFLIGHT, MAX_MODELS, MIN_CAPACITY, NAME_LEN, Operation, OverflowMode, RECORD_SIZE,
+    RING_OFFSET, Record, RecordKind, SLOT_SIZE, inflight_offset_for, pack_version, params,
+    segment_size, segment_size_with_inflight,
 };
-pub use record::{RecordError, RequestRecord, Sampling, Timestamps};
+pub use record::{OT_VALUE_LIMIT, OtState, RecordError, RequestRecord, Sampling, Timestamps};
 pub use region::{CapacityError, ControlDefaults};
 pub use ring::{
     Consumer, ConsumerTotals, CounterSnapshot, DEFAULT_ABANDON_AFTER_NS, DISCARD_CLAIM_ATTEMPTS,

@@ -2,7 +2,8 @@
 //!
 //! * Writing: [`RequestRecord::encode`] is the one way a record is built (the
 //!   engine, the tests and the benchmarks all go through it). It sets the
-//!   flags ([`FLAG_STREAM`], [`FLAG_REMOTE_PARENT`] from `parent_span_id`),
+//!   flags ([`FLAG_STREAM`], [`FLAG_REMOTE_PARENT`] from `parent_span_id`,
+//!   [`FLAG_OT_RANDOMNESS`] / [`FLAG_OT_THRESHOLD`] from [`OtState`]),
 //!   the kind and the enums, writes 0 for a stamp that did not happen and
 //!   leaves the reserved bytes zero.
 //! * Reading: [`Record::decode`] checks a record copied out of the ring. A
@@ -14,12 +15,29 @@
 //!
 //! The two are inverses: `r.encode().decode(n) == Ok(r)` for every valid `r`,
 //! and a decoded record re-encodes to the bytes it came from (reserved bytes,
-//! unknown flag bits and a parent span id without [`FLAG_REMOTE_PARENT`]
-//! aside, which decoding ignores and encoding writes as zero).
+//! unknown flag bits, a parent span id without [`FLAG_REMOTE_PARENT`] and
+//! `ot_*` bytes without their flag aside, which decoding ignores and encoding
+//! writes as zero).
 
 use crate::layout::{
-    ErrorType, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason, Operation, Record, RecordKind,
+    ErrorType, FLAG_OT_RANDOMNESS, FLAG_OT_THRESHOLD, FLAG_REMOTE_PARENT, FLAG_STREAM,
+    FinishReason, Operation, Record, RecordKind,
 };
+
+/// One past the largest 56-bit value: the bound of an `rv` or a `th`.
+pub const OT_VALUE_LIMIT: u64 = 1 << 56;
+
+/// The sampling values of the caller's OpenTelemetry `tracestate` entry
+/// (`ot=th:…;rv:…`, ABI 1.3), both 56-bit: what consistent probability
+/// sampling downstream of the engine needs from the caller's context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct OtState {
+    /// The explicit randomness value (`rv`), used instead of the trace id's
+    /// low 56 bits.
+    pub randomness: Option<u64>,
+    /// The rejection threshold (`th`) the caller's trace was sampled with.
+    pub threshold: Option<u64>,
+}
 
 /// A validated record.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,6 +56,8 @@ pub struct RequestRecord {
     pub span_id: [u8; 8],
     /// W3C trace flags.
     pub trace_flags: u8,
+    /// The caller's `ot` tracestate sampling values (each below [`OT_VALUE_LIMIT`]).
+    pub ot: OtState,
     /// Monotonic stamps, ordered `arrival <= scheduled <= first_token <= last_token <= finished`.
     pub timestamps: Timestamps,
     /// Prompt tokens.
@@ -130,6 +150,9 @@ pub enum RecordError {
     /// `http_status` is not an HTTP status code.
     #[error("http status {0} is out of range")]
     HttpStatus(u16),
+    /// An `ot` sampling value is wider than 56 bits.
+    #[error("{0} is not a 56-bit value")]
+    OtValue(&'static str),
     /// `model_index` points past the segment's model table.
     #[error("model index {index} but the segment lists {count} models")]
     ModelIndex {
@@ -163,6 +186,7 @@ impl Record {
         if remote_parent && self.parent_span_id == [0; 8] {
             return Err(RecordError::ZeroId("parent_span_id"));
         }
+        let ot = self.ot_state()?;
         let timestamps = self.timestamps()?;
         if kind == RecordKind::RequestRejected && timestamps.scheduled_ns.is_some() {
             return Err(RecordError::Timestamps("a rejected request was scheduled"));
@@ -215,6 +239,7 @@ impl Record {
             parent_span_id: remote_parent.then_some(self.parent_span_id),
             span_id: self.span_id,
             trace_flags: self.trace_flags,
+            ot,
             timestamps,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
@@ -228,6 +253,23 @@ impl Record {
             model_index: self.model_index,
             queue_depth: self.queue_depth,
             running: self.running,
+        })
+    }
+
+    fn ot_state(&self) -> Result<OtState, RecordError> {
+        let value = |flag: u8, bytes: [u8; 8], name| {
+            if self.flags & flag == 0 {
+                return Ok(None);
+            }
+            let v = u64::from_ne_bytes(bytes);
+            if v >= OT_VALUE_LIMIT {
+                return Err(RecordError::OtValue(name));
+            }
+            Ok(Some(v))
+        };
+        Ok(OtState {
+            randomness: value(FLAG_OT_RANDOMNESS, self.ot_randomness, "ot_randomness")?,
+            threshold: value(FLAG_OT_THRESHOLD, self.ot_threshold, "ot_threshold")?,
         })
     }
 
@@ -277,9 +319,10 @@ impl Record {
 impl RequestRecord {
     /// The ABI record for this request: the inverse of [`Record::decode`].
     ///
-    /// Sets [`FLAG_STREAM`] from `stream` and [`FLAG_REMOTE_PARENT`] (with the
-    /// parent span id) from `parent_span_id`, writes 0 for a `None` stamp and
-    /// zero reserved bytes. It checks nothing: encoding an invalid record gives
+    /// Sets [`FLAG_STREAM`] from `stream`, [`FLAG_REMOTE_PARENT`] (with the
+    /// parent span id) from `parent_span_id` and [`FLAG_OT_RANDOMNESS`] /
+    /// [`FLAG_OT_THRESHOLD`] (with their values) from `ot`, writes 0 for a
+    /// `None` stamp or `ot` value and zero reserved bytes. It checks nothing: encoding an invalid record gives
     /// a record [`Record::decode`] rejects. Plain copies, no allocation.
     #[must_use]
     pub fn encode(&self) -> Record {
@@ -289,6 +332,12 @@ impl RequestRecord {
         }
         if self.parent_span_id.is_some() {
             flags |= FLAG_REMOTE_PARENT;
+        }
+        if self.ot.randomness.is_some() {
+            flags |= FLAG_OT_RANDOMNESS;
+        }
+        if self.ot.threshold.is_some() {
+            flags |= FLAG_OT_THRESHOLD;
         }
         let t = &self.timestamps;
         let s = &self.sampling;
@@ -323,7 +372,9 @@ impl RequestRecord {
             trace_flags: self.trace_flags,
             flags,
             params_set: self.params_set,
-            reserved: [0; 100],
+            ot_randomness: self.ot.randomness.unwrap_or(0).to_ne_bytes(),
+            ot_threshold: self.ot.threshold.unwrap_or(0).to_ne_bytes(),
+            reserved: [0; 84],
         }
     }
 
@@ -389,6 +440,7 @@ pub(crate) mod tests {
             parent_span_id: Some([0x11; 8]),
             span_id: [0x22; 8],
             trace_flags: 1,
+            ot: OtState::default(),
             timestamps: Timestamps {
                 arrival_ns: 1_000 + seq,
                 scheduled_ns: Some(2_000 + seq),
@@ -425,7 +477,8 @@ pub(crate) mod tests {
         let r = sample_record(5);
         assert_eq!(r.flags, FLAG_STREAM | FLAG_REMOTE_PARENT);
         assert_eq!(r.parent_span_id, [0x11; 8]);
-        assert_eq!(r.reserved, [0; 100]);
+        assert_eq!(r.reserved, [0; 84]);
+        assert_eq!((r.ot_randomness, r.ot_threshold), ([0; 8], [0; 8]));
         assert_eq!(r.kind, RecordKind::RequestFinished as u8);
         assert_eq!(Record::from(&r.decode(1).unwrap()), r);
     }
@@ -573,8 +626,39 @@ pub(crate) mod tests {
     fn unknown_flag_bits_and_reserved_bytes_are_ignored_for_minor_versions() {
         let mut r = sample_record(1);
         r.flags |= 0b1100_0000;
-        r.reserved = [0x5a; 100];
+        r.reserved = [0x5a; 84];
         assert!(r.decode(1).is_ok());
+    }
+
+    #[test]
+    fn ot_values_round_trip_and_a_1_2_record_has_none() {
+        let mut d = sample_record(2).decode(1).unwrap();
+        assert_eq!(d.ot, OtState::default());
+        d.ot = OtState {
+            randomness: Some(0x6e6d1a75832a2f),
+            threshold: Some(OT_VALUE_LIMIT - 1),
+        };
+        let r = d.encode();
+        assert_eq!(
+            r.flags & (FLAG_OT_RANDOMNESS | FLAG_OT_THRESHOLD),
+            FLAG_OT_RANDOMNESS | FLAG_OT_THRESHOLD
+        );
+        assert_eq!(r.decode(1), Ok(d));
+    }
+
+    #[test]
+    fn a_forged_ot_value_wider_than_56_bits_is_rejected() {
+        let mut r = sample_record(2);
+        r.flags |= FLAG_OT_RANDOMNESS;
+        r.ot_randomness = OT_VALUE_LIMIT.to_ne_bytes();
+        assert_eq!(r.decode(1), Err(RecordError::OtValue("ot_randomness")));
+        let mut r = sample_record(2);
+        r.flags |= FLAG_OT_THRESHOLD;
+        r.ot_threshold = u64::MAX.to_ne_bytes();
+        assert_eq!(r.decode(1), Err(RecordError::OtValue("ot_threshold")));
+        // Without its flag the same bytes mean nothing.
+        r.flags &= !FLAG_OT_THRESHOLD;
+        assert_eq!(r.decode(1).map(|d| d.ot), Ok(OtState::default()));
     }
 
     mod round_trip {
@@ -689,6 +773,8 @@ pub(crate) mod tests {
                         0..models,
                         any::<u16>(),
                         any::<u16>(),
+                        proptest::option::of(0..OT_VALUE_LIMIT),
+                        proptest::option::of(0..OT_VALUE_LIMIT),
                     ),
                 )
                     .prop_map(
@@ -711,7 +797,15 @@ pub(crate) mod tests {
                                 stream,
                                 finish_reason,
                             ),
-                            (http_status, error_type, model_index, queue_depth, running),
+                            (
+                                http_status,
+                                error_type,
+                                model_index,
+                                queue_depth,
+                                running,
+                                randomness,
+                                threshold,
+                            ),
                         )| {
                             let completion_tokens = if timestamps.first_token_ns.is_some() {
                                 completion
@@ -726,6 +820,10 @@ pub(crate) mod tests {
                                 parent_span_id,
                                 span_id,
                                 trace_flags,
+                                ot: OtState {
+                                    randomness,
+                                    threshold,
+                                },
                                 timestamps,
                                 prompt_tokens: prompt,
                                 completion_tokens,
@@ -770,16 +868,24 @@ pub(crate) mod tests {
             #[test]
             fn what_decode_ignores_is_written_as_zero(
                 record in valid_record(1),
-                reserved in any::<[u8; 100]>(),
+                reserved in any::<[u8; 84]>(),
                 unknown_flags in any::<u8>(),
                 stray_parent in nonzero_id::<8>(),
+                stray_ot in any::<([u8; 8], [u8; 8])>(),
             ) {
                 let canonical = record.encode();
                 let mut raw = canonical;
                 raw.reserved = reserved;
-                raw.flags |= unknown_flags & !(FLAG_STREAM | FLAG_REMOTE_PARENT);
+                raw.flags |= unknown_flags
+                    & !(FLAG_STREAM | FLAG_REMOTE_PARENT | FLAG_OT_RANDOMNESS | FLAG_OT_THRESHOLD);
                 if record.parent_span_id.is_none() {
                     raw.parent_span_id = stray_parent;
+                }
+                if record.ot.randomness.is_none() {
+                    raw.ot_randomness = stray_ot.0;
+                }
+                if record.ot.threshold.is_none() {
+                    raw.ot_threshold = stray_ot.1;
                 }
                 let again = raw.decode(1).map(|d| d.encode());
                 prop_assert_eq!(again.map(|r| bytemuck::bytes_of(&r).to_vec()),

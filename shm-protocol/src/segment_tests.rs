@@ -221,19 +221,19 @@ fn another_major_version_is_refused_naming_both_versions() {
     patch(
         &name,
         ABI_VERSION_OFFSET as u64,
-        &pack_version(2, 3).to_le_bytes(),
+        &pack_version(2, 7).to_le_bytes(),
     );
     let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
     assert!(matches!(
         err,
         OpenError::AbiMismatch {
             found_major: 2,
-            found_minor: 3,
+            found_minor: 7,
             ..
         }
     ));
     assert!(
-        err.to_string().contains("2.3") && err.to_string().contains("1.2"),
+        err.to_string().contains("2.7") && err.to_string().contains("1.3"),
         "{err}"
     );
 }

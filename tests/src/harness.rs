@@ -553,10 +553,16 @@ impl Collector {
     /// starts another where the first was) and waits until gRPC accepts
     /// connections.
     pub fn start_on(grpc_port: u16, http_port: u16) -> Collector {
+        Self::start_at("127.0.0.1", grpc_port, http_port)
+    }
+
+    /// Starts rotel on the given ports of one loopback address (a gateway
+    /// that moves from one address to another).
+    pub fn start_at(ip: &str, grpc_port: u16, http_port: u16) -> Collector {
         let mut child = Command::new(rotel_binary())
             .args(["start", "--exporter", "blackhole"])
-            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
-            .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+            .args(["--otlp-grpc-endpoint", &format!("{ip}:{grpc_port}")])
+            .args(["--otlp-http-endpoint", &format!("{ip}:{http_port}")])
             .args(["--debug-log", "traces", "--debug-log", "metrics"])
             .args(["--debug-log-verbosity", "detailed"])
             .stdin(Stdio::null())
@@ -580,7 +586,7 @@ impl Collector {
             });
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", grpc_port)).is_err() {
+        while TcpStream::connect((ip, grpc_port)).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "rotel did not listen on {grpc_port}"
@@ -593,6 +599,16 @@ impl Collector {
             grpc_port,
             http_port,
         }
+    }
+
+    /// Sends it `signal` (`STOP`: it hangs with its connections open, as a
+    /// gateway whose host left the network; `CONT`: it goes on).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} rotel");
     }
 
     /// Everything rotel printed so far.

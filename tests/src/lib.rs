@@ -21,6 +21,7 @@ pub fn numbered_record(seq: u64) -> Record {
         parent_span_id: Some((seq ^ 0xffff).to_le_bytes()),
         span_id: (seq | 1 << 63).to_le_bytes(),
         trace_flags: 0,
+        ot: Default::default(),
         timestamps: Timestamps {
             arrival_ns: 1_000_000 + seq,
             scheduled_ns: Some(2_000_000 + seq),
@@ -64,6 +65,7 @@ pub fn finished_chat_record(seq: u64, now: u64) -> Record {
         parent_span_id: Some([0x11; 8]),
         span_id: (seq + 1).to_be_bytes(),
         trace_flags: 1,
+        ot: Default::default(),
         timestamps: Timestamps {
             arrival_ns: now,
             scheduled_ns: Some(now + 1_000),

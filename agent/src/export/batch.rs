@@ -43,6 +43,7 @@ pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
                         &item.record,
                         item.detail,
                         &item.stalls,
+                        &item.sampling,
                         out,
                     );
                 }

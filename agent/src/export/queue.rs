@@ -17,6 +17,7 @@
 //! successor. A SIGKILL runs no destructor: nothing undelivered is released.
 
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
+use crate::pipeline::sampling::SpanSampling;
 use crate::pipeline::spans::{self, SpanContext};
 use crate::pipeline::stalls::Stall;
 use ringside_shm_protocol::{Detail, RequestRecord};
@@ -42,6 +43,8 @@ pub struct Item {
     /// Stalls the agent saw in the engine's in-flight table while the request
     /// ran (usually none: then nothing is allocated).
     pub stalls: Box<[Stall]>,
+    /// How its spans are marked for downstream samplers.
+    pub sampling: SpanSampling,
     /// Its share of the poll batch it was read in (None: not from a ring the
     /// reader tracks, e.g. in tests and benchmarks).
     pub delivery: Option<DeliveryToken>,
@@ -63,8 +66,16 @@ impl Item {
             detail,
             bytes: std::mem::size_of::<Self>(),
             stalls: Box::default(),
+            sampling: SpanSampling::default(),
             delivery: None,
         }
+    }
+
+    /// The same, with the sampling decision's marks.
+    #[must_use]
+    pub fn with_sampling(mut self, sampling: SpanSampling) -> Self {
+        self.sampling = sampling;
+        self
     }
 
     /// The same, carrying the request's stalls as span events.

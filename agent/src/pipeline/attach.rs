@@ -28,7 +28,7 @@ use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::crash::crash_record;
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::resource::ResourceEnv;
-use crate::pipeline::sampling::{Sampler, TailSampler, keep_by_ppm};
+use crate::pipeline::sampling::{Sampler, SpanSampling, TailSampler, Threshold, randomness};
 use crate::pipeline::spans::hex;
 use crate::pipeline::spans::{AttributeSet, SpanContext};
 use crate::pipeline::stalls::{Observed, StallTracker};
@@ -554,9 +554,15 @@ impl Reader {
                 .get(usize::from(record.model_index))
                 .map_or("unknown", String::as_str);
             metrics.record(&a.handle, model, &record);
+            // Kept by rule, not by chance, like a failed request.
+            let sampling = SpanSampling {
+                priority: true,
+                threshold: None,
+            };
             items.push(
                 Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
-                    .with_stalls(stalls),
+                    .with_stalls(stalls)
+                    .with_sampling(sampling),
             );
         }
         drop(metrics);
@@ -765,7 +771,9 @@ impl Reader {
             let detail = settings
                 .detail
                 .unwrap_or_else(|| ring.control().detail().unwrap_or_default());
-            let head_ppm = ring.control().head_sample_ppm();
+            // The control block's head ratio as a threshold, once per poll
+            // (None: keep nothing).
+            let head_ratio = Threshold::from_ppm(ring.control().head_sample_ppm());
             let tail_rules = ring.control().tail_sampling();
             let model_count = a.segment.info().model_count();
             let mut items = Vec::with_capacity(buffer.len());
@@ -790,25 +798,31 @@ impl Reader {
                     .get(usize::from(record.model_index))
                     .map_or("unknown", String::as_str);
                 metrics.record(&a.handle, model, &record);
-                let parent_sampled = record.parent_span_id.map(|_| record.trace_flags & 1 == 1);
                 // Head (the configured sampler and the control block's
-                // ratio) and tail rules must both keep a request.
+                // ratio) and tail rules must all keep a request; each
+                // consistent stage raises the threshold its spans carry.
+                let r = randomness(&record);
                 let head = settings
                     .sampler
-                    .should_sample(&record.trace_id, parent_sampled)
-                    && keep_by_ppm(&record.trace_id, head_ppm);
+                    .sample(&record, r)
+                    .and_then(|s| head_ratio.filter(|t| t.keeps(r)).map(|t| s.raised_to(t)));
                 let stalls = a
                     .stalls
                     .finish(&record.request_id, record.timestamps.finished_ns);
-                if !head || a.tail.decide(&tail_rules, &record).is_none() {
+                let Some(kept) = head.and_then(|h| {
+                    a.tail
+                        .decide(&tail_rules, &record)
+                        .map(|keep| keep.apply(h))
+                }) else {
                     EngineStats::add(&stats.sampled_out, 1);
                     continue;
-                }
+                };
                 first_kept.get_or_insert(*ticket);
-                items.push(
-                    Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
-                        .with_stalls(stalls),
-                );
+                let mut item = Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
+                    .with_stalls(stalls);
+                // Set in place: the item is large, a builder would move it again.
+                item.sampling = kept;
+                items.push(item);
             }
             drop(metrics);
             if let Some(first) = first_kept {

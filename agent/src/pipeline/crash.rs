@@ -40,6 +40,7 @@ pub fn crash_record(request: &InflightRequest, last_sign_of_life_ns: u64) -> Req
         parent_span_id: request.parent_span_id,
         span_id: request.span_id,
         trace_flags: request.trace_flags,
+        ot: Default::default(),
         timestamps: Timestamps {
             arrival_ns: request.arrival_ns,
             scheduled_ns,

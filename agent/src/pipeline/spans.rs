@@ -6,8 +6,16 @@
 //! clock pair. The trace id, the caller's parent span id and the request's
 //! span id come from the record; child span ids are derived from the request
 //! span id, so converting a record twice gives identical spans.
+//!
+//! Every span of a request carries the sampling decision (see
+//! [`crate::pipeline::sampling`]): the sampled flag, the caller's random flag,
+//! `ot=th:…;rv:…` in its `tracestate` (the threshold it was kept with and the
+//! caller's explicit randomness; the caller's other tracestate entries are not
+//! in the record and not carried) and, when a tail rule kept it rather than
+//! chance, `sampling.priority` = 1.
 
 use crate::export::wire;
+use crate::pipeline::sampling::{FLAG_SAMPLED, SpanSampling};
 use crate::pipeline::stalls::Stall;
 use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span, span, status};
 use prost::Message as _;
@@ -121,6 +129,7 @@ const SCOPE_SPANS_SPAN: u32 = 2;
 mod field {
     pub(super) const TRACE_ID: u32 = 1;
     pub(super) const SPAN_ID: u32 = 2;
+    pub(super) const TRACE_STATE: u32 = 3;
     pub(super) const PARENT_SPAN_ID: u32 = 4;
     pub(super) const NAME: u32 = 5;
     pub(super) const KIND: u32 = 6;
@@ -330,11 +339,42 @@ pub fn error_type(record: &RequestRecord) -> Option<String> {
 }
 
 /// The fields every span starts with, in tag order up to the name.
-fn span_ids(buf: &mut Vec<u8>, trace_id: &[u8; 16], span_id: &[u8], parent: &[u8]) {
+fn span_ids(
+    buf: &mut Vec<u8>,
+    trace_id: &[u8; 16],
+    span_id: &[u8],
+    trace_state: &str,
+    parent: &[u8],
+) {
     wire::bytes_field(buf, field::TRACE_ID, trace_id);
     wire::bytes_field(buf, field::SPAN_ID, span_id);
+    wire::bytes_field(buf, field::TRACE_STATE, trace_state.as_bytes());
     wire::bytes_field(buf, field::PARENT_SPAN_ID, parent);
 }
+
+/// The span's `tracestate`: the OpenTelemetry entry with the threshold and
+/// the caller's explicit randomness, or `None` when there is neither. At
+/// most `ot=th:` + 14 + `;rv:` + 14 = 38 bytes, on the stack.
+fn ot_tracestate(sampling: &SpanSampling, record: &RequestRecord) -> Option<Short> {
+    let rv = record.ot.randomness;
+    if sampling.threshold.is_none() && rv.is_none() {
+        return None;
+    }
+    let mut s = Short::new();
+    let mut separator = "ot=";
+    if let Some(th) = sampling.threshold {
+        let _ = write!(s, "{separator}th:{th}");
+        separator = ";";
+    }
+    if let Some(rv) = rv {
+        let _ = write!(s, "{separator}rv:{rv:014x}");
+    }
+    Some(s)
+}
+
+/// `sampling.priority`: a downstream sampler keeps spans that carry a
+/// positive one.
+pub const SAMPLING_PRIORITY: &str = "sampling.priority";
 
 fn span_kind_and_times(buf: &mut Vec<u8>, kind: span::SpanKind, start: u64, end: u64) {
     wire::varint_field(buf, field::KIND, kind as u64);
@@ -379,14 +419,15 @@ fn span(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
 
 /// Encodes one record's spans (request span first) onto `out`, each as a
 /// `ScopeSpans.spans` field (so `out` may be the body of a `ScopeSpans`
-/// being written); returns how many ([`span_count`]).
+/// being written); returns how many ([`span_count`]). The spans carry no
+/// sampling marks but the sampled flag ([`encode_with_stalls`] has them).
 pub fn encode(
     ctx: &SpanContext,
     record: &RequestRecord,
     detail: Detail,
     out: &mut Vec<u8>,
 ) -> usize {
-    encode_with_stalls(ctx, record, detail, &[], out)
+    encode_with_stalls(ctx, record, detail, &[], &SpanSampling::default(), out)
 }
 
 /// The `ringside.stalled` span event: when the stall began and how long it
@@ -409,16 +450,25 @@ fn write_stall_events(ctx: &SpanContext, stalls: &[Stall], b: &mut Vec<u8>) {
 }
 
 /// [`encode`], with a `ringside.stalled` event on the request span for each
-/// stall the agent saw in the in-flight table.
+/// stall the agent saw in the in-flight table, and the sampling marks.
 pub fn encode_with_stalls(
     ctx: &SpanContext,
     record: &RequestRecord,
     detail: Detail,
     stalls: &[Stall],
+    sampling: &SpanSampling,
     out: &mut Vec<u8>,
 ) -> usize {
     let t = &record.timestamps;
-    let trace_flags = u32::from(record.trace_flags);
+    // Exported means sampled; the caller's other flags (random) go on.
+    let trace_flags = u32::from(record.trace_flags | FLAG_SAMPLED);
+    let trace_state = ot_tracestate(sampling, record);
+    let trace_state = trace_state.as_ref().map_or("", Short::as_str);
+    let priority = |b: &mut Vec<u8>| {
+        if sampling.priority {
+            wire::key_value(b, field::ATTRIBUTES, SAMPLING_PRIORITY, wire::Value::Int(1));
+        }
+    };
     let (parent, remote): (&[u8], u32) = match &record.parent_span_id {
         Some(p) => (p, FLAG_IS_REMOTE),
         None => (&[], 0),
@@ -426,7 +476,7 @@ pub fn encode_with_stalls(
     let model = model_name(ctx, record);
     let mut count = 1;
     span(out, |b| {
-        span_ids(b, &record.trace_id, &record.span_id, parent);
+        span_ids(b, &record.trace_id, &record.span_id, trace_state, parent);
         let operation = record.operation.as_str();
         wire::len_prefix(b, field::NAME, operation.len() + 1 + model.len());
         b.extend_from_slice(operation.as_bytes());
@@ -439,6 +489,7 @@ pub fn encode_with_stalls(
             ctx.clock.to_unix_ns(t.finished_ns),
         );
         write_request_attributes(ctx, record, b);
+        priority(b);
         write_stall_events(ctx, stalls, b);
         if let Some(class) = record.error_type.as_str() {
             span_status(b, class, status::StatusCode::Error);
@@ -459,6 +510,7 @@ pub fn encode_with_stalls(
                 b,
                 &record.trace_id,
                 &child_span_id(record.span_id, index),
+                trace_state,
                 &record.span_id,
             );
             wire::bytes_field(b, field::NAME, name.as_bytes());
@@ -468,6 +520,7 @@ pub fn encode_with_stalls(
                 ctx.clock.to_unix_ns(start),
                 ctx.clock.to_unix_ns(end),
             );
+            priority(b);
             span_status(b, "", status::StatusCode::Unset);
             wire::fixed32_field(b, field::FLAGS, trace_flags | FLAG_HAS_IS_REMOTE);
         });
@@ -521,6 +574,7 @@ pub(crate) mod tests {
             parent_span_id: Some([0x11; 8]),
             span_id,
             trace_flags: 1,
+            ot: Default::default(),
             timestamps: Timestamps {
                 arrival_ns: 1_000_000_000,
                 scheduled_ns: Some(1_250_000_000),
@@ -865,14 +919,21 @@ pub(crate) mod tests {
             ctx(AttributeSet::Semconv),
             long_name,
         ];
-        for c in &contexts {
+        let marks = [SpanSampling::default(), marked()];
+        for (c, sampling) in contexts
+            .iter()
+            .flat_map(|c| marks.iter().map(move |m| (c, m)))
+        {
             for detail in [Detail::Phases, Detail::Request] {
                 // Several records in one buffer, as a batch holds them.
                 let mut out = Vec::new();
                 let (mut written, mut counted) = (0, 0);
                 for record in &records {
-                    let record = record.decode(1).unwrap();
-                    written += encode(c, &record, detail, &mut out);
+                    let mut record = record.decode(1).unwrap();
+                    if sampling.priority {
+                        record.ot.randomness = Some(0x6e_6d1a_7583_2a2f);
+                    }
+                    written += encode_with_stalls(c, &record, detail, &[], sampling, &mut out);
                     counted += span_count(&record, detail);
                 }
                 let spans = ScopeSpans::decode(out.as_slice()).unwrap().spans;
@@ -887,6 +948,74 @@ pub(crate) mod tests {
                 assert_eq!(reencoded, out, "{:?} {detail:?}", c.attributes);
             }
         }
+    }
+
+    /// Kept at 25% by a caller with an explicit rv, then by a tail rule.
+    fn marked() -> SpanSampling {
+        use crate::pipeline::sampling::Threshold;
+        SpanSampling {
+            threshold: Threshold::from_value(0xc0_0000_0000_0000),
+            priority: true,
+        }
+    }
+
+    #[test]
+    fn every_span_carries_the_sampling_marks_and_the_sampled_flag() {
+        let mut record = raw_record(1).decode(1).unwrap();
+        // The caller's random flag, not sampled (a traceidratio keep), and
+        // its explicit randomness.
+        record.trace_flags = 0x02;
+        record.ot.randomness = Some(0x6e_6d1a_7583_2a2f);
+        let c = ctx(AttributeSet::Both);
+        let mut out = Vec::new();
+        encode_with_stalls(&c, &record, Detail::Phases, &[], &marked(), &mut out);
+        let spans = ScopeSpans::decode(out.as_slice()).unwrap().spans;
+        assert_eq!(spans.len(), 4);
+        for span in &spans {
+            assert_eq!(
+                span.trace_state, "ot=th:c;rv:6e6d1a75832a2f",
+                "{}",
+                span.name
+            );
+            assert_eq!(span.flags & 0xff, 0x03, "{}", span.name);
+            let priority = span
+                .attributes
+                .iter()
+                .find(|kv| kv.key == SAMPLING_PRIORITY);
+            assert_eq!(
+                priority
+                    .and_then(|kv| kv.value.clone())
+                    .and_then(|v| v.value),
+                Some(Value::IntValue(1)),
+                "{}",
+                span.name
+            );
+        }
+        // th:0 alone, no rv, no priority.
+        record.ot.randomness = None;
+        let kept_all = SpanSampling {
+            threshold: Some(crate::pipeline::sampling::Threshold::ALWAYS),
+            ..SpanSampling::default()
+        };
+        let mut out = Vec::new();
+        encode_with_stalls(&c, &record, Detail::Request, &[], &kept_all, &mut out);
+        let span = &ScopeSpans::decode(out.as_slice()).unwrap().spans[0];
+        assert_eq!(span.trace_state, "ot=th:0");
+        assert!(span.attributes.iter().all(|kv| kv.key != SAMPLING_PRIORITY));
+        // The caller's rv goes out whatever the marks.
+        record.ot.randomness = Some(0x6e_6d1a_7583_2a2f);
+        let mut out = Vec::new();
+        encode(&c, &record, Detail::Request, &mut out);
+        let span = &ScopeSpans::decode(out.as_slice()).unwrap().spans[0];
+        assert_eq!(span.trace_state, "ot=rv:6e6d1a75832a2f");
+        // Nothing known: no tracestate at all.
+        record.ot.randomness = None;
+        let mut out = Vec::new();
+        encode(&c, &record, Detail::Request, &mut out);
+        assert_eq!(
+            ScopeSpans::decode(out.as_slice()).unwrap().spans[0].trace_state,
+            ""
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct TraceIds {
     pub trace_flags: u8,
     /// This request's span id.
     pub span_id: [u8; 8],
+    /// The sampling values of the caller's `ot` tracestate entry.
+    pub ot: shm::OtState,
 }
 
 /// Whether the request reached the scheduler.
@@ -87,6 +89,8 @@ pub struct RequestOutcome {
     pub parent_span_id: Option<[u8; 8]>,
     /// W3C trace flags.
     pub trace_flags: u8,
+    /// The sampling values of the caller's `ot` tracestate entry.
+    pub ot: shm::OtState,
     /// The span id the engine assigned to the request.
     pub span_id: [u8; 8],
     /// Accepted by the HTTP layer.
@@ -370,6 +374,7 @@ impl RequestOutcome {
             parent_span_id: self.parent_span_id,
             span_id: self.span_id,
             trace_flags: self.trace_flags,
+            ot: self.ot,
             timestamps: shm::Timestamps {
                 arrival_ns: self.t_arrival_ns,
                 scheduled_ns: stamp(self.t_scheduled_ns),
@@ -420,6 +425,10 @@ mod tests {
             trace_id: [2; 16],
             parent_span_id: Some([3; 8]),
             trace_flags: 1,
+            ot: shm::OtState {
+                randomness: Some(0x6e6d1a75832a2f),
+                threshold: Some(0xc0_0000_0000_0000),
+            },
             span_id: [4; 8],
             t_arrival_ns: 10,
             t_scheduled_ns: 20,
@@ -487,7 +496,8 @@ mod tests {
     fn the_record_decodes_to_the_outcome_it_was_built_from() {
         let o = outcome();
         assert_eq!(to_record(&o).decode(1), Ok(o.request_record()));
-        assert_eq!(to_record(&o).reserved, [0; 100]);
+        assert_eq!(to_record(&o).reserved, [0; 84]);
+        assert_eq!(o.request_record().ot.threshold, Some(0xc0_0000_0000_0000));
     }
 
     #[test]

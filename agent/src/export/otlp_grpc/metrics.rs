@@ -1,7 +1,7 @@
 //! Metrics export over gRPC, through the generated `opentelemetry-proto`
 //! client (one request per interval: no need to pre-encode).
 
-use super::{GrpcTransport, grpc_failure};
+use super::{GrpcTransport, connection_suspect, grpc_failure};
 use crate::export::transport::Attempt;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
@@ -11,7 +11,8 @@ impl GrpcTransport {
         let mut req = tonic::Request::new(request.clone());
         *req.metadata_mut() = self.metadata.clone();
         req.set_timeout(self.timeout);
-        match self.metrics.clone().export(req).await {
+        let (generation, mut client) = self.metrics.get();
+        match client.export(req).await {
             Ok(resp) => {
                 let p = resp.into_inner().partial_success.unwrap_or_default();
                 Attempt::Accepted {
@@ -19,7 +20,12 @@ impl GrpcTransport {
                     message: p.error_message,
                 }
             }
-            Err(status) => grpc_failure(&status),
+            Err(status) => {
+                if connection_suspect(status.code()) {
+                    self.metrics.reconnect(generation);
+                }
+                grpc_failure(&status)
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! sent as is (encoded once, not once per attempt), the response decoded
 //! with prost.
 
-use super::{GrpcTransport, grpc_failure};
+use super::{GrpcTransport, connection_suspect, grpc_failure};
 use crate::export::retry::Verdict;
 use crate::export::transport::Attempt;
 use bytes::Bytes;
@@ -15,11 +15,12 @@ impl GrpcTransport {
     pub(crate) async fn send_traces(&self, body: &Bytes) -> Attempt {
         // A clone shares the channel (HTTP/2 multiplexes the batches
         // in flight on one connection).
-        let mut client = self.traces.clone();
+        let (generation, mut client) = self.traces.get();
         let mut req = tonic::Request::new(body.clone());
         *req.metadata_mut() = self.metadata.clone();
         req.set_timeout(self.timeout);
         if let Err(e) = client.ready().await {
+            self.traces.reconnect(generation);
             return Attempt::Failed {
                 verdict: Verdict::Retry(None),
                 error: format!("gRPC channel not ready: {e}"),
@@ -37,7 +38,12 @@ impl GrpcTransport {
                     message: p.error_message,
                 }
             }
-            Err(status) => grpc_failure(&status),
+            Err(status) => {
+                if connection_suspect(status.code()) {
+                    self.traces.reconnect(generation);
+                }
+                grpc_failure(&status)
+            }
         }
     }
 }
