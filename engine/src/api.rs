@@ -15,9 +15,12 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use llama_cpp_2::token::LlamaToken;
+
+use crate::admission::{GateError, PromptBound, WorkGate};
 use crate::clock::now_ns;
 use crate::metrics::Metrics;
-use crate::model::{Model, TokenizeError};
+use crate::model::Model;
 use crate::openai::{ApiError, GenerationRequest, PromptInput, parse_request};
 use crate::scheduler::{Event, Job, SchedulerHandle, SubmitError, TraceIds, Usage};
 use crate::telemetry::rejections::RejectionLimiter;
@@ -33,6 +36,8 @@ pub struct Ready {
     pub model: Arc<Model>,
     /// The inference thread.
     pub scheduler: SchedulerHandle,
+    /// How few tokens a prompt of so many bytes can be (checked before tokenizing).
+    pub prompt_bound: PromptBound,
 }
 
 /// Shared state of all handlers.
@@ -58,6 +63,11 @@ pub struct AppState {
     pub started_unix: u64,
     /// Per-cause rate limit on rejection records.
     pub rejections: Arc<RejectionLimiter>,
+    /// Tokenizing off the async workers, a bounded number at once.
+    pub tokenizer: WorkGate,
+    /// Parsing large bodies (and rendering their chats) off the async workers, a bounded
+    /// number at once.
+    pub parser: WorkGate,
 }
 
 /// The router.
@@ -252,8 +262,9 @@ enum BodyError {
     Read(String),
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, BodyError> {
-    let mut out = Vec::new();
+async fn read_body(body: Body, limit: usize, declared: usize) -> Result<Vec<u8>, BodyError> {
+    // Sized once from content-length (at most the limit): no copies as it grows.
+    let mut out = Vec::with_capacity(declared.min(limit));
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
@@ -317,7 +328,7 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
     // A slow upload holds a connection as a slow head does: bounded the same way.
     let read = tokio::time::timeout(
         state.body_read_timeout,
-        read_body(body, state.max_request_bytes),
+        read_body(body, state.max_request_bytes, declared_len.unwrap_or(0)),
     );
     let Ok(read) = read.await else {
         return pending.reject(&state, ApiError::body_timeout(state.body_read_timeout));
@@ -337,13 +348,22 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let req = match parse_request(operation, content_type, &bytes) {
-        Ok(r) => r,
-        Err((e, view)) => {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let large = bytes.len() > INLINE_WORK_BYTES;
+    // The raw body goes with the parse: it is not kept while the prompt waits for the
+    // tokenizer or a slot.
+    let parsed = off_the_workers(&state.parser, large, move || {
+        parse_request(operation, content_type.as_deref(), &bytes)
+    })
+    .await;
+    let mut req = match parsed {
+        Ok(Ok(r)) => r,
+        Ok(Err((e, view))) => {
             pending.stream = view.stream;
             return pending.reject(&state, e);
         }
+        Err(e) => return pending.reject(&state, e),
     };
     pending.stream = req.stream;
     pending.sampling = sampling_of(&req);
@@ -362,19 +382,14 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
         .cloned()
         .unwrap_or_default();
 
-    let (tokens, prompt_param) = match &req.prompt {
-        PromptInput::Chat(messages) => (ready.model.tokenize_chat(messages), "messages"),
-        PromptInput::Text(text) => (Ok(ready.model.tokenize_text(text)), "prompt"),
-        PromptInput::Tokens(ids) => (ready.model.checked_tokens(ids), "prompt"),
+    let prompt_param = match req.prompt {
+        PromptInput::Chat(_) => "messages",
+        PromptInput::Text(_) | PromptInput::Tokens(_) => "prompt",
     };
-    let tokens = match tokens {
+    let prompt = std::mem::replace(&mut req.prompt, PromptInput::Tokens(Vec::new()));
+    let tokens = match prompt_tokens(&state, ready, prompt, prompt_param, large).await {
         Ok(t) => t,
-        Err(e @ TokenizeError::TokenOutOfRange { .. }) => {
-            return pending.reject(&state, ApiError::invalid_param("prompt", e.to_string()));
-        }
-        Err(TokenizeError::Render(e)) => {
-            return pending.reject(&state, ApiError::invalid_param("messages", e.to_string()));
-        }
+        Err(e) => return pending.reject(&state, e),
     };
     pending.prompt_tokens = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
     let n_ctx = ready.scheduler.n_ctx_seq;
@@ -447,6 +462,79 @@ async fn generate(state: Arc<AppState>, operation: Operation, request: Request) 
         response.headers_mut().insert("x-request-id", v);
     }
     response
+}
+
+/// Bodies up to this size are parsed (and their chats rendered) on the async worker: well
+/// under a millisecond. Larger ones go to the blocking pool, so that a few 4 MiB bodies cannot
+/// hold the workers, and `/health` with them, for their parse.
+const INLINE_WORK_BYTES: usize = 64 * 1024;
+
+/// Runs `work` in place, or through `gate` on the blocking pool when it is `large`.
+async fn off_the_workers<T, F>(gate: &WorkGate, large: bool, work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    if large {
+        gate.run(work).await.map_err(gate_error)
+    } else {
+        Ok(work())
+    }
+}
+
+fn gate_error(e: GateError) -> ApiError {
+    match e {
+        GateError::Busy { waiting } => ApiError::busy(waiting),
+        GateError::Failed(message) => ApiError::internal(message),
+    }
+}
+
+/// The prompt's tokens, with the work before admission bounded: token ids are only
+/// range-checked (their count is capped when parsed); a text or rendered chat whose byte length
+/// cannot fit the context is refused before it is tokenized; the rest is tokenized through the
+/// [`WorkGate`], off the async workers.
+async fn prompt_tokens(
+    state: &AppState,
+    ready: &Ready,
+    prompt: PromptInput,
+    param: &'static str,
+    large: bool,
+) -> Result<Vec<LlamaToken>, ApiError> {
+    let text = match prompt {
+        PromptInput::Tokens(ids) => {
+            return ready
+                .model
+                .checked_tokens(&ids)
+                .map_err(|e| ApiError::invalid_param("prompt", e.to_string()));
+        }
+        PromptInput::Text(text) => text,
+        // Linear in the body (at most --max-request-bytes): cheap next to tokenizing.
+        PromptInput::Chat(messages) => {
+            let model = Arc::clone(&ready.model);
+            off_the_workers(&state.parser, large, move || {
+                model.template.render(&model.llama, &messages)
+            })
+            .await?
+            .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?
+        }
+    };
+    let n_ctx = ready.scheduler.n_ctx_seq;
+    if let Some(min_tokens) = ready.prompt_bound.min_tokens(text.len())
+        && min_tokens >= n_ctx as usize
+    {
+        return Err(ApiError::context_length_from_bytes(
+            param,
+            text.len(),
+            min_tokens,
+            n_ctx,
+        ));
+    }
+    let model = Arc::clone(&ready.model);
+    state
+        .tokenizer
+        .run(move || model.tokenize_text(&text))
+        .await
+        .map_err(gate_error)
 }
 
 struct ResponseMeta {
@@ -638,6 +726,8 @@ mod tests {
             ready: OnceLock::new(),
             started_unix: 0,
             rejections: Arc::new(RejectionLimiter::new(1)),
+            tokenizer: WorkGate::new(1, 1),
+            parser: WorkGate::new(1, 1),
         }
     }
 

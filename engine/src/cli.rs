@@ -86,9 +86,20 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGSIDE_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
 
-    /// Require `Authorization: Bearer <KEY>` on /v1/* (also read from VLLM_API_KEY).
+    /// Require `Authorization: Bearer <KEY>` on /v1/* (also read from VLLM_API_KEY). Shows in
+    /// `ps`: prefer --api-key-file.
     #[arg(long, env = "RINGSIDE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// Read the API key from this file (trimmed): a regular file not readable by others (0600
+    /// or 0640), at most 4 KiB. Not with --api-key.
+    #[arg(
+        long,
+        env = "RINGSIDE_API_KEY_FILE",
+        value_name = "PATH",
+        conflicts_with = "api_key"
+    )]
+    pub api_key_file: Option<PathBuf>,
 
     /// Name of the shared-memory segment the agent attaches to. Default: `engine-<port>`.
     #[arg(long, env = "RINGSIDE_INSTANCE")]
@@ -167,6 +178,123 @@ pub struct ServeArgs {
     pub rejection_records_per_second: u32,
 }
 
+/// Largest `--api-key-file` read.
+pub const MAX_API_KEY_FILE_BYTES: u64 = 4096;
+
+/// Why the API key could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiKeyError {
+    /// The file cannot be opened or read.
+    #[error("--api-key-file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A directory, FIFO, device or socket.
+    #[error("--api-key-file {path} is not a regular file")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Other users may read or write it.
+    #[error(
+        "--api-key-file {path} has mode {mode:04o}: other users may read or change the key; \
+         chmod o-rwx it (0600, or 0640 for a group)"
+    )]
+    OthersMayRead {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Larger than [`MAX_API_KEY_FILE_BYTES`].
+    #[error("--api-key-file {path} is larger than {MAX_API_KEY_FILE_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Nothing but whitespace.
+    #[error("--api-key-file {path} is empty")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A byte a client could not send in an `Authorization` header.
+    #[error(
+        "--api-key-file {path} holds a byte that is not printable ASCII (a key must fit an \
+         HTTP header)"
+    )]
+    NotPrintable {
+        /// The file.
+        path: PathBuf,
+    },
+    /// `--api-key-file` and another source both give a key.
+    #[error("--api-key-file and {0} both give an API key: keep one")]
+    TwoSources(&'static str),
+}
+
+/// Reads `--api-key-file`: a regular file (opened without blocking, so a FIFO cannot hang
+/// the start), not readable or writable by others, at most [`MAX_API_KEY_FILE_BYTES`], one
+/// printable-ASCII key with surrounding whitespace trimmed. Links are followed: Kubernetes
+/// mounts secrets through them.
+///
+/// # Errors
+/// See [`ApiKeyError`].
+pub fn read_api_key_file(path: &std::path::Path) -> Result<String, ApiKeyError> {
+    use rustix::fs::{Mode, OFlags};
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+
+    let read_error = |source: std::io::Error| ApiKeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| read_error(e.into()))?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(read_error)?;
+    let kind = meta.file_type();
+    if !kind.is_file() || kind.is_fifo() {
+        return Err(ApiKeyError::NotRegular {
+            path: path.to_path_buf(),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(ApiKeyError::OthersMayRead {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_API_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_API_KEY_FILE_BYTES {
+        return Err(ApiKeyError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    let key = bytes.trim_ascii();
+    if key.is_empty() {
+        return Err(ApiKeyError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    if !key.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        return Err(ApiKeyError::NotPrintable {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(String::from_utf8_lossy(key).into_owned())
+}
+
 /// Seconds, fractions allowed (`0.5`), as a [`Duration`].
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -211,13 +339,25 @@ impl ServeArgs {
             .unwrap_or_else(|| format!("engine-{}", self.port))
     }
 
-    /// The API key from `--api-key` / `RINGSIDE_API_KEY`, else `VLLM_API_KEY`; empty means none.
-    #[must_use]
-    pub fn effective_api_key(&self) -> Option<String> {
-        self.api_key
-            .clone()
-            .or_else(|| std::env::var("VLLM_API_KEY").ok())
-            .filter(|k| !k.is_empty())
+    /// The API key: from `--api-key-file`, else `--api-key` / `RINGSIDE_API_KEY`, else
+    /// `VLLM_API_KEY`; empty means none.
+    ///
+    /// # Errors
+    /// [`ApiKeyError`] when the key file is unusable, or when another source gives a key too
+    /// (two keys: refuse rather than guess).
+    pub fn effective_api_key(&self) -> Result<Option<String>, ApiKeyError> {
+        let vllm = std::env::var("VLLM_API_KEY").ok().filter(|k| !k.is_empty());
+        if let Some(path) = &self.api_key_file {
+            // clap refuses both flags; a key left in the environment is refused here.
+            if self.api_key.is_some() {
+                return Err(ApiKeyError::TwoSources("--api-key (RINGSIDE_API_KEY)"));
+            }
+            if vllm.is_some() {
+                return Err(ApiKeyError::TwoSources("VLLM_API_KEY"));
+            }
+            return read_api_key_file(path).map(Some);
+        }
+        Ok(self.api_key.clone().or(vllm).filter(|k| !k.is_empty()))
     }
 
     /// Threads for llama.cpp.
@@ -231,6 +371,117 @@ impl ServeArgs {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// A fresh directory under the system's temporary one.
+    fn scratch_dir(tag: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ringside-cli-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn key_file(dir: &std::path::Path, name: &str, content: &[u8], mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn an_api_key_file_is_trimmed_and_must_be_private_regular_small_and_printable() {
+        let dir = scratch_dir("key");
+        let good = key_file(&dir, "good", b"  sk-file key\n", 0o600);
+        assert_eq!(read_api_key_file(&good).unwrap(), "sk-file key");
+        let group = key_file(&dir, "group", b"sk-group\n", 0o640);
+        assert_eq!(read_api_key_file(&group).unwrap(), "sk-group");
+        // A link is followed (Kubernetes secrets are links); its target is checked.
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert_eq!(read_api_key_file(&link).unwrap(), "sk-file key");
+
+        let readable = key_file(&dir, "readable", b"sk\n", 0o644);
+        assert!(matches!(
+            read_api_key_file(&readable),
+            Err(ApiKeyError::OthersMayRead { mode: 0o644, .. })
+        ));
+        let writable = key_file(&dir, "writable", b"sk\n", 0o602);
+        assert!(matches!(
+            read_api_key_file(&writable),
+            Err(ApiKeyError::OthersMayRead { .. })
+        ));
+        let empty = key_file(&dir, "empty", b" \n\t", 0o600);
+        assert!(matches!(
+            read_api_key_file(&empty),
+            Err(ApiKeyError::Empty { .. })
+        ));
+        let huge = key_file(&dir, "huge", &[b'k'; 4097], 0o600);
+        assert!(matches!(
+            read_api_key_file(&huge),
+            Err(ApiKeyError::TooLarge { .. })
+        ));
+        let binary = key_file(&dir, "binary", b"sk\x00\x7f", 0o600);
+        assert!(matches!(
+            read_api_key_file(&binary),
+            Err(ApiKeyError::NotPrintable { .. })
+        ));
+        assert!(matches!(
+            read_api_key_file(&dir),
+            Err(ApiKeyError::NotRegular { .. })
+        ));
+        assert!(matches!(
+            read_api_key_file(&dir.join("missing")),
+            Err(ApiKeyError::Read { .. })
+        ));
+        // A FIFO with no writer: refused at once instead of blocking the start.
+        let fifo = dir.join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(matches!(
+            read_api_key_file(&fifo),
+            Err(ApiKeyError::NotRegular { .. })
+        ));
+        let message = read_api_key_file(&readable).unwrap_err().to_string();
+        assert!(
+            message.contains("other users may read") && message.contains("0644"),
+            "{message}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn api_key_and_api_key_file_are_mutually_exclusive() {
+        let both = Cli::try_parse_from([
+            "ringside-engine",
+            "serve",
+            "--api-key",
+            "k",
+            "--api-key-file",
+            "/k",
+        ]);
+        assert_eq!(
+            both.unwrap_err().kind(),
+            clap::error::ErrorKind::ArgumentConflict
+        );
+        let cli =
+            Cli::try_parse_from(["ringside-engine", "serve", "--api-key-file", "/k"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        assert_eq!(
+            args.api_key_file.as_deref(),
+            Some(std::path::Path::new("/k"))
+        );
+    }
 
     #[test]
     fn cli_is_consistent() {

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::cli::ServeArgs;
 
+/// The engine's secrets, never handed to the companion: it reads the ring, not the API.
+pub const WITHHELD_VARIABLES: [&str; 3] =
+    ["RINGSIDE_API_KEY", "RINGSIDE_API_KEY_FILE", "VLLM_API_KEY"];
+
 /// How long the companion gets to flush its spans when the engine stops.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -102,17 +106,13 @@ impl Companion {
     /// [`CompanionError`] when the binary is missing or cannot be started.
     pub fn start(instance: &str, target: &Target) -> Result<Self, CompanionError> {
         let path = find_agent()?;
-        let child = Command::new(&path)
-            .args(agent_args(instance, target))
-            // systemd's readiness socket is the engine's: a unit with NotifyAccess=main would
-            // log every message of the companion as refused.
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|source| CompanionError::Spawn {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let child =
+            command(&path, instance, target)
+                .spawn()
+                .map_err(|source| CompanionError::Spawn {
+                    path: path.display().to_string(),
+                    source,
+                })?;
         tracing::info!(pid = child.id(), agent = %path.display(), ?target,
             "companion agent started");
         Ok(Self { child })
@@ -137,6 +137,21 @@ impl Companion {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The companion's command: the engine's environment (the `OTEL_*` settings) without its
+/// secrets and without systemd's readiness socket.
+fn command(path: &Path, instance: &str, target: &Target) -> Command {
+    let mut command = Command::new(path);
+    command.args(agent_args(instance, target));
+    // systemd's readiness socket is the engine's: a unit with NotifyAccess=main would log
+    // every message of the companion as refused.
+    command.env_remove("NOTIFY_SOCKET");
+    for name in WITHHELD_VARIABLES {
+        command.env_remove(name);
+    }
+    command.stdin(Stdio::null());
+    command
 }
 
 fn find_agent() -> Result<PathBuf, CompanionError> {
@@ -194,6 +209,19 @@ mod tests {
         assert_eq!(wanted(&serve_args(&["--no-companion-agent"]), otel), None);
         let empty = |_: &str| Some(String::new());
         assert_eq!(wanted(&serve_args(&[]), empty), None);
+    }
+
+    #[test]
+    fn the_api_key_variables_are_removed_from_the_companions_environment() {
+        let command = command(Path::new("/bin/true"), "e", &Target::Environment);
+        let removed: Vec<_> = command
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(name, _)| name.to_string_lossy().into_owned())
+            .collect();
+        for name in WITHHELD_VARIABLES.iter().chain(&["NOTIFY_SOCKET"]) {
+            assert!(removed.iter().any(|r| r == name), "{name} is passed on");
+        }
     }
 
     #[test]

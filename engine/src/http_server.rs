@@ -59,6 +59,77 @@ pub struct HttpLimits {
     pub idle_timeout: Duration,
 }
 
+/// Descriptors kept spare beyond those open at start: the model file while it loads, the
+/// signal pipe, `/proc` reads, a lingering socket or two.
+pub const SPARE_DESCRIPTORS: u64 = 16;
+
+/// The process's descriptor limit leaves no room for a single connection.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "RLIMIT_NOFILE is {limit} and {in_use} descriptors are in use ({SPARE_DESCRIPTORS} more kept \
+     spare): no room for connections; raise the limit (LimitNOFILE=, ulimit -n)"
+)]
+pub struct NoDescriptorsError {
+    /// The soft limit.
+    pub limit: u64,
+    /// Descriptors open at the check.
+    pub in_use: u64,
+}
+
+/// The connection cap that fits the descriptor limit: each connection holds one descriptor, and
+/// a cap above what the limit allows would turn its excess into `EMFILE` on `accept`, where
+/// nothing answers (not even `/health`) and the backlog fills. Raises the soft `RLIMIT_NOFILE`
+/// toward the hard one as far as `requested` needs; if that is not enough, serves fewer
+/// connections and says so.
+///
+/// # Errors
+/// [`NoDescriptorsError`] when not even one connection fits.
+pub fn fit_connection_cap(requested: usize) -> Result<usize, NoDescriptorsError> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    // Listing the directory opens one more.
+    let in_use =
+        std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1) as u64);
+    let needed = (requested as u64)
+        .saturating_add(in_use)
+        .saturating_add(SPARE_DESCRIPTORS);
+    let mut limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft < needed {
+        let raised = limit.maximum.map_or(needed, |hard| hard.min(needed));
+        if raised > soft {
+            limit.current = Some(raised);
+            match setrlimit(Resource::Nofile, limit) {
+                Ok(()) => tracing::info!(
+                    from = soft,
+                    to = raised,
+                    "raised the soft RLIMIT_NOFILE for --max-connections"
+                ),
+                Err(error) => tracing::debug!(%error, "cannot raise RLIMIT_NOFILE"),
+            }
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let room = soft.saturating_sub(in_use.saturating_add(SPARE_DESCRIPTORS));
+    if room == 0 {
+        return Err(NoDescriptorsError {
+            limit: soft,
+            in_use,
+        });
+    }
+    let fitted = usize::try_from(room).map_or(requested, |room| room.min(requested));
+    if fitted < requested {
+        tracing::warn!(
+            max_connections = requested,
+            rlimit_nofile = soft,
+            descriptors_in_use = in_use,
+            serving_at_most = fitted,
+            "--max-connections does not fit RLIMIT_NOFILE: lowering the connection cap (raise \
+             LimitNOFILE= / ulimit -n to serve more)"
+        );
+    }
+    Ok(fitted)
+}
+
 /// Serves `router` on `listener` until `stop` resolves, then drains: the listener is closed
 /// and the call returns once every connection has ended. Dropping the future (aborting its
 /// task) closes whatever connections are left.

@@ -2,7 +2,8 @@
 //! telemetry work is one wait-free record per request into the ringside shared-memory ring.
 //!
 //! Modules, in request order: [`api`] (HTTP) parses with [`openai`], stamps with [`clock`],
-//! reads [`trace_context`], tokenizes with [`model`]/[`chat_template`] and hands a job to the
+//! reads [`trace_context`], bounds the work before admission with [`admission`], tokenizes
+//! with [`model`]/[`chat_template`] and hands a job to the
 //! [`scheduler`], whose inference thread samples with [`sampling`], cuts text with [`stop`],
 //! and at the end records a [`telemetry::RequestOutcome`]. [`metrics`] backs `/metrics`;
 //! [`server`] wires it together from the [`cli`] arguments and [`http_server`] is its front
@@ -10,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod chat_template;
 pub mod cli;

@@ -3,8 +3,11 @@
 //! Parsing never panics on input: the body is decoded with `serde_path_to_error` so a type error
 //! names the field, then every parameter is range-checked into a [`GenerationRequest`].
 
+use std::fmt;
+
 use axum::http::StatusCode;
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::json;
 
 use crate::chat_template::{ChatMessage, Role};
@@ -15,6 +18,12 @@ use crate::telemetry::{ErrorKind, Operation, params_set};
 pub const MAX_STOP_STRINGS: usize = 16;
 /// Longest stop string, in bytes.
 pub const MAX_STOP_LEN: usize = 256;
+/// Most chat messages per request.
+pub const MAX_MESSAGES: usize = 4096;
+/// Most content parts per message.
+pub const MAX_CONTENT_PARTS: usize = 256;
+/// Most token ids in a `prompt` given as ids (a prompt must also fit the context).
+pub const MAX_PROMPT_TOKEN_IDS: usize = 1 << 20;
 
 /// An error answered in OpenAI's shape: `{"error":{"message","type","param","code"}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +96,45 @@ impl ApiError {
             param: Some(param.to_owned()),
             code: Some("context_length_exceeded"),
             kind: ErrorKind::ContextLengthExceeded,
+        }
+    }
+
+    /// 400 when the prompt's byte length alone shows it cannot fit the context: it has at
+    /// least `min_tokens` tokens (it was not tokenized).
+    #[must_use]
+    pub fn context_length_from_bytes(
+        param: &str,
+        prompt_bytes: usize,
+        min_tokens: usize,
+        n_ctx: u32,
+    ) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: format!(
+                "This model's maximum context length is {n_ctx} tokens. However, your prompt is \
+                 {prompt_bytes} bytes long, which is at least {min_tokens} tokens and leaves no \
+                 room for a completion. Please shorten the prompt."
+            ),
+            error_type: "invalid_request_error",
+            param: Some(param.to_owned()),
+            code: Some("context_length_exceeded"),
+            kind: ErrorKind::ContextLengthExceeded,
+        }
+    }
+
+    /// 429 when the parse or tokenizer pool is busy and `waiting` requests already wait for it.
+    #[must_use]
+    pub fn busy(waiting: usize) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "The server is busy: {waiting} requests are already waiting to be parsed or \
+                 tokenized. Retry later."
+            ),
+            error_type: "rate_limit_error",
+            param: None,
+            code: Some("queue_full"),
+            kind: ErrorKind::QueueFull,
         }
     }
 
@@ -233,20 +281,65 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
-/// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// `stop`: one string or a list (at most [`MAX_STOP_STRINGS`]).
+#[derive(Debug)]
 enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-/// Message `content`: a string or a list of parts.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StopVisitor;
+        impl<'de> Visitor<'de> for StopVisitor {
+            type Value = Stop;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(
+                    f,
+                    "a string or a list of at most {MAX_STOP_STRINGS} strings"
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Stop, E> {
+                Ok(Stop::One(v.to_owned()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Stop, A::Error> {
+                bounded_seq(seq, MAX_STOP_STRINGS, "stop strings").map(Stop::Many)
+            }
+        }
+        deserializer.deserialize_any(StopVisitor)
+    }
+}
+
+/// Message `content`: a string or a list of parts (at most [`MAX_CONTENT_PARTS`]).
+#[derive(Debug)]
 enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ContentVisitor;
+        impl<'de> Visitor<'de> for ContentVisitor {
+            type Value = Content;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(
+                    f,
+                    "a string or a list of at most {MAX_CONTENT_PARTS} content parts"
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Content, E> {
+                Ok(Content::Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Content, E> {
+                Ok(Content::Text(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
+                bounded_seq(seq, MAX_CONTENT_PARTS, "content parts").map(Content::Parts)
+            }
+        }
+        deserializer.deserialize_any(ContentVisitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,26 +355,226 @@ struct RawMessage {
     content: Option<Content>,
 }
 
+/// `messages`: at most [`MAX_MESSAGES`].
+#[derive(Debug)]
+struct Messages(Vec<RawMessage>);
+
+impl<'de> Deserialize<'de> for Messages {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MessagesVisitor;
+        impl<'de> Visitor<'de> for MessagesVisitor {
+            type Value = Messages;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a list of at most {MAX_MESSAGES} messages")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Messages, A::Error> {
+                bounded_seq(seq, MAX_MESSAGES, "messages").map(Messages)
+            }
+        }
+        deserializer.deserialize_seq(MessagesVisitor)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-/// `prompt` of `/v1/completions`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// `prompt` of `/v1/completions`: a string, token ids (at most [`MAX_PROMPT_TOKEN_IDS`]), or a
+/// list holding one of those (a second prompt is refused as soon as it starts).
+#[derive(Debug)]
 enum RawPrompt {
     Text(String),
     Tokens(Vec<i64>),
-    Texts(Vec<String>),
-    TokenLists(Vec<Vec<i64>>),
 }
 
-/// The union of both endpoints' fields; each endpoint checks which ones it allows.
+impl<'de> Deserialize<'de> for RawPrompt {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PromptVisitor;
+        impl<'de> Visitor<'de> for PromptVisitor {
+            type Value = RawPrompt;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, a list of token ids, or a list holding one of those")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPrompt, E> {
+                Ok(RawPrompt::Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<RawPrompt, E> {
+                Ok(RawPrompt::Text(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawPrompt, A::Error> {
+                let prompt = match seq.next_element::<PromptItem>()? {
+                    None => return Ok(RawPrompt::Tokens(Vec::new())),
+                    Some(PromptItem::Token(first)) => {
+                        let mut ids = vec![first];
+                        while let Some(id) = seq.next_element::<TokenId>()? {
+                            if ids.len() == MAX_PROMPT_TOKEN_IDS {
+                                return Err(de::Error::custom(format_args!(
+                                    "more than {MAX_PROMPT_TOKEN_IDS} token ids"
+                                )));
+                            }
+                            ids.push(id.0);
+                        }
+                        return Ok(RawPrompt::Tokens(ids));
+                    }
+                    Some(PromptItem::Text(t)) => RawPrompt::Text(t),
+                    Some(PromptItem::Tokens(ids)) => RawPrompt::Tokens(ids),
+                };
+                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom(
+                        "exactly one prompt per request is supported",
+                    ));
+                }
+                Ok(prompt)
+            }
+        }
+        deserializer.deserialize_any(PromptVisitor)
+    }
+}
+
+/// One element of a `prompt` list: a token id, a text, or a list of token ids.
+enum PromptItem {
+    Token(i64),
+    Text(String),
+    Tokens(Vec<i64>),
+}
+
+impl<'de> Deserialize<'de> for PromptItem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ItemVisitor;
+        impl<'de> Visitor<'de> for ItemVisitor {
+            type Value = PromptItem;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a token id, a string or a list of token ids")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PromptItem, E> {
+                Ok(PromptItem::Token(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PromptItem, E> {
+                TokenIdVisitor.visit_u64(v).map(PromptItem::Token)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PromptItem, E> {
+                Ok(PromptItem::Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<PromptItem, E> {
+                Ok(PromptItem::Text(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<PromptItem, A::Error> {
+                let ids: Vec<TokenId> = bounded_seq(seq, MAX_PROMPT_TOKEN_IDS, "token ids")?;
+                Ok(PromptItem::Tokens(ids.into_iter().map(|t| t.0).collect()))
+            }
+        }
+        deserializer.deserialize_any(ItemVisitor)
+    }
+}
+
+/// A token id as sent: any integer (range-checked against the vocabulary later).
+struct TokenId(i64);
+
+struct TokenIdVisitor;
+
+impl Visitor<'_> for TokenIdVisitor {
+    type Value = i64;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a token id")
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+        Ok(v)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+        i64::try_from(v)
+            .map_err(|_| E::custom(format_args!("token id {v} is outside the vocabulary")))
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_i64(TokenIdVisitor).map(TokenId)
+    }
+}
+
+/// Reads a list of at most `max` items: a longer one fails at its first extra item, before
+/// anything more is allocated.
+fn bounded_seq<'de, T: Deserialize<'de>, A: SeqAccess<'de>>(
+    mut seq: A,
+    max: usize,
+    what: &str,
+) -> Result<Vec<T>, A::Error> {
+    // A JSON reader gives no length hint; the cap bounds the first allocation anyway.
+    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(max).min(4096));
+    while let Some(item) = seq.next_element()? {
+        if out.len() == max {
+            return Err(de::Error::custom(format_args!(
+                "more than {max} {what} (the most accepted)"
+            )));
+        }
+        out.push(item);
+    }
+    Ok(out)
+}
+
+/// A field that is only checked for being set: whatever it holds is skipped, not built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Null,
+    Flag(bool),
+    Number(Option<i64>),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Presence {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PresenceVisitor;
+        impl<'de> Visitor<'de> for PresenceVisitor {
+            type Value = Presence;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Presence, E> {
+                Ok(Presence::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Presence, E> {
+                Ok(Presence::Null)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Presence, E> {
+                Ok(Presence::Flag(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Presence, E> {
+                Ok(Presence::Number(Some(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Presence, E> {
+                Ok(Presence::Number(i64::try_from(v).ok()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Presence, E> {
+                Ok(Presence::Number(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Presence, E> {
+                Ok(Presence::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Presence, A::Error> {
+                de::IgnoredAny.visit_seq(seq).map(|_| Presence::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Presence, A::Error> {
+                de::IgnoredAny.visit_map(map).map(|_| Presence::Other)
+            }
+        }
+        deserializer.deserialize_any(PresenceVisitor)
+    }
+}
+
+/// `response_format`: only its `type` is read.
+#[derive(Debug, Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// The union of both endpoints' fields; each endpoint checks which ones it allows. Fields not
+/// named here are skipped without being built.
 #[derive(Debug, Deserialize)]
 struct RawRequest {
     model: Option<String>,
-    messages: Option<Vec<RawMessage>>,
+    messages: Option<Messages>,
     prompt: Option<RawPrompt>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
@@ -296,12 +589,32 @@ struct RawRequest {
     best_of: Option<i64>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
-    logprobs: Option<serde_json::Value>,
-    top_logprobs: Option<serde_json::Value>,
+    logprobs: Option<Presence>,
+    top_logprobs: Option<Presence>,
     echo: Option<bool>,
     suffix: Option<String>,
-    tools: Option<serde_json::Value>,
-    response_format: Option<serde_json::Value>,
+    tools: Option<Presence>,
+    response_format: Option<ResponseFormat>,
+}
+
+/// The body: a JSON object (a list would otherwise fill the struct's fields in order).
+struct RequestObject(RawRequest);
+
+impl<'de> Deserialize<'de> for RequestObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = RequestObject;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RequestObject, A::Error> {
+                RawRequest::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RequestObject)
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor)
+    }
 }
 
 /// The prompt of a validated request.
@@ -386,36 +699,54 @@ pub fn parse_request(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<GenerationRequest, (ApiError, PartialView)> {
-    let view = PartialView {
-        stream: serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
-            .unwrap_or(false),
+    let failed = |e| {
+        (
+            e,
+            PartialView {
+                stream: skim_stream(body),
+            },
+        )
     };
-    parse_inner(operation, content_type, body).map_err(|e| (e, view))
+    check_content_type(content_type).map_err(failed)?;
+    let raw = parse_body(body).map_err(failed)?;
+    let view = PartialView {
+        stream: raw.stream.unwrap_or(false),
+    };
+    validate(operation, raw).map_err(|e| (e, view))
 }
 
-fn parse_inner(
-    operation: Operation,
-    content_type: Option<&str>,
-    body: &[u8],
-) -> Result<GenerationRequest, ApiError> {
-    check_content_type(content_type)?;
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid_body(format!("Request body is not valid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::invalid_body("Request body must be a JSON object"));
-    }
-    let raw: RawRequest = serde_path_to_error::deserialize(value).map_err(|e| {
+/// The body, read once straight into the typed request: no `serde_json::Value` tree, lists
+/// capped while they are read, unknown fields skipped.
+fn parse_body(body: &[u8]) -> Result<RawRequest, ApiError> {
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let raw = serde_path_to_error::deserialize::<_, RequestObject>(&mut reader).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path.is_empty() || path == "." {
+        if inner.classify() != serde_json::error::Category::Data {
+            ApiError::invalid_body(format!("Request body is not valid JSON: {inner}"))
+        } else if path.is_empty() || path == "." {
             ApiError::invalid_body(format!("Invalid request body: {inner}"))
         } else {
             ApiError::invalid_param(&path, format!("Invalid value for `{path}`: {inner}"))
         }
     })?;
-    validate(operation, raw)
+    reader
+        .end()
+        .map_err(|e| ApiError::invalid_body(format!("Request body is not valid JSON: {e}")))?;
+    Ok(raw.0)
+}
+
+/// `stream` of a body that failed to parse, for its rejection record: a second pass that only
+/// skips (it builds nothing), taken on the error path alone.
+fn skim_stream(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct StreamOnly {
+        stream: Option<bool>,
+    }
+    serde_json::from_slice::<StreamOnly>(body)
+        .ok()
+        .and_then(|s| s.stream)
+        .unwrap_or(false)
 }
 
 fn validate(operation: Operation, raw: RawRequest) -> Result<GenerationRequest, ApiError> {
@@ -436,31 +767,29 @@ fn validate(operation: Operation, raw: RawRequest) -> Result<GenerationRequest, 
             format!("Only `best_of` = 1 is supported, got {best_of}"),
         ));
     }
-    let logprobs_requested = match &raw.logprobs {
-        None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => false,
-        Some(serde_json::Value::Number(n)) => n.as_i64() != Some(0),
-        Some(_) => true,
-    };
-    if logprobs_requested || raw.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+    let logprobs_requested = !matches!(
+        raw.logprobs,
+        None | Some(Presence::Null | Presence::Flag(false) | Presence::Number(Some(0)))
+    );
+    if logprobs_requested || raw.top_logprobs.is_some_and(|v| v != Presence::Null) {
         return Err(ApiError::invalid_param(
             "logprobs",
             "`logprobs` is not supported",
         ));
     }
-    if raw.tools.as_ref().is_some_and(|v| !v.is_null()) {
+    if raw.tools.is_some_and(|v| v != Presence::Null) {
         return Err(ApiError::invalid_param(
             "tools",
             "`tools` are not supported",
         ));
     }
-    if let Some(rf) = &raw.response_format {
-        let kind = rf.get("type").and_then(serde_json::Value::as_str);
-        if !(rf.is_null() || kind == Some("text")) {
-            return Err(ApiError::invalid_param(
-                "response_format",
-                "Only `response_format` {\"type\": \"text\"} is supported",
-            ));
-        }
+    if let Some(rf) = &raw.response_format
+        && rf.kind.as_deref() != Some("text")
+    {
+        return Err(ApiError::invalid_param(
+            "response_format",
+            "Only `response_format` {\"type\": \"text\"} is supported",
+        ));
     }
 
     let prompt = match operation {
@@ -473,6 +802,7 @@ fn validate(operation: Operation, raw: RawRequest) -> Result<GenerationRequest, 
             }
             let messages = raw
                 .messages
+                .map(|m| m.0)
                 .ok_or_else(|| ApiError::invalid_param("messages", "`messages` is required"))?;
             if messages.is_empty() {
                 return Err(ApiError::invalid_param(
@@ -534,8 +864,6 @@ fn validate(operation: Operation, raw: RawRequest) -> Result<GenerationRequest, 
                     "`suffix` is not supported",
                 ));
             }
-            let one_prompt =
-                || ApiError::invalid_param("prompt", "Exactly one prompt per request is supported");
             match raw.prompt {
                 None => return Err(ApiError::invalid_param("prompt", "`prompt` is required")),
                 Some(RawPrompt::Text(t)) => PromptInput::Text(t),
@@ -546,20 +874,6 @@ fn validate(operation: Operation, raw: RawRequest) -> Result<GenerationRequest, 
                     ));
                 }
                 Some(RawPrompt::Tokens(t)) => PromptInput::Tokens(t),
-                Some(RawPrompt::Texts(mut v)) if v.len() == 1 => {
-                    PromptInput::Text(v.pop().unwrap_or_default())
-                }
-                Some(RawPrompt::TokenLists(mut v)) if v.len() == 1 => {
-                    let t = v.pop().unwrap_or_default();
-                    if t.is_empty() {
-                        return Err(ApiError::invalid_param(
-                            "prompt",
-                            "`prompt` must not be empty",
-                        ));
-                    }
-                    PromptInput::Tokens(t)
-                }
-                Some(RawPrompt::Texts(_) | RawPrompt::TokenLists(_)) => return Err(one_prompt()),
             }
         }
     };
@@ -832,6 +1146,122 @@ mod tests {
             assert_eq!(s, *status, "{body}");
             assert_eq!(p.as_deref(), *param, "{body}");
         }
+    }
+
+    #[test]
+    fn every_list_is_capped_while_it_is_read_with_a_400_naming_the_field() {
+        let user = r#"{"role":"user","content":"x"}"#;
+        let messages = vec![user; MAX_MESSAGES + 1].join(",");
+        assert_eq!(
+            param_of(chat(&format!(r#"{{"messages":[{messages}]}}"#))),
+            (400, Some("messages".into()))
+        );
+        let messages = vec![user; MAX_MESSAGES].join(",");
+        assert!(chat(&format!(r#"{{"messages":[{messages}]}}"#)).is_ok());
+
+        let part = r#"{"type":"text","text":"a"}"#;
+        let parts = vec![part; MAX_CONTENT_PARTS + 1].join(",");
+        let body = format!(r#"{{"messages":[{{"role":"user","content":[{parts}]}}]}}"#);
+        assert_eq!(
+            param_of(chat(&body)),
+            (400, Some("messages[0].content".into()))
+        );
+
+        let ids = vec!["1"; MAX_PROMPT_TOKEN_IDS + 1].join(",");
+        let e = completion(&format!(r#"{{"prompt":[{ids}]}}"#)).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (400, Some("prompt"))
+        );
+        assert!(e.message.contains("token ids"), "{}", e.message);
+        assert_eq!(
+            param_of(completion(&format!(r#"{{"prompt":[[{ids}]]}}"#))),
+            (400, Some("prompt[0]".into()))
+        );
+        let ids = vec!["1"; MAX_PROMPT_TOKEN_IDS].join(",");
+        let PromptInput::Tokens(t) = completion(&format!(r#"{{"prompt":[{ids}]}}"#))
+            .unwrap()
+            .prompt
+        else {
+            panic!("token ids")
+        };
+        assert_eq!(t.len(), MAX_PROMPT_TOKEN_IDS);
+
+        let stops = vec![r#""s""#; 100_000].join(",");
+        let e = chat(&format!(r#"{{"messages":[{user}],"stop":[{stops}]}}"#)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stop"));
+        assert!(e.message.contains("16 stop strings"), "{}", e.message);
+    }
+
+    #[test]
+    fn prompt_shapes_are_read_without_buffering() {
+        assert_eq!(
+            completion(r#"{"prompt":[[5,6]]}"#).unwrap().prompt,
+            PromptInput::Tokens(vec![5, 6])
+        );
+        assert_eq!(
+            param_of(completion(r#"{"prompt":[[1],[2]]}"#)),
+            (400, Some("prompt".into()))
+        );
+        assert_eq!(
+            param_of(completion(r#"{"prompt":[[]]}"#)),
+            (400, Some("prompt".into()))
+        );
+        assert_eq!(
+            param_of(completion(r#"{"prompt":[1,"a"]}"#)),
+            (400, Some("prompt[1]".into()))
+        );
+        assert_eq!(
+            param_of(completion(r#"{"prompt":[18446744073709551615]}"#)),
+            (400, Some("prompt[0]".into()))
+        );
+        assert_eq!(
+            param_of(completion(r#"{"prompt":1.5}"#)),
+            (400, Some("prompt".into()))
+        );
+        assert_eq!(
+            param_of(completion(r#"{"prompt":"a","stop":5}"#)),
+            (400, Some("stop".into()))
+        );
+        // Fields that are only checked for being set are skipped, whatever they hold.
+        let r = completion(
+            r#"{"prompt":"a","tools":null,"logprobs":0,"top_logprobs":null,
+                "response_format":{"type":"text","extra":[1,2]},"metadata":{"k":[1,{"x":2}]}}"#,
+        );
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(
+            param_of(completion(
+                r#"{"prompt":"a","tools":[{"type":"function"}]}"#
+            )),
+            (400, Some("tools".into()))
+        );
+        assert_eq!(
+            param_of(completion(
+                r#"{"prompt":"a","response_format":{"type":"json_object"}}"#
+            )),
+            (400, Some("response_format".into()))
+        );
+        assert_eq!(
+            param_of(completion(r#"{"prompt":"a","top_logprobs":2}"#)),
+            (400, Some("logprobs".into()))
+        );
+        // Not an object, or more after it: the body, not a field.
+        assert_eq!(param_of(completion(r#"{"prompt":"a"} x"#)), (400, None));
+        assert_eq!(param_of(completion(r#""prompt""#)), (400, None));
+    }
+
+    #[test]
+    fn a_body_that_fails_to_parse_still_tells_its_stream_flag() {
+        let (_, view) = parse_request(
+            Operation::TextCompletion,
+            JSON,
+            br#"{"stream":true,"prompt":"a","temperature":"hot"}"#,
+        )
+        .unwrap_err();
+        assert!(view.stream);
+        let (_, view) =
+            parse_request(Operation::TextCompletion, JSON, br#"{"stream":true,"#).unwrap_err();
+        assert!(!view.stream);
     }
 
     #[test]

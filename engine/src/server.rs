@@ -12,6 +12,7 @@
 //!    telemetry segment's name goes with the last handle), then stops the companion agent.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -20,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::admission::{PromptBound, WorkGate};
 use crate::api::{AppState, Ready, router};
 use crate::cli::ServeArgs;
 use crate::companion::{self, Companion};
@@ -56,6 +58,12 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("HTTP server error: {0}")]
     Http(#[source] std::io::Error),
+    /// `--api-key-file` is unusable.
+    #[error(transparent)]
+    ApiKey(#[from] crate::cli::ApiKeyError),
+    /// The descriptor limit leaves no room for connections.
+    #[error(transparent)]
+    Descriptors(#[from] http_server::NoDescriptorsError),
     /// The loading task panicked or was cancelled.
     #[error("model loading task failed: {0}")]
     LoadTask(String),
@@ -145,12 +153,17 @@ struct Application {
     listener: tokio::net::TcpListener,
     telemetry: Telemetry,
     companion: Option<Companion>,
+    /// The API key, read once.
+    api_key: Option<String>,
+    /// `--max-connections`, lowered to what RLIMIT_NOFILE allows.
+    max_connections: usize,
 }
 
 impl Application {
     /// Resolves the model file, binds the socket, creates the telemetry segment and starts the
     /// companion agent (when one is wanted).
     async fn prepare(args: ServeArgs) -> Result<Self, ServeError> {
+        let api_key = args.effective_api_key()?;
         let path = model::resolve_model_path(args.model.as_deref())?;
         let names = model_names(&args, &path);
         let addr = SocketAddr::new(args.host, args.port);
@@ -170,6 +183,8 @@ impl Application {
             tracing::info!(%segment, tracing = ?args.tracing, capacity = args.ring_capacity,
                 "telemetry ring created");
         }
+        // What is open by now stays open; before the companion, which an error would orphan.
+        let max_connections = http_server::fit_connection_cap(args.max_connections as usize)?;
         let companion = match companion::wanted(&args, |name| std::env::var(name).ok()) {
             None => None,
             Some(target) => match Companion::start(&args.instance_name(), &target) {
@@ -192,6 +207,8 @@ impl Application {
             listener,
             telemetry,
             companion,
+            api_key,
+            max_connections,
         })
     }
 
@@ -206,6 +223,8 @@ impl Application {
             listener,
             telemetry,
             companion,
+            api_key,
+            max_connections,
         } = self;
         let threads = args.effective_threads();
         let metrics = Arc::new(Metrics::default());
@@ -213,7 +232,7 @@ impl Application {
         let heartbeat_metrics = Arc::clone(&metrics);
         let state = Arc::new(AppState {
             model_names: names.clone(),
-            api_key: args.effective_api_key(),
+            api_key,
             max_request_bytes: args.max_request_bytes,
             body_read_timeout: args.body_read_timeout,
             max_queue: args.max_queue,
@@ -224,6 +243,11 @@ impl Application {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             rejections: Arc::new(RejectionLimiter::new(args.rejection_records_per_second)),
+            // Half the cores at most each: parsing large bodies and tokenizing must not starve
+            // decoding or the HTTP workers (more runnable threads than cores stretch every
+            // thread's wait for a turn, /health's too).
+            tokenizer: WorkGate::new(crate::cli::available_threads() as usize / 2, args.max_queue),
+            parser: WorkGate::new(crate::cli::available_threads() as usize / 2, args.max_queue),
         });
         // Not the state itself: its last handle must go at shutdown (it ends the scheduler).
         let rejections = Arc::clone(&state.rejections);
@@ -275,7 +299,7 @@ impl Application {
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let limits = HttpLimits {
-            max_connections: args.max_connections as usize,
+            max_connections,
             header_read_timeout: args.header_read_timeout,
             idle_timeout: args.idle_timeout,
         };
@@ -318,6 +342,7 @@ fn load_in_background(
         let started = std::time::Instant::now();
         let loaded = model::load(&path, n_gpu_layers, chat_template.as_deref())?;
         let model = Arc::clone(&loaded.model);
+        let prompt_bound = PromptBound::of(&model.llama);
         let (scheduler, thread) =
             scheduler::start(loaded, config, Arc::clone(&state.metrics), telemetry)?;
         tracing::info!(
@@ -325,9 +350,15 @@ fn load_in_background(
             architecture = %model.architecture,
             chat_template = %model.template.describe(),
             n_ctx_per_sequence = scheduler.n_ctx_seq,
+            max_token_bytes = prompt_bound.max_token_bytes().map_or(0, NonZeroUsize::get),
+            tokenizers = state.tokenizer.concurrency(),
             "model loaded; serving"
         );
-        let _ = state.ready.set(Ready { model, scheduler });
+        let _ = state.ready.set(Ready {
+            model,
+            scheduler,
+            prompt_bound,
+        });
         state.metrics.loaded.store(1, Ordering::Relaxed);
         // Under systemd (Type=notify) the unit is started only now; dependants wait for
         // the model, not the socket.

@@ -210,21 +210,44 @@ impl Engine {
 
     /// [`Engine::start`] with extra environment variables.
     pub fn start_with_env(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Engine {
-        Self::spawn(unique_instance(tag), free_port(), extra, env)
+        Self::spawn(unique_instance(tag), free_port(), extra, env, None)
+    }
+
+    /// [`Engine::start`] under `prlimit --nofile=N:N`: at most `nofile`
+    /// descriptors, soft and hard (`prlimit` execs the engine: same pid).
+    pub fn start_with_nofile(tag: &str, extra: &[&str], nofile: u64) -> Engine {
+        Self::spawn(unique_instance(tag), free_port(), extra, &[], Some(nofile))
     }
 
     /// A new engine on this one's instance name and port, as systemd's
     /// `Restart=` starts one after a death (this one must have exited).
     pub fn restart(&self, extra: &[&str]) -> Engine {
-        Self::spawn(self.instance.clone(), self.port, extra, &[])
+        Self::spawn(self.instance.clone(), self.port, extra, &[], None)
     }
 
-    fn spawn(instance: String, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Engine {
+    fn spawn(
+        instance: String,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Engine {
         let log =
             std::env::temp_dir().join(format!("{instance}.{port}.{}.log", unique_instance("log")));
         let log_file = std::fs::File::create(&log).expect("engine log file");
         let model = "gemma-3-270m".to_owned();
-        let child = Command::new(workspace_bin("ringside-engine"))
+        let engine_bin = workspace_bin("ringside-engine");
+        let mut command = match nofile {
+            None => Command::new(&engine_bin),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(&engine_bin);
+                c
+            }
+        };
+        let child = command
             .args([
                 "serve",
                 "--port",
@@ -771,4 +794,27 @@ pub fn timed_traced_chat(engine: &Engine, trace_id: &str, stream: bool) -> Clien
         last_ms: last.as_secs_f64() * 1e3,
         response: String::from_utf8_lossy(&all).into_owned(),
     }
+}
+
+/// The numeric value of `key=` in a log (colours or not): the first one.
+pub fn log_number(log: &str, key: &str) -> Option<u64> {
+    // Drop ANSI colour sequences (ESC [ … m) that tracing puts around keys and values.
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let rest = plain.split(&format!("{key}=")).nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }

@@ -6,7 +6,9 @@
 #![forbid(unsafe_code)]
 
 use ringside_shm_protocol::{ErrorType, FinishReason, RecordKind};
-use ringside_tests::harness::{Engine, e2e_enabled, hex, http, records, wait_for_records};
+use ringside_tests::harness::{
+    Engine, e2e_enabled, hex, http, log_number, records, wait_for_records,
+};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -607,4 +609,74 @@ fn a_full_queue_answers_429_with_retry_after_and_a_record() {
     assert_eq!(record.kind, RecordKind::RequestRejected);
     assert_eq!(record.http_status, 429);
     assert_eq!(record.error_type, ErrorType::QueueFull);
+}
+
+#[test]
+fn fd_exhaustion_under_prlimit_lowers_the_connection_cap_and_health_keeps_answering() {
+    if !e2e_enabled(
+        "fd_exhaustion_under_prlimit_lowers_the_connection_cap_and_health_keeps_answering",
+    ) {
+        return;
+    }
+    let _serial = serial();
+    // The default --max-connections (1024) under 64 descriptors: before the cap was fitted to
+    // the limit, 80 idle sockets left accept() failing with EMFILE and /health unanswered.
+    let engine = Engine::start_with_nofile(
+        "nofile",
+        &["--header-read-timeout", "60", "--idle-timeout", "60"],
+        64,
+    );
+    let log = engine.log_text();
+    assert!(
+        log.contains("--max-connections does not fit RLIMIT_NOFILE"),
+        "no log line for the lowered cap:\n{log}"
+    );
+    let cap = log_number(&log, "serving_at_most")
+        .unwrap_or_else(|| panic!("no serving_at_most in the log:\n{log}")) as usize;
+    eprintln!("connection cap under a 64-descriptor limit: {cap}");
+    assert!((4..64).contains(&cap), "cap {cap}");
+    // Wait for the readiness probes' connections to be gone.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut probe = connect(engine.port);
+    assert_eq!(request_on(&mut probe, "/health").expect("/health").0, 200);
+
+    // Three times as many idle sockets as the process has descriptors.
+    let flood = 200;
+    let mut idle: Vec<TcpStream> = (0..flood).map(|_| connect(engine.port)).collect();
+    for _ in 0..10 {
+        let (status, _) = request_on(&mut probe, "/health").expect("/health under the flood");
+        assert_eq!(status, 200);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Those beyond the cap were answered and closed, not left unaccepted in the backlog.
+    let mut closed = 0;
+    for s in &mut idle {
+        if time_until_closed(s, Duration::from_millis(50)).is_some() {
+            closed += 1;
+        }
+    }
+    eprintln!("{closed} of {flood} idle sockets refused and closed");
+    assert!(
+        closed >= flood - cap,
+        "only {closed} of {flood} idle sockets were closed with a cap of {cap}"
+    );
+    let (status, page) = request_on(&mut probe, "/metrics").expect("/metrics");
+    assert_eq!(status, 200);
+    let refused = sample(&page, "ringside_connections_refused_total", "").unwrap_or(0.0);
+    assert!(refused >= (flood - cap) as f64, "refused {refused}");
+    let open_fds = std::fs::read_dir(format!("/proc/{}/fd", engine.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(open_fds <= 64, "{open_fds} descriptors open");
+    let log = engine.log_text();
+    assert!(
+        !log.contains("cannot accept connections"),
+        "accept() ran out of descriptors:\n{log}"
+    );
+    assert!(log.contains("connection cap reached"), "{log}");
+    // Once the flood is gone, new connections are served again.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    let health = http(engine.port, "GET", "/health", &[], b"").expect("/health");
+    assert_eq!(health.status, 200);
 }
