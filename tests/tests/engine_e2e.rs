@@ -153,14 +153,19 @@ fn chat(engine: &Engine, messages: &serde_json::Value) -> serde_json::Value {
         "max_tokens": 12,
         "temperature": 0,
     });
+    post_ok(engine.port, "/v1/chat/completions", &body)
+}
+
+/// POSTs `body` as JSON to `path`; asserts a 200 and returns the response body.
+fn post_ok(port: u16, path: &str, body: &serde_json::Value) -> serde_json::Value {
     let response = http(
-        engine.port,
+        port,
         "POST",
-        "/v1/chat/completions",
+        path,
         &[("content-type", "application/json")],
         body.to_string().as_bytes(),
     )
-    .expect("chat request");
+    .unwrap_or_else(|e| panic!("POST {path}: {e}"));
     assert_eq!(
         response.status,
         200,
@@ -231,21 +236,7 @@ fn a_conversations_next_turn_reuses_its_prompt_from_the_kv_cache() {
 
 /// POSTs a text completion; returns the response body.
 fn complete(port: u16, body: &serde_json::Value) -> serde_json::Value {
-    let response = http(
-        port,
-        "POST",
-        "/v1/completions",
-        &[("content-type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-    .expect("completion request");
-    assert_eq!(
-        response.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&response.body)
-    );
-    response.json()
+    post_ok(port, "/v1/completions", body)
 }
 
 /// Issue 12: with the prompt cache a reused prefix was computed in other llama.cpp calls
