@@ -10,7 +10,12 @@ use ringside_tests::harness::{
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// One backend at a time: their timings are compared with a client's clock
+/// within 5 ms, and two engines and a Phoenix on two cores would skew them.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A Prometheus server on loopback with its own configuration and storage,
 /// killed when dropped.
@@ -151,6 +156,7 @@ fn prometheus_scrapes_the_engine_and_the_agent_and_promql_gives_back_what_the_cl
     ) {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let collector = Collector::start();
     let engine = Engine::start("prometheus", &[]);
     let admin_port = free_port();
@@ -407,6 +413,7 @@ fn phoenix_receives_spans_over_grpc_and_http_protobuf_with_the_clients_ids_token
     ) {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let phoenix = Phoenix::start();
     let engine = Engine::start("phoenix", &[]);
     for (protocol, endpoint, tag) in [
@@ -421,7 +428,11 @@ fn phoenix_receives_spans_over_grpc_and_http_protobuf_with_the_clients_ids_token
             0xe0_u128,
         ),
     ] {
-        let agent = Agent::start(&[
+        // Phoenix takes traces only: without `--metrics-exporter none` every
+        // metrics push would fail (gRPC Unimplemented, HTTP 405).
+        let agent = Agent::start_logged(&[
+            "--metrics-exporter",
+            "none",
             "--engine",
             &engine.instance,
             "--protocol",
@@ -479,6 +490,13 @@ fn phoenix_receives_spans_over_grpc_and_http_protobuf_with_the_clients_ids_token
                 "starts {start_offset_ms:+.2} ms from the client's send: {what}"
             );
         }
-        drop(agent);
+        // SIGTERM: the agent flushes (metrics included, were they on) and says so.
+        let _ = Command::new("kill").arg(agent.pid().to_string()).status();
+        agent.wait_for_log(
+            "shutdown: everything queued was delivered",
+            Duration::from_secs(30),
+        );
+        let log = agent.log_text();
+        assert!(!log.contains("WARN"), "{protocol}: a warning: {log}");
     }
 }

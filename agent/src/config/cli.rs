@@ -288,6 +288,11 @@ pub struct RunArgs {
     /// Longest time one batch is retried, in milliseconds.
     #[arg(long, default_value_t = 60_000, value_name = "MS")]
     pub retry_max_elapsed_ms: u64,
+    /// Where metrics go besides the admin API's /metrics: `otlp` (the
+    /// exporter's endpoint) or `none`, for a backend that takes traces only
+    /// (OTEL_METRICS_EXPORTER; default otlp).
+    #[arg(long, value_name = "otlp|none")]
+    pub metrics_exporter: Option<String>,
     /// Metrics export interval in milliseconds (OTEL_METRIC_EXPORT_INTERVAL).
     #[arg(long, value_name = "MS")]
     pub metrics_interval_ms: Option<u64>,

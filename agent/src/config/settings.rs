@@ -48,6 +48,8 @@ pub struct Settings {
     pub retry_max_elapsed: Duration,
     /// Metrics interval.
     pub metrics_interval: Duration,
+    /// Whether metrics are pushed over OTLP (`--metrics-exporter`).
+    pub export_metrics: bool,
     /// Ring poll interval.
     pub poll_interval: Duration,
     /// Discovery interval.
@@ -83,6 +85,7 @@ impl Settings {
         let target = resolve_target(args, &env)?;
         check_limits(args)?;
         let metrics_interval = resolve_metrics_interval(args.metrics_interval_ms, &env)?;
+        let export_metrics = resolve_metrics_exporter(args.metrics_exporter.as_deref(), &env)?;
         let sampler = resolve_sampler(args, &env)?;
         let admin = resolve_admin(args, &env)?;
         Ok(Self {
@@ -98,6 +101,7 @@ impl Settings {
             queue_max_bytes: args.queue_max_mib.saturating_mul(1 << 20),
             retry_max_elapsed: Duration::from_millis(args.retry_max_elapsed_ms),
             metrics_interval,
+            export_metrics,
             poll_interval: Duration::from_millis(args.poll_interval_ms),
             discover_interval: Duration::from_millis(args.discover_interval_ms.max(1)),
             shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
@@ -195,6 +199,25 @@ fn resolve_metrics_interval(flag: Option<u64>, env: &Env<'_>) -> Result<Duration
         return Err(invalid("--metrics-interval-ms", "0", "must be at least 1"));
     }
     Ok(Duration::from_millis(metrics_interval_ms))
+}
+
+/// `--metrics-exporter` over `OTEL_METRICS_EXPORTER`: whether metrics are
+/// pushed over OTLP. The specification's other values (`prometheus`,
+/// `console`) are refused rather than read as `none`: `/metrics` on the admin
+/// API is always there, and a silent fallback would hide a typo.
+fn resolve_metrics_exporter(flag: Option<&str>, env: &Env<'_>) -> Result<bool, ConfigError> {
+    let (setting, value) = match flag {
+        Some(v) => ("--metrics-exporter", v.to_owned()),
+        None => match env("OTEL_METRICS_EXPORTER") {
+            Some(v) => ("OTEL_METRICS_EXPORTER", v),
+            None => return Ok(true),
+        },
+    };
+    match value.trim() {
+        "otlp" => Ok(true),
+        "none" => Ok(false),
+        other => Err(invalid(setting, other, "must be otlp or none")),
+    }
 }
 
 /// `--sampler` / `--sampler-arg` over `OTEL_TRACES_SAMPLER` / `_ARG`.

@@ -148,11 +148,44 @@ fn bad_settings_are_refused_naming_the_setting() {
         (&["--batch-size", "0"], &[], "--batch-size"),
         (&["--max-in-flight", "0"], &[], "--max-in-flight"),
         (&["--max-in-flight", "65"], &[], "--max-in-flight"),
+        (
+            &[],
+            &[("OTEL_METRICS_EXPORTER", "prometheus")],
+            "OTEL_METRICS_EXPORTER",
+        ),
+        (
+            &["--metrics-exporter", "nothing"],
+            &[],
+            "--metrics-exporter",
+        ),
     ];
     for (args, env, setting) in cases {
         let err = resolve(args, env).expect_err(setting).to_string();
         assert!(err.contains(setting), "{err:?} does not name {setting}");
     }
+}
+
+#[test]
+fn metrics_are_pushed_unless_the_exporter_is_none_and_the_flag_wins_over_the_variable() {
+    assert!(resolve(&[], &[]).unwrap().export_metrics);
+    assert!(
+        !resolve(&[], &[("OTEL_METRICS_EXPORTER", "none")])
+            .unwrap()
+            .export_metrics
+    );
+    assert!(
+        resolve(
+            &["--metrics-exporter", "otlp"],
+            &[("OTEL_METRICS_EXPORTER", "none")]
+        )
+        .unwrap()
+        .export_metrics
+    );
+    assert!(
+        !resolve(&["--metrics-exporter", "none"], &[])
+            .unwrap()
+            .export_metrics
+    );
 }
 
 #[test]

@@ -181,6 +181,7 @@ impl Application {
             settings.metrics_interval,
         );
         exporter.shutdown_timeout = settings.shutdown_timeout;
+        exporter.export_metrics = settings.export_metrics;
         exporter.max_in_flight = settings.max_in_flight;
         let export_task = tokio::spawn(async move {
             exporter.run_with_updates(export_stop_rx, update_rx).await;

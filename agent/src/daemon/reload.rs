@@ -84,6 +84,7 @@ pub(super) fn reload(
         max_in_flight: new.max_in_flight,
         retry_max_elapsed: new.retry_max_elapsed,
         metrics_interval: new.metrics_interval,
+        export_metrics: new.export_metrics,
     };
     Some((update, new))
 }

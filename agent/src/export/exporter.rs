@@ -33,6 +33,9 @@ pub struct Exporter {
     pub retry_max_elapsed: Duration,
     /// Metrics interval.
     pub metrics_interval: Duration,
+    /// Whether metrics are pushed at all (`--metrics-exporter none`: a
+    /// backend that takes traces only); `/metrics` is served either way.
+    pub export_metrics: bool,
     /// How long a batch in flight at shutdown may still be retried.
     pub shutdown_timeout: Duration,
     /// Export requests in flight at once over OTLP (the console and the file
@@ -64,6 +67,8 @@ pub struct ExporterUpdate {
     pub retry_max_elapsed: Duration,
     /// Metrics interval.
     pub metrics_interval: Duration,
+    /// Whether metrics are pushed at all.
+    pub export_metrics: bool,
     /// Export requests in flight at once.
     pub max_in_flight: usize,
 }
@@ -100,6 +105,7 @@ impl Exporter {
             batch_delay,
             retry_max_elapsed,
             metrics_interval,
+            export_metrics: true,
             shutdown_timeout: Duration::from_secs(5),
             max_in_flight: 1,
             in_flight: tokio::task::JoinSet::new(),
@@ -122,6 +128,7 @@ impl Exporter {
         self.batch_delay = update.batch_delay;
         self.retry_max_elapsed = update.retry_max_elapsed;
         self.metrics_interval = update.metrics_interval;
+        self.export_metrics = update.export_metrics;
         self.max_in_flight = update.max_in_flight;
     }
 
@@ -292,7 +299,7 @@ impl Exporter {
     }
 
     async fn export_metrics(&mut self, deadline: Option<Instant>) {
-        if self.transport.is_console() {
+        if !self.export_metrics || self.transport.is_console() {
             return;
         }
         let request = {

@@ -120,6 +120,51 @@ async fn the_file_exporter_writes_one_json_line_per_request() {
     let _ = std::fs::remove_file(&path);
 }
 
+#[tokio::test]
+async fn with_the_metrics_exporter_none_the_flush_writes_no_metrics_but_traces_still_go() {
+    for export_metrics in [true, false] {
+        let path = std::env::temp_dir().join(format!(
+            "ringside-agent-metrics-{export_metrics}-{}.jsonl",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let queue = Arc::new(ExportQueue::new(100, 1 << 20, 512));
+        let metrics = Arc::new(Mutex::new(Metrics::new(0)));
+        let it = item(1, 1);
+        metrics.lock().unwrap().attach(&it.engine);
+        let mut exporter = Exporter::new(
+            Transport::new(&ExportTarget::File(path.clone())).unwrap(),
+            Arc::clone(&queue),
+            metrics,
+            Arc::new(ExportCounters::default()),
+            512,
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        exporter.export_metrics = export_metrics;
+        queue.push(it);
+        let report = exporter
+            .flush(Instant::now() + Duration::from_secs(5))
+            .await;
+        assert_eq!(report, FlushReport::default());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let metric_lines = lines
+            .iter()
+            .filter(|l| l.contains("resourceMetrics"))
+            .count();
+        let trace_lines = lines.iter().filter(|l| l.contains("resourceSpans")).count();
+        assert_eq!(trace_lines, 1, "export_metrics={export_metrics}: {text}");
+        assert_eq!(
+            metric_lines,
+            usize::from(export_metrics),
+            "export_metrics={export_metrics}: {text}"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 /// Reads one HTTP/1.1 request (head, then content-length bytes) from
 /// `conn`; returns its head, lower-cased, or `None` at the end.
 async fn read_request(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
