@@ -10,13 +10,20 @@ use ringside_tests::harness::{
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// One test at a time: each compares an engine's stamps with a client's clock
+/// within 5 ms, and three engines decoding at once on two cores delayed a
+/// first chunk by a whole decode step of another engine (9 ms, seen in CI).
+static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 fn record_stamps_match_what_a_raw_client_sees() {
     if !e2e_enabled("record_stamps_match_what_a_raw_client_sees") {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let engine = Engine::start("stamps", &[]);
     let segment = engine.segment();
     let mut report = Vec::new();
@@ -88,6 +95,7 @@ fn exported_span_timings_match_what_a_raw_client_sees() {
     if !e2e_enabled("exported_span_timings_match_what_a_raw_client_sees") {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let collector = Collector::start();
     let engine = Engine::start("span-stamps", &[]);
     let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
@@ -134,6 +142,7 @@ fn a_crash_span_s_partial_timings_match_what_the_client_had_received() {
     if !e2e_enabled("a_crash_span_s_partial_timings_match_what_the_client_had_received") {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let collector = Collector::start();
     let mut engine = Engine::start("crash-stamps", &["--parallel", "1"]);
     let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
