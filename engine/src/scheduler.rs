@@ -360,6 +360,10 @@ struct Engine<'m> {
     groups: Vec<std::ops::Range<usize>>,
     /// Prompt chunk size: prompts are computed in chunks that start at its multiples.
     chunk: usize,
+    /// Scratch of `decode_group`, kept so a step allocates nothing: (sequence, position) of
+    /// each placeholder row, and (slot, batch index) of each real row.
+    placeholders: Vec<(usize, usize)>,
+    outputs: Vec<(usize, i32)>,
 }
 
 /// The token a group's idle sequence carries through a decode call; its KV is removed after.
@@ -427,6 +431,8 @@ impl<'m> Engine<'m> {
             kept: (0..config.parallel).map(|_| Vec::new()).collect(),
             groups: decode_groups(config.parallel as usize),
             chunk: PROMPT_CHUNK.min(batch_size).max(1),
+            placeholders: Vec::with_capacity(config.parallel as usize),
+            outputs: Vec::with_capacity(config.parallel as usize),
         }
     }
 
@@ -680,22 +686,24 @@ impl<'m> Engine<'m> {
             return 0;
         }
         self.batch.clear();
-        // (sequence, position) of each placeholder, to remove after the call.
-        let mut placeholders: Vec<(usize, usize)> = Vec::with_capacity(group.len());
-        let mut outputs: Vec<(usize, i32)> = Vec::with_capacity(group.len());
+        // Taken out of `self` for the call (the loop below borrows `self`), put back at the end.
+        let mut placeholders = std::mem::take(&mut self.placeholders);
+        let mut outputs = std::mem::take(&mut self.outputs);
+        placeholders.clear();
+        outputs.clear();
         for i in group.clone() {
             let seq = i32::try_from(i).unwrap_or(i32::MAX);
-            let added = match self.slots[i].as_ref() {
-                Some(slot) if slot.pending_token.is_some() => {
-                    let token = slot.pending_token.unwrap_or(PLACEHOLDER);
-                    let added = self.batch.add(token, slot.n_past, &[seq], true);
+            let slot = self.slots[i].as_ref();
+            let added = match slot.and_then(|s| Some((s.pending_token?, s.n_past))) {
+                Some((token, n_past)) => {
+                    let added = self.batch.add(token, n_past, &[seq], true);
                     outputs.push((i, self.batch.n_tokens() - 1));
                     added
                 }
-                other => {
+                None => {
                     // Right after what the sequence's KV holds: a prefilling slot's next
                     // position, a free slot's kept prompt length.
-                    let end = other.map_or(self.kept[i].len(), |s| {
+                    let end = slot.map_or(self.kept[i].len(), |s| {
                         usize::try_from(s.n_past).unwrap_or(0)
                     });
                     placeholders.push((i, end));
@@ -721,12 +729,14 @@ impl<'m> Engine<'m> {
         }
         if let Err(e) = result {
             tracing::error!(error = %e, tokens = rows, "llama_decode failed");
-            for (i, _) in outputs {
+            for &(i, _) in &outputs {
                 self.finish(i, FinishReason::Error, Some(format!("decode failed: {e}")));
             }
+            self.placeholders = placeholders;
+            self.outputs = outputs;
             return rows;
         }
-        for (i, index) in outputs {
+        for &(i, index) in &outputs {
             let Some(slot) = self.slots[i].as_mut() else {
                 continue;
             };
@@ -738,6 +748,8 @@ impl<'m> Engine<'m> {
                 None => self.finish(i, FinishReason::Error, Some("empty vocabulary".into())),
             }
         }
+        self.placeholders = placeholders;
+        self.outputs = outputs;
         rows
     }
 
