@@ -12,19 +12,24 @@ want_tests=0
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
+# apt_install_missing PKG...: installs those of the Debian packages that are
+# not installed yet (one apt-get update, only when something is missing).
+apt_install_missing() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    say "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
 # C/C++ toolchain for llama.cpp (built by llama-cpp-sys-2), promtool for
 # /metrics checks and the Prometheus interoperability test, tmux for the
 # terminal UI tests, shellcheck for CI's check of the shell scripts, iproute2
 # for the fleet test's network namespaces.
-apt_needed=()
-for pkg in cmake clang libclang-dev prometheus tmux shellcheck iproute2; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || apt_needed+=("$pkg")
-done
-if ((${#apt_needed[@]})); then
-    say "apt-get install ${apt_needed[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_needed[@]}" >/dev/null
-fi
+apt_install_missing cmake clang libclang-dev prometheus tmux shellcheck iproute2
 
 # Python tools the demo and tests drive the engine with: the official OpenAI
 # client and a real OpenTelemetry collector (rotel-agent).
@@ -56,15 +61,7 @@ if ((want_tests)); then
     fi
     # The real-systemd test: a bookworm root (debootstrap) booted by
     # systemd-nspawn, the .deb built by cargo-deb.
-    test_apt=()
-    for pkg in debootstrap systemd-container jq curl; do
-        dpkg -s "$pkg" >/dev/null 2>&1 || test_apt+=("$pkg")
-    done
-    if ((${#test_apt[@]})); then
-        say "apt-get install ${test_apt[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${test_apt[@]}" >/dev/null
-    fi
+    apt_install_missing debootstrap systemd-container jq curl
     if ! command -v cargo-deb >/dev/null; then
         say "cargo install cargo-deb"
         cargo install --quiet --locked cargo-deb || say "cargo-deb unavailable (systemd/real-systemd-test.sh will fail)"
