@@ -20,6 +20,7 @@ use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::sampling::SpanSampling;
 use crate::pipeline::spans::{self, SpanContext};
 use crate::pipeline::stalls::Stall;
+use crate::pipeline::steps::RequestSteps;
 use ringside_shm_protocol::{Detail, RequestRecord};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,6 +46,9 @@ pub struct Item {
     pub stalls: Box<[Stall]>,
     /// How its spans are marked for downstream samplers.
     pub sampling: SpanSampling,
+    /// Its inter-token gaps and batch context, when the engine's steps were
+    /// joined to it.
+    pub steps: Option<RequestSteps>,
     /// Its share of the poll batch it was read in (None: not from a ring the
     /// reader tracks, e.g. in tests and benchmarks).
     pub delivery: Option<DeliveryToken>,
@@ -67,6 +71,7 @@ impl Item {
             bytes: std::mem::size_of::<Self>(),
             stalls: Box::default(),
             sampling: SpanSampling::default(),
+            steps: None,
             delivery: None,
         }
     }

@@ -32,10 +32,11 @@ use crate::pipeline::sampling::{Sampler, SpanSampling, TailSampler, Threshold, r
 use crate::pipeline::spans::hex;
 use crate::pipeline::spans::{AttributeSet, SpanContext};
 use crate::pipeline::stalls::{Observed, StallTracker};
+use crate::pipeline::steps::{RequestSteps, StepWindow};
 use crate::pipeline::throttle::Throttled;
 use ringside_shm_protocol::{
     AttachedSegment, Consumer, DeadSegment, Detail, EngineIdentity, InflightReader,
-    InflightRequest, Liveness, OpenError, OpenOptions, PollError, Record, StartAt,
+    InflightRequest, Liveness, OpenError, OpenOptions, PollError, Record, RequestRecord, StartAt,
     list_dead_generations, list_segments, monotonic_ns, remove_dead_generation,
 };
 use std::collections::{BTreeMap, HashMap};
@@ -88,6 +89,11 @@ struct Attached {
     /// The in-flight table (ABI 1.2 segments).
     inflight: Option<InflightReader>,
     stalls: StallTracker,
+    /// The recent steps (ABI 1.4 segments with a step ring), joined to each
+    /// request read.
+    steps: Option<StepWindow>,
+    /// Warnings of invalid step records.
+    step_log: Throttled<1>,
     /// Crash spans may be exported for this segment when it dies: the agent
     /// saw the engine alive, attached after its first scan, backfills, or
     /// takes over from an agent that was attached to it (which may have been
@@ -412,6 +418,16 @@ impl Reader {
         });
         let alive = segment.liveness() == Liveness::Alive;
         let inflight = segment.inflight();
+        // Steps from where the records start: all the ring holds, unless the
+        // agent reads only new requests.
+        let step_start = if start == StartAt::Newest {
+            StartAt::Newest
+        } else {
+            StartAt::Oldest
+        };
+        let steps = segment
+            .steps()
+            .map(|ring| StepWindow::new(&ring, step_start));
         self.attached.insert(
             name.to_owned(),
             Attached {
@@ -422,6 +438,8 @@ impl Reader {
                 tail: TailSampler::new(self.settings.tail_above_p99, self.settings.tail_window),
                 inflight,
                 stalls: StallTracker::default(),
+                steps,
+                step_log: Throttled::default(),
                 may_report_crash: alive
                     || self.initial_scan_done
                     || self.settings.backfill
@@ -554,16 +572,17 @@ impl Reader {
                 .get(usize::from(record.model_index))
                 .map_or("unknown", String::as_str);
             metrics.record(&a.handle, model, &record);
+            let joined = join_steps(&mut a.steps, &a.handle, &mut metrics, &record);
             // Kept by rule, not by chance, like a failed request.
             let sampling = SpanSampling {
                 priority: true,
                 threshold: None,
             };
-            items.push(
-                Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
-                    .with_stalls(stalls)
-                    .with_sampling(sampling),
-            );
+            let mut item = Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
+                .with_stalls(stalls)
+                .with_sampling(sampling);
+            item.steps = joined;
+            items.push(item);
         }
         drop(metrics);
         let n = items.len() as u64;
@@ -601,6 +620,14 @@ impl Reader {
             let Ok(snapshot) = table.snapshot() else {
                 continue;
             };
+            let occupied = snapshot
+                .requests
+                .iter()
+                .filter(|r| r.sequence_slot.is_some())
+                .count();
+            if let Ok(mut m) = self.metrics.lock() {
+                m.record_slots(a.handle.id, occupied as u64);
+            }
             observed.clear();
             observed.extend(snapshot.requests.iter().map(|r| Observed {
                 request_id: r.request_id,
@@ -766,6 +793,28 @@ impl Reader {
                 "records lost in the ring (at most one line per 10 s; the counters are exact)"
             );
         }
+        if let Some(window) = a.steps.as_mut() {
+            let mut metrics = metrics
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let id = a.handle.id;
+            let polled = window.poll(stats, |step| metrics.record_step(id, step));
+            drop(metrics);
+            match polled {
+                Ok(_) => {
+                    if let Some(error) = window.last_error.take()
+                        && let Some(line) = a.step_log.note(Instant::now(), [1])
+                    {
+                        tracing::warn!(engine = %a.handle.instance, polls = line.polls, %error, "invalid step records skipped (at most one line per 10 s; the counters are exact)");
+                    }
+                }
+                // The request ring's poll checks the same mapping; a failure
+                // here only costs the gap statistics.
+                Err(error) => {
+                    tracing::debug!(engine = %a.handle.instance, %error, "step ring not read")
+                }
+            }
+        }
         if !buffer.is_empty() {
             let ring = a.segment.ring();
             let detail = settings
@@ -798,6 +847,7 @@ impl Reader {
                     .get(usize::from(record.model_index))
                     .map_or("unknown", String::as_str);
                 metrics.record(&a.handle, model, &record);
+                let joined = join_steps(&mut a.steps, &a.handle, &mut metrics, &record);
                 // Head (the configured sampler and the control block's
                 // ratio) and tail rules must all keep a request; each
                 // consistent stage raises the threshold its spans carry.
@@ -822,6 +872,7 @@ impl Reader {
                     .with_stalls(stalls);
                 // Set in place: the item is large, a builder would move it again.
                 item.sampling = kept;
+                item.steps = joined;
                 items.push(item);
             }
             drop(metrics);
@@ -850,6 +901,29 @@ impl Reader {
         // A restarted agent resumes at the first record not yet settled.
         Self::commit_settled(a);
         Ok((report.delivered, report.stalled))
+    }
+}
+
+/// Joins `record` to the engine's recent steps: its gaps go to the
+/// inter-token histogram, a request whose steps are not all there is counted.
+fn join_steps(
+    window: &mut Option<StepWindow>,
+    engine: &EngineHandle,
+    metrics: &mut Metrics,
+    record: &RequestRecord,
+) -> Option<RequestSteps> {
+    let window = window.as_mut()?;
+    match window.join(record) {
+        Some((steps, gaps)) => {
+            metrics.record_gaps(engine.id, record, gaps);
+            Some(steps)
+        }
+        None => {
+            if record.completion_tokens >= 2 && record.sequence_slot.is_some() {
+                EngineStats::add(&engine.stats.steps_unjoined, 1);
+            }
+            None
+        }
     }
 }
 
