@@ -38,6 +38,10 @@ pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
             message(out, 2, |out| {
                 bytes_field(out, 1, &scope);
                 for item in items.iter().filter(|i| i.engine.id == engine.id) {
+                    if let Some(reason) = item.capture {
+                        crate::capture::encode(item, reason, out);
+                        continue;
+                    }
                     crate::pipeline::spans::encode_with_stalls(
                         &item.ctx,
                         &item.record,
