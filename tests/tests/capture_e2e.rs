@@ -416,3 +416,47 @@ fn sigusr1_captures_the_window_once() {
     }
     assert_eq!(capture_lines(&daemon), 1, "{}", daemon.log_text());
 }
+
+#[test]
+fn a_ttft_p99_above_its_threshold_captures_once() {
+    if !e2e_enabled("a_ttft_p99_above_its_threshold_captures_once") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let collector = Collector::start();
+    let engine = Engine::start("ttft-capture", &[]);
+    // Every real request takes more than 1 ms to its first token: the p99
+    // of three is above it once the third has ended.
+    let daemon = daemon(
+        &engine,
+        &collector,
+        &[
+            "--capture-ttft-p99",
+            "1ms",
+            "--capture-ttft-min-requests",
+            "3",
+            "--capture-ttft-window",
+            "1m",
+        ],
+    );
+    agent_command(&["set", "--engine", &engine.instance, "--head-sample", "0"]);
+    let requests: Vec<Sent> = (0..3)
+        .map(|n| sent(&engine, &trace_id(n, true), true))
+        .collect();
+    for request in &requests {
+        collector.wait_for_span(&request.span_id, Duration::from_secs(30));
+    }
+    // Two more while the p99 stays above: the same incident, nothing more.
+    let more: Vec<Sent> = (3..5)
+        .map(|n| sent(&engine, &trace_id(n, true), true))
+        .collect();
+    wait_for_cursor(&engine, 5);
+    std::thread::sleep(Duration::from_secs(2));
+    for request in &requests {
+        assert_captured_once(&collector, request, "ttft_p99");
+    }
+    for request in &more {
+        assert!(blocks_of(&collector, &request.span_id).is_empty());
+    }
+    assert_eq!(capture_lines(&daemon), 1, "{}", daemon.log_text());
+}
