@@ -112,7 +112,7 @@ RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \
 if rustup +nightly component list --installed 2>/dev/null | grep -q '^miri'; then
     step "miri over the ring (heap-backed)"
     MIRIFLAGS="-Zmiri-disable-isolation" \
-        cargo +nightly miri test -p ringside-shm-protocol --lib --target-dir target/miri -- ring_tests record:: inflight
+        cargo +nightly miri test -p ringside-shm-protocol --lib --target-dir target/miri -- ring_tests record:: inflight step::
 else
     skip "miri (no nightly toolchain with miri)"
 fi
@@ -122,7 +122,7 @@ if command -v cargo-fuzz >/dev/null && rustup toolchain list | grep -q nightly; 
     (
         cd shm-protocol
         cargo +nightly fuzz build --release
-        for target in segment record; do
+        for target in segment record step; do
             if [[ "${FUZZ_SECONDS:-20}" != 0 ]]; then
                 cargo +nightly fuzz run --release "$target" -- \
                     -max_total_time="${FUZZ_SECONDS:-20}" -max_len=1200000 -rss_limit_mb=4096

@@ -95,6 +95,7 @@ impl FakeEngine {
             model_index: 0,
             queue_depth: 0,
             running: 0,
+            sequence_slot: None,
         }
         .encode()
     }

@@ -137,6 +137,7 @@ impl FakeEngine {
             model_index: 0,
             queue_depth: 0,
             running: 0,
+            sequence_slot: None,
         };
         if error {
             r.http_status = 400;

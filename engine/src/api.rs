@@ -239,6 +239,7 @@ impl Pending {
             model_index: self.model_index,
             queue_depth: self.queue_depth,
             running: 0,
+            sequence_slot: None,
         };
         state.telemetry.record(&outcome);
     }

@@ -109,6 +109,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGSIDE_RING_CAPACITY", default_value_t = 16384)]
     pub ring_capacity: u32,
 
+    /// Engine steps the step ring holds (a power of two; 0 = record no steps): one record per
+    /// scheduler step, for per-request inter-token gaps and batch context. 4096 steps hold
+    /// about 40 s of history at 100 steps/s.
+    #[arg(long, env = "RINGSIDE_STEP_RING_CAPACITY", default_value_t = ringside_shm_protocol::DEFAULT_STEP_CAPACITY)]
+    pub step_ring_capacity: u32,
+
     /// Initial state of tracing; the agent or CLI switches it at run time without a restart.
     #[arg(long, env = "RINGSIDE_TRACING", value_enum, default_value_t = Switch::On)]
     pub tracing: Switch,

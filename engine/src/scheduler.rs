@@ -40,6 +40,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
+use ringside_shm_protocol as shm;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::clock::now_ns;
@@ -364,6 +365,10 @@ struct Engine<'m> {
     /// each placeholder row, and (slot, batch index) of each real row.
     placeholders: Vec<(usize, usize)>,
     outputs: Vec<(usize, i32)>,
+    /// Scratch of `step`: the prefilling slots, oldest first.
+    prefill_order: Vec<usize>,
+    /// What the current step did, for its step record; reset at each step's start.
+    current: shm::Step,
 }
 
 /// The token a group's idle sequence carries through a decode call; its KV is removed after.
@@ -433,6 +438,8 @@ impl<'m> Engine<'m> {
             chunk: PROMPT_CHUNK.min(batch_size).max(1),
             placeholders: Vec::with_capacity(config.parallel as usize),
             outputs: Vec::with_capacity(config.parallel as usize),
+            prefill_order: Vec::with_capacity(config.parallel as usize),
+            current: shm::Step::default(),
         }
     }
 
@@ -575,6 +582,7 @@ impl<'m> Engine<'m> {
             model_index: job.model_index,
             queue_depth: job.queue_depth_at_arrival,
             running: 0,
+            sequence_slot: None,
         };
         self.telemetry.record(&outcome);
         if let Some(tracked) = job.inflight.take() {
@@ -636,27 +644,42 @@ impl<'m> Engine<'m> {
     /// One scheduling step: every decoding sequence gets its next token (one decode call per
     /// group that has one), then prefilling sequences compute prompt chunks, oldest first, up
     /// to `--batch-size` tokens. See the module docs for why the calls are shaped this way.
+    /// While tracing is on, the step is recorded in the step ring (one push, no allocation).
     fn step(&mut self) {
         let t_step = now_ns();
+        self.begin_step_record(t_step);
         let mut rows = 0;
         for g in 0..self.groups.len() {
             rows += self.decode_group(g);
         }
+        self.current.t_decode_end_ns = if self.current.decode_calls > 0 {
+            now_ns()
+        } else {
+            t_step
+        };
         let mut budget = self.batch_size.saturating_sub(rows);
-        let mut prefilling: Vec<usize> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().filter(|s| s.fed < s.job.prompt.len()).map(|_| i))
-            .collect();
+        let mut prefilling = std::mem::take(&mut self.prefill_order);
+        prefilling.clear();
+        prefilling.extend(
+            self.slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.as_ref().filter(|s| s.fed < s.job.prompt.len()).map(|_| i)),
+        );
         prefilling.sort_by_key(|&i| self.slots[i].as_ref().map_or(u64::MAX, |s| s.t_scheduled));
-        for i in prefilling {
+        for &i in &prefilling {
             while budget > 0 {
                 match self.prefill_chunk(i) {
                     Some(n) => budget = budget.saturating_sub(n),
                     None => break,
                 }
             }
+        }
+        self.prefill_order = prefilling;
+        let t_end = now_ns();
+        if self.current.decode_calls > 0 || self.current.prefill_calls > 0 {
+            self.current.t_end_ns = t_end.max(self.current.t_decode_end_ns);
+            self.telemetry.record_step(&self.current);
         }
         for i in 0..self.slots.len() {
             if self.slots[i]
@@ -668,9 +691,40 @@ impl<'m> Engine<'m> {
         }
         tracing::trace!(
             decode_rows = rows,
-            step_us = now_ns().saturating_sub(t_step) / 1000,
+            step_us = t_end.saturating_sub(t_step) / 1000,
             "step"
         );
+    }
+
+    /// Starts the current step's record: its number and start, and the slots, KV cells and
+    /// queue as the step finds them. Counts are filled in as the step runs.
+    fn begin_step_record(&mut self, t_start: u64) {
+        let mut occupied = 0;
+        let mut kv_used = 0usize;
+        for (slot, kept) in self.slots.iter().zip(&self.kept) {
+            match slot {
+                Some(s) => {
+                    occupied += 1;
+                    kv_used += usize::try_from(s.n_past).unwrap_or(0);
+                }
+                None => kv_used += kept.len(),
+            }
+        }
+        let number = self.current.step.wrapping_add(1).max(1);
+        self.current = shm::Step {
+            step: number,
+            t_start_ns: t_start,
+            t_decode_end_ns: t_start,
+            t_end_ns: t_start,
+            slots_occupied: saturate_u16(occupied),
+            slots_total: saturate_u16(self.slots.len()),
+            kv_cells_used: saturate_u32(kv_used),
+            kv_cells_total: self
+                .n_ctx_seq
+                .saturating_mul(saturate_u32(self.slots.len())),
+            queue_depth: saturate_u32(self.pending.len()),
+            ..shm::Step::default()
+        };
     }
 
     /// Decodes the next token of every decoding sequence in group `g` in one call, the
@@ -721,6 +775,11 @@ impl<'m> Engine<'m> {
             }
         }
         let rows = usize::try_from(self.batch.n_tokens()).unwrap_or(0);
+        self.current.decode_calls = self.current.decode_calls.saturating_add(1);
+        self.current.decode_rows = self.current.decode_rows.saturating_add(saturate_u16(rows));
+        for &(i, _) in &outputs {
+            self.current.decode_slots.insert(i);
+        }
         let result = self.ctx.decode(&mut self.batch);
         for &(i, end) in &placeholders {
             let _ =
@@ -728,6 +787,7 @@ impl<'m> Engine<'m> {
                     .clear_kv_cache_seq(u32::try_from(i).ok(), u32::try_from(end).ok(), None);
         }
         if let Err(e) = result {
+            self.current.failed = true;
             tracing::error!(error = %e, tokens = rows, "llama_decode failed");
             for &(i, _) in &outputs {
                 self.finish(i, FinishReason::Error, Some(format!("decode failed: {e}")));
@@ -775,7 +835,15 @@ impl<'m> Engine<'m> {
                 return None;
             }
         }
-        if let Err(e) = self.ctx.decode(&mut self.batch) {
+        let decoded = self.ctx.decode(&mut self.batch);
+        self.current.prefill_calls = self.current.prefill_calls.saturating_add(1);
+        self.current.prefill_slots.insert(i);
+        self.current.prefill_tokens = self
+            .current
+            .prefill_tokens
+            .saturating_add(saturate_u32(end - slot.fed));
+        if let Err(e) = decoded {
+            self.current.failed = true;
             tracing::error!(error = %e, tokens = end - slot.fed, "llama_decode failed");
             self.finish(i, FinishReason::Error, Some(format!("decode failed: {e}")));
             return None;
@@ -952,6 +1020,7 @@ impl<'m> Engine<'m> {
             model_index: slot.job.model_index,
             queue_depth: slot.job.queue_depth_at_arrival,
             running: slot.running_at_schedule,
+            sequence_slot: u16::try_from(i).ok(),
         };
         self.telemetry.record(&outcome);
         if let Some(tracked) = slot.job.inflight.take() {

@@ -175,13 +175,14 @@ impl Application {
             &names,
             args.ring_capacity,
             inflight_capacity(args.parallel, args.max_queue),
+            args.step_ring_capacity,
             args.tracing == crate::cli::Switch::On,
             // The bound port: `--port 0` picks one.
             listener.local_addr().map_or(args.port, |a| a.port()),
         )?;
         if let Some(segment) = telemetry.segment_path() {
             tracing::info!(%segment, tracing = ?args.tracing, capacity = args.ring_capacity,
-                "telemetry ring created");
+                step_capacity = args.step_ring_capacity, "telemetry ring created");
         }
         // What is open by now stays open; before the companion, which an error would orphan.
         let max_connections = http_server::fit_connection_cap(args.max_connections as usize)?;

@@ -51,6 +51,7 @@ pub fn engine_like_record(seq: u64) -> Record {
         model_index: 0,
         queue_depth: 0,
         running: 0,
+        sequence_slot: Some(0),
     }
     .encode()
 }

@@ -12,7 +12,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"RINGSIDE");
 /// Incompatible layout changes bump the major version; readers refuse other majors.
 pub const ABI_MAJOR: u16 = 1;
 /// Additive changes (new fields carved out of reserved bytes) bump the minor version.
-pub const ABI_MINOR: u16 = 3;
+pub const ABI_MINOR: u16 = 4;
 
 /// Size of the header region at offset 0.
 pub const HEADER_SIZE: usize = 1024;
@@ -83,6 +83,42 @@ pub const fn segment_size_with_inflight(ring_capacity: u32, inflight_capacity: u
         segment_size(ring_capacity)
     } else {
         inflight_offset_for(ring_capacity) + inflight_capacity as usize * INFLIGHT_ENTRY_SIZE
+    }
+}
+
+/// Offset, inside the step ring region, of its [`ControlBlock`] (of which
+/// only `read_cursor` is used: tracing is switched by the request ring's
+/// control block, and the step ring always overwrites).
+pub const STEP_CONTROL_OFFSET: usize = 0;
+/// Offset, inside the step ring region, of its counters.
+pub const STEP_COUNTERS_OFFSET: usize = CONTROL_SIZE;
+/// Offset, inside the step ring region, of its first slot.
+pub const STEP_SLOTS_OFFSET: usize = CONTROL_SIZE + COUNTERS_SIZE;
+/// Sequence slots a [`StepRecord`]'s slot sets can name (the engine's
+/// `--parallel` is at most this).
+pub const MAX_STEP_SLOTS: usize = 256;
+
+/// Offset of the step ring region behind a ring of `ring_capacity` slots and
+/// an in-flight table of `inflight_capacity` entries: the first page boundary
+/// after them.
+pub const fn step_ring_offset_for(ring_capacity: u32, inflight_capacity: u32) -> usize {
+    let end = segment_size_with_inflight(ring_capacity, inflight_capacity);
+    (end + 4095) & !4095
+}
+
+/// Total segment size with a step ring of `step_capacity` slots (0 = none:
+/// then this is [`segment_size_with_inflight`]).
+pub const fn segment_size_with_steps(
+    ring_capacity: u32,
+    inflight_capacity: u32,
+    step_capacity: u32,
+) -> usize {
+    if step_capacity == 0 {
+        segment_size_with_inflight(ring_capacity, inflight_capacity)
+    } else {
+        step_ring_offset_for(ring_capacity, inflight_capacity)
+            + STEP_SLOTS_OFFSET
+            + step_capacity as usize * SLOT_SIZE
     }
 }
 
@@ -157,8 +193,17 @@ pub struct Header {
     pub engine_flags: u32,
     /// Zero.
     pub _pad2: u32,
+    /// Since 1.4: offset of the step ring region (page-aligned, after the
+    /// in-flight table; [`step_ring_offset_for`]); 0 = no step ring. Readers
+    /// look at it (and the next two fields) only when the minor version is at
+    /// least 4.
+    pub step_ring_offset: u64,
+    /// Since 1.4: slots in the step ring, a power of two.
+    pub step_ring_capacity: u32,
+    /// Since 1.4: bytes per step slot ([`SLOT_SIZE`]).
+    pub step_slot_size: u32,
     /// Zero; room for minor versions.
-    pub reserved: [u8; 320],
+    pub reserved: [u8; 304],
 }
 
 /// [`Header::engine_flags`] bit: the engine holds an exclusive `flock` on
@@ -592,6 +637,9 @@ pub const FLAG_OT_RANDOMNESS: u8 = 1 << 2;
 /// [`Record::flags`] (1.3): `ot_threshold` holds the caller's sampling
 /// threshold (`th` of the `ot` tracestate entry).
 pub const FLAG_OT_THRESHOLD: u8 = 1 << 3;
+/// [`Record::flags`] (1.4): `sequence_slot` holds the batch slot the request
+/// was served in (a request that was never scheduled has none).
+pub const FLAG_SEQUENCE_SLOT: u8 = 1 << 4;
 
 /// [`Record::params_set`] bits: which sampling parameters the caller set
 /// explicitly (the record always carries the effective values).
@@ -686,9 +734,67 @@ pub struct Record {
     /// 1.3: the caller's rejection threshold (`ot=th:`), a 56-bit value as a
     /// native-endian u64; meaningful only with [`FLAG_OT_THRESHOLD`].
     pub ot_threshold: [u8; 8],
+    /// 1.4: the engine's batch (sequence) slot the request was served in;
+    /// meaningful only with [`FLAG_SEQUENCE_SLOT`]. With the stamps it joins
+    /// the request to the step records that carried it.
+    pub sequence_slot: u16,
     /// Zero; room for minor versions (readers ignore what they do not know).
-    pub reserved: [u8; 84],
+    pub reserved: [u8; 82],
 }
+
+/// One engine step (ABI 1.4), the payload of a step ring slot: one pass of
+/// the scheduler, which runs every decoding sequence's next token (one
+/// `llama_decode` per decode group) and then prompt chunks of prefilling
+/// sequences (one call per chunk). Counts and stamps only, never text.
+/// Stamps are `CLOCK_MONOTONIC` nanoseconds, taken on the inference thread.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq, Eq)]
+pub struct StepRecord {
+    /// Step number since the engine started, from 1; consecutive records of
+    /// one engine differ by one (a gap means steps were not recorded).
+    pub step: u64,
+    /// Before the step's first `llama_decode`.
+    pub t_start_ns: u64,
+    /// After the decode calls and the sampling of their tokens (equal to
+    /// `t_start_ns` when nothing decoded): when those tokens were emitted.
+    pub t_decode_end_ns: u64,
+    /// After the step's last prompt chunk.
+    pub t_end_ns: u64,
+    /// Prompt tokens computed in the step.
+    pub prefill_tokens: u32,
+    /// KV cells holding tokens at the step's start (running sequences and
+    /// prompts kept for reuse).
+    pub kv_cells_used: u32,
+    /// KV cells in all (`ctx-size × parallel`).
+    pub kv_cells_total: u32,
+    /// Requests waiting for a slot at the step's start.
+    pub queue_depth: u32,
+    /// Sequences that decoded a token (the bits of `decode_slots`).
+    pub decode_sequences: u16,
+    /// Sequences that computed prompt tokens (the bits of `prefill_slots`).
+    pub prefill_sequences: u16,
+    /// Slots holding a request at the step's start.
+    pub slots_occupied: u16,
+    /// Slots in all (`--parallel`, at most [`MAX_STEP_SLOTS`]).
+    pub slots_total: u16,
+    /// `llama_decode` calls for decode groups.
+    pub decode_calls: u16,
+    /// `llama_decode` calls for prompt chunks.
+    pub prefill_calls: u16,
+    /// Rows the decode calls carried, idle slots' placeholder rows included.
+    pub decode_rows: u16,
+    /// [`STEP_FLAG_FAILED`]; unknown bits are ignored.
+    pub flags: u16,
+    /// Bit `s` (word `s / 64`, bit `s % 64`): slot `s` decoded a token.
+    pub decode_slots: [u64; 4],
+    /// Bit `s`: slot `s` computed prompt tokens.
+    pub prefill_slots: [u64; 4],
+    /// Zero; room for minor versions.
+    pub reserved: [u8; 120],
+}
+
+/// [`StepRecord::flags`]: a `llama_decode` call of the step failed.
+pub const STEP_FLAG_FAILED: u16 = 1;
 
 /// A lock-free way to read the version word a creator publishes last.
 ///
@@ -736,7 +842,10 @@ mod tests {
         assert_eq!(offset_of!(Header, inflight_entry_size), 692);
         assert_eq!(offset_of!(Header, engine_flags), 696);
         assert_eq!(offset_of!(Header, _pad2), 700);
-        assert_eq!(offset_of!(Header, reserved), 704);
+        assert_eq!(offset_of!(Header, step_ring_offset), 704);
+        assert_eq!(offset_of!(Header, step_ring_capacity), 712);
+        assert_eq!(offset_of!(Header, step_slot_size), 716);
+        assert_eq!(offset_of!(Header, reserved), 720);
         assert_eq!(MAGIC.to_le_bytes(), *b"RINGSIDE");
     }
 
@@ -876,7 +985,55 @@ mod tests {
         assert_eq!(offset_of!(Record, params_set), 146);
         assert_eq!(offset_of!(Record, ot_randomness), 148);
         assert_eq!(offset_of!(Record, ot_threshold), 156);
-        assert_eq!(offset_of!(Record, reserved), 164);
+        assert_eq!(offset_of!(Record, sequence_slot), 164);
+        assert_eq!(offset_of!(Record, reserved), 166);
+    }
+
+    #[test]
+    fn step_record_layout_is_frozen() {
+        assert_eq!(size_of::<StepRecord>(), RECORD_SIZE);
+        assert_eq!(align_of::<StepRecord>(), 8);
+        assert_eq!(offset_of!(StepRecord, step), 0);
+        assert_eq!(offset_of!(StepRecord, t_start_ns), 8);
+        assert_eq!(offset_of!(StepRecord, t_decode_end_ns), 16);
+        assert_eq!(offset_of!(StepRecord, t_end_ns), 24);
+        assert_eq!(offset_of!(StepRecord, prefill_tokens), 32);
+        assert_eq!(offset_of!(StepRecord, kv_cells_used), 36);
+        assert_eq!(offset_of!(StepRecord, kv_cells_total), 40);
+        assert_eq!(offset_of!(StepRecord, queue_depth), 44);
+        assert_eq!(offset_of!(StepRecord, decode_sequences), 48);
+        assert_eq!(offset_of!(StepRecord, prefill_sequences), 50);
+        assert_eq!(offset_of!(StepRecord, slots_occupied), 52);
+        assert_eq!(offset_of!(StepRecord, slots_total), 54);
+        assert_eq!(offset_of!(StepRecord, decode_calls), 56);
+        assert_eq!(offset_of!(StepRecord, prefill_calls), 58);
+        assert_eq!(offset_of!(StepRecord, decode_rows), 60);
+        assert_eq!(offset_of!(StepRecord, flags), 62);
+        assert_eq!(offset_of!(StepRecord, decode_slots), 64);
+        assert_eq!(offset_of!(StepRecord, prefill_slots), 96);
+        assert_eq!(offset_of!(StepRecord, reserved), 128);
+        assert_eq!(MAX_STEP_SLOTS, 4 * 64);
+    }
+
+    #[test]
+    fn the_step_ring_follows_the_inflight_table_on_a_page_boundary() {
+        assert_eq!(step_ring_offset_for(16, 0), 8192);
+        assert_eq!(step_ring_offset_for(16, 64), 8192 + 64 * 320);
+        assert_eq!(
+            step_ring_offset_for(16, 65),
+            8192 + 65 * 320 + 4096 - (65 * 320) % 4096
+        );
+        assert_eq!(step_ring_offset_for(1024, 64) % 4096, 0);
+        assert!(step_ring_offset_for(1024, 64) >= segment_size_with_inflight(1024, 64));
+        assert_eq!(
+            segment_size_with_steps(16, 64, 0),
+            segment_size_with_inflight(16, 64)
+        );
+        assert_eq!(
+            segment_size_with_steps(16, 64, 32),
+            step_ring_offset_for(16, 64) + 1024 + 32 * 256
+        );
+        assert_eq!(STEP_SLOTS_OFFSET % 64, 0);
     }
 
     #[test]

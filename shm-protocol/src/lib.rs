@@ -4,7 +4,7 @@
 //! shared memory; the agent reads it from another process. Everything
 //! `unsafe` about that memory lives in this crate.
 //!
-//! # Segment layout (`/dev/shm/ringside.<instance>`, ABI 1.3)
+//! # Segment layout (`/dev/shm/ringside.<instance>`, ABI 1.4)
 //!
 //! ```text
 //! offset  size                 region            written by            read by
@@ -21,7 +21,9 @@
 //!                             680 inflight_offset (u64, 1.2; 0 = no table)
 //!                             688 inflight_capacity   692 inflight_entry_size
 //!                             696 engine_flags (1.2; bit 0 = liveness lock)
-//!                             704 reserved (zero)
+//!                             704 step_ring_offset (u64, 1.4; 0 = no step ring)
+//!                             712 step_ring_capacity  716 step_slot_size
+//!                             720 reserved (zero)
 //!   1024  512                  ControlBlock      agent / CLI           engine, agent
 //!                               0 tracing_enabled     4 overflow_mode      8 detail
 //!                              12 head_sample_ppm    16 settings_epoch        (line 0: hot)
@@ -41,7 +43,30 @@
 //!          x 320 (1.2)          0 claim (own line)
 //!                              64 copy A: 64 seq  72 InflightEntry (120 bytes)
 //!                             192 copy B: 192 seq 200 InflightEntry (120 bytes)
+//!      S  1024 + step_capacity  Step ring (1.4)   engine (inference     agent, captures
+//!          x 256                                   thread)
+//!                               0 ControlBlock (only read_cursor used)
+//!                             512 Counters (head, drops, as above)
+//!                            1024 slots: 0 commit word  8 StepRecord (248 bytes)
 //! ```
+//!
+//! `S = step_ring_offset = align_up(end of the in-flight table, 4096)`
+//! ([`step_ring_offset_for`]); with a step ring the file ends with it
+//! ([`segment_size_with_steps`]). A [`StepRecord`] (frozen by the layout
+//! tests; see the `step` module for what each field means): `0 step  8 t_start
+//! 16 t_decode_end  24 t_end  32 prefill_tokens  36 kv_cells_used
+//! 40 kv_cells_total  44 queue_depth  48 decode_sequences  50 prefill_sequences
+//! 52 slots_occupied  54 slots_total  56 decode_calls  58 prefill_calls
+//! 60 decode_rows  62 flags  64 decode_slots[4 x u64]  96 prefill_slots[4 x u64]
+//! 128 reserved[120]`. Invariants a reader checks ([`StepRecord::decode`]):
+//! `step >= 1`; `0 < t_start <= t_decode_end <= t_end`; `1 <= slots_total <=
+//! 256`, no slot bit at or past `slots_total`, `slots_occupied <=
+//! slots_total`; the sequence counts equal the popcounts of their slot sets;
+//! `decode_rows >= decode_sequences` and rows iff decode calls; prefill tokens
+//! iff prefill calls, and at least one call per prefilling slot; `kv_cells_used
+//! <= kv_cells_total`. The step ring uses the request ring's commit protocol
+//! and orderings unchanged (the engine's one inference thread is its only
+//! producer; it always overwrites).
 //!
 //! `T = inflight_offset = align_up(4096 + capacity * 256, 4096)`
 //! ([`inflight_offset_for`]); the file ends with the table
@@ -60,7 +85,11 @@
 //! 134 model_index  136 queue_depth  138 running  140 kind  141 operation
 //! 142 finish_reason  143 error_type  144 trace_flags  145 flags
 //! 146 params_set  148 ot_randomness[8] (1.3)  156 ot_threshold[8] (1.3)
-//! 164 reserved[84]`. The 1.3 fields hold the caller's `ot=rv:` / `th:`
+//! 164 sequence_slot (u16, 1.4)  166 reserved[82]`. `sequence_slot` is the
+//! batch slot the request was served in, meaningful only with
+//! [`FLAG_SEQUENCE_SLOT`] (a reader rejects it on a request never scheduled,
+//! or at 256 or more); with the stamps it joins a request to the steps that
+//! carried it. The 1.3 fields hold the caller's `ot=rv:` / `th:`
 //! tracestate values (56-bit, native-endian), each meaningful only with its
 //! flag bit ([`FLAG_OT_RANDOMNESS`], [`FLAG_OT_THRESHOLD`]); a reader rejects
 //! a flagged value of 57 bits or more.
@@ -304,6 +333,7 @@ mod region;
 mod ring;
 #[cfg(not(loom))]
 mod segment;
+mod step;
 mod sync;
 
 #[cfg(not(loom))]
@@ -315,11 +345,13 @@ pub use inflight::{
 pub use layout::{
     ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, CONTROL_SIZE, COUNTERS_OFFSET,
     COUNTERS_SIZE, ControlBlock, Detail, ENGINE_FLAG_LIVENESS_LOCK, ErrorType, FLAG_OT_RANDOMNESS,
-    FLAG_OT_THRESHOLD, FLAG_REMOTE_PARENT, FLAG_STREAM, FinishReason, HEADER_SIZE, Header,
-    INFLIGHT_ENTRY_SIZE, INFLIGHT_PAYLOAD_SIZE, InflightEntry, InflightPhase, MAGIC, MAX_CAPACITY,
-    MAX_INFLIGHT, MAX_MODELS, MIN_CAPACITY, NAME_LEN, Operation, OverflowMode, RECORD_SIZE,
-    RING_OFFSET, Record, RecordKind, SLOT_SIZE, inflight_offset_for, pack_version, params,
-    segment_size, segment_size_with_inflight,
+    FLAG_OT_THRESHOLD, FLAG_REMOTE_PARENT, FLAG_SEQUENCE_SLOT, FLAG_STREAM, FinishReason,
+    HEADER_SIZE, Header, INFLIGHT_ENTRY_SIZE, INFLIGHT_PAYLOAD_SIZE, InflightEntry, InflightPhase,
+    MAGIC, MAX_CAPACITY, MAX_INFLIGHT, MAX_MODELS, MAX_STEP_SLOTS, MIN_CAPACITY, NAME_LEN,
+    Operation, OverflowMode, RECORD_SIZE, RING_OFFSET, Record, RecordKind, SLOT_SIZE,
+    STEP_CONTROL_OFFSET, STEP_COUNTERS_OFFSET, STEP_FLAG_FAILED, STEP_SLOTS_OFFSET, StepRecord,
+    inflight_offset_for, pack_version, params, segment_size, segment_size_with_inflight,
+    segment_size_with_steps, step_ring_offset_for,
 };
 pub use record::{OT_VALUE_LIMIT, OtState, RecordError, RequestRecord, Sampling, Timestamps};
 pub use region::{CapacityError, ControlDefaults};
@@ -332,11 +364,13 @@ pub use segment::fuzzing;
 #[cfg(not(loom))]
 pub use segment::{
     AttachedSegment, CreateError, CreateOptions, DEAD_MARKER, DEFAULT_INFLIGHT_CAPACITY,
-    DEFAULT_MODE, DeadSegment, EngineIdentity, EngineSegment, HEARTBEAT_STALE_NS, ListError,
-    Liveness, MAX_DEAD_GENERATIONS, NameError, OpenError, OpenOptions, PREFIX, SHM_DIR,
-    SegmentInfo, dead_segment_path, list_dead_generations, list_segments, process_start_time,
-    remove_dead_generation, segment_path, validate_instance,
+    DEFAULT_MODE, DEFAULT_STEP_CAPACITY, DeadSegment, EngineIdentity, EngineSegment,
+    HEARTBEAT_STALE_NS, ListError, Liveness, MAX_DEAD_GENERATIONS, NameError, OpenError,
+    OpenOptions, PREFIX, SHM_DIR, SegmentInfo, StepLayout, dead_segment_path,
+    list_dead_generations, list_segments, process_start_time, remove_dead_generation, segment_path,
+    validate_instance,
 };
+pub use step::{SlotSet, Step, StepConsumer, StepError, StepProducer, StepRing};
 
 #[cfg(all(test, loom))]
 mod loom_tests;

@@ -20,8 +20,8 @@
 //! writes as zero).
 
 use crate::layout::{
-    ErrorType, FLAG_OT_RANDOMNESS, FLAG_OT_THRESHOLD, FLAG_REMOTE_PARENT, FLAG_STREAM,
-    FinishReason, Operation, Record, RecordKind,
+    ErrorType, FLAG_OT_RANDOMNESS, FLAG_OT_THRESHOLD, FLAG_REMOTE_PARENT, FLAG_SEQUENCE_SLOT,
+    FLAG_STREAM, FinishReason, MAX_STEP_SLOTS, Operation, Record, RecordKind,
 };
 
 /// One past the largest 56-bit value: the bound of an `rv` or a `th`.
@@ -84,6 +84,9 @@ pub struct RequestRecord {
     pub queue_depth: u16,
     /// Running sequences when it was scheduled.
     pub running: u16,
+    /// The batch slot it was served in (ABI 1.4; below [`MAX_STEP_SLOTS`]),
+    /// when it was scheduled by a 1.4 engine: what joins it to step records.
+    pub sequence_slot: Option<u16>,
 }
 
 /// Monotonic nanosecond stamps of one request.
@@ -153,6 +156,9 @@ pub enum RecordError {
     /// An `ot` sampling value is wider than 56 bits.
     #[error("{0} is not a 56-bit value")]
     OtValue(&'static str),
+    /// A sequence slot on a request never scheduled, or past the slot limit.
+    #[error("sequence slot {0} is impossible for this request")]
+    SequenceSlot(u16),
     /// `model_index` points past the segment's model table.
     #[error("model index {index} but the segment lists {count} models")]
     ModelIndex {
@@ -231,6 +237,12 @@ impl Record {
                 count: model_count,
             });
         }
+        let sequence_slot = (self.flags & FLAG_SEQUENCE_SLOT != 0).then_some(self.sequence_slot);
+        if let Some(slot) = sequence_slot
+            && (usize::from(slot) >= MAX_STEP_SLOTS || timestamps.scheduled_ns.is_none())
+        {
+            return Err(RecordError::SequenceSlot(slot));
+        }
         Ok(RequestRecord {
             kind,
             operation,
@@ -253,6 +265,7 @@ impl Record {
             model_index: self.model_index,
             queue_depth: self.queue_depth,
             running: self.running,
+            sequence_slot,
         })
     }
 
@@ -339,6 +352,9 @@ impl RequestRecord {
         if self.ot.threshold.is_some() {
             flags |= FLAG_OT_THRESHOLD;
         }
+        if self.sequence_slot.is_some() {
+            flags |= FLAG_SEQUENCE_SLOT;
+        }
         let t = &self.timestamps;
         let s = &self.sampling;
         Record {
@@ -374,7 +390,8 @@ impl RequestRecord {
             params_set: self.params_set,
             ot_randomness: self.ot.randomness.unwrap_or(0).to_ne_bytes(),
             ot_threshold: self.ot.threshold.unwrap_or(0).to_ne_bytes(),
-            reserved: [0; 84],
+            sequence_slot: self.sequence_slot.unwrap_or(0),
+            reserved: [0; 82],
         }
     }
 
@@ -468,6 +485,7 @@ pub(crate) mod tests {
             model_index: 0,
             queue_depth: 0,
             running: 0,
+            sequence_slot: Some(3),
         }
         .encode()
     }
@@ -475,9 +493,13 @@ pub(crate) mod tests {
     #[test]
     fn sample_record_sets_the_flags_and_leaves_reserved_zero() {
         let r = sample_record(5);
-        assert_eq!(r.flags, FLAG_STREAM | FLAG_REMOTE_PARENT);
+        assert_eq!(
+            r.flags,
+            FLAG_STREAM | FLAG_REMOTE_PARENT | FLAG_SEQUENCE_SLOT
+        );
         assert_eq!(r.parent_span_id, [0x11; 8]);
-        assert_eq!(r.reserved, [0; 84]);
+        assert_eq!(r.sequence_slot, 3);
+        assert_eq!(r.reserved, [0; 82]);
         assert_eq!((r.ot_randomness, r.ot_threshold), ([0; 8], [0; 8]));
         assert_eq!(r.kind, RecordKind::RequestFinished as u8);
         assert_eq!(Record::from(&r.decode(1).unwrap()), r);
@@ -493,6 +515,7 @@ pub(crate) mod tests {
         d.timestamps.first_token_ns = None;
         d.timestamps.last_token_ns = None;
         d.completion_tokens = 0;
+        d.sequence_slot = None;
         let r = d.encode();
         assert_eq!(r.flags, 0);
         assert_eq!(r.parent_span_id, [0; 8]);
@@ -626,7 +649,7 @@ pub(crate) mod tests {
     fn unknown_flag_bits_and_reserved_bytes_are_ignored_for_minor_versions() {
         let mut r = sample_record(1);
         r.flags |= 0b1100_0000;
-        r.reserved = [0x5a; 84];
+        r.reserved = [0x5a; 82];
         assert!(r.decode(1).is_ok());
     }
 
@@ -775,6 +798,7 @@ pub(crate) mod tests {
                         any::<u16>(),
                         proptest::option::of(0..OT_VALUE_LIMIT),
                         proptest::option::of(0..OT_VALUE_LIMIT),
+                        proptest::option::of(0..crate::layout::MAX_STEP_SLOTS as u16),
                     ),
                 )
                     .prop_map(
@@ -805,6 +829,7 @@ pub(crate) mod tests {
                                 running,
                                 randomness,
                                 threshold,
+                                slot,
                             ),
                         )| {
                             let completion_tokens = if timestamps.first_token_ns.is_some() {
@@ -837,6 +862,7 @@ pub(crate) mod tests {
                                 model_index,
                                 queue_depth,
                                 running,
+                                sequence_slot: slot.filter(|_| timestamps.scheduled_ns.is_some()),
                             }
                         },
                     )
@@ -868,16 +894,21 @@ pub(crate) mod tests {
             #[test]
             fn what_decode_ignores_is_written_as_zero(
                 record in valid_record(1),
-                reserved in any::<[u8; 84]>(),
+                reserved in any::<[u8; 82]>(),
                 unknown_flags in any::<u8>(),
                 stray_parent in nonzero_id::<8>(),
                 stray_ot in any::<([u8; 8], [u8; 8])>(),
+                stray_slot in any::<u16>(),
             ) {
                 let canonical = record.encode();
                 let mut raw = canonical;
                 raw.reserved = reserved;
                 raw.flags |= unknown_flags
-                    & !(FLAG_STREAM | FLAG_REMOTE_PARENT | FLAG_OT_RANDOMNESS | FLAG_OT_THRESHOLD);
+                    & !(FLAG_STREAM
+                        | FLAG_REMOTE_PARENT
+                        | FLAG_OT_RANDOMNESS
+                        | FLAG_OT_THRESHOLD
+                        | FLAG_SEQUENCE_SLOT);
                 if record.parent_span_id.is_none() {
                     raw.parent_span_id = stray_parent;
                 }
@@ -887,10 +918,31 @@ pub(crate) mod tests {
                 if record.ot.threshold.is_none() {
                     raw.ot_threshold = stray_ot.1;
                 }
+                if record.sequence_slot.is_none() {
+                    raw.sequence_slot = stray_slot;
+                }
                 let again = raw.decode(1).map(|d| d.encode());
                 prop_assert_eq!(again.map(|r| bytemuck::bytes_of(&r).to_vec()),
                     Ok(bytemuck::bytes_of(&canonical).to_vec()));
             }
         }
+    }
+
+    #[test]
+    fn a_sequence_slot_needs_its_flag_a_schedule_and_a_slot_below_the_limit() {
+        let mut r = sample_record(1);
+        // A 1.3 writer leaves the flag clear: the bytes mean nothing.
+        r.flags &= !FLAG_SEQUENCE_SLOT;
+        assert_eq!(r.decode(1).unwrap().sequence_slot, None);
+        let mut r = sample_record(1);
+        r.sequence_slot = 256;
+        assert_eq!(r.decode(1), Err(RecordError::SequenceSlot(256)));
+        let mut d = sample_record(1).decode(1).unwrap();
+        d.kind = RecordKind::RequestRejected;
+        d.timestamps.scheduled_ns = None;
+        d.timestamps.first_token_ns = None;
+        d.timestamps.last_token_ns = None;
+        d.completion_tokens = 0;
+        assert_eq!(d.encode().decode(1), Err(RecordError::SequenceSlot(3)));
     }
 }

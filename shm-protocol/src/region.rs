@@ -82,9 +82,10 @@ pub(crate) fn apply_defaults(ring: &Ring, defaults: ControlDefaults) {
 mod raw {
     use super::*;
     use crate::layout::{
-        CONTROL_OFFSET, COUNTERS_OFFSET, RING_OFFSET, inflight_offset_for, segment_size,
-        segment_size_with_inflight,
+        CONTROL_OFFSET, COUNTERS_OFFSET, RING_OFFSET, STEP_CONTROL_OFFSET, STEP_COUNTERS_OFFSET,
+        STEP_SLOTS_OFFSET, inflight_offset_for, segment_size, segment_size_with_inflight,
     };
+    use crate::step::StepRing;
     use std::alloc::{Layout, alloc_zeroed, dealloc};
     use std::ptr::NonNull;
 
@@ -106,6 +107,41 @@ mod raw {
                 slots: base.add(RING_OFFSET).cast(),
                 capacity: u64::from(capacity),
             }
+        }
+    }
+
+    /// Builds a view of a step ring region at `base + offset`.
+    ///
+    /// # Safety
+    /// `base + offset` must be 4096-aligned (or 64-aligned) and point to at
+    /// least `STEP_SLOTS_OFFSET + capacity * SLOT_SIZE` bytes that stay valid
+    /// for as long as the view is used, and `capacity` must be a power of two.
+    pub(crate) unsafe fn step_view_at(base: NonNull<u8>, offset: usize, capacity: u32) -> RingView {
+        // SAFETY: per the caller's guarantee the region's control block,
+        // counters and slots lie inside the memory, 64-aligned.
+        unsafe {
+            let region = base.add(offset);
+            RingView {
+                control: region.add(STEP_CONTROL_OFFSET).cast(),
+                counters: region.add(STEP_COUNTERS_OFFSET).cast(),
+                slots: region.add(STEP_SLOTS_OFFSET).cast(),
+                capacity: u64::from(capacity),
+            }
+        }
+    }
+
+    impl StepRing {
+        /// A step ring on the heap, laid out exactly as the region in a
+        /// segment: for tests, benchmarks and miri.
+        pub fn on_heap(capacity: u32) -> Result<StepRing, CapacityError> {
+            check_capacity(capacity)?;
+            let size = STEP_SLOTS_OFFSET + capacity as usize * crate::layout::SLOT_SIZE;
+            let (base, backing) = heap_image(&[], size).ok_or(CapacityError::Invalid(capacity))?;
+            // SAFETY: `base` is 4096-aligned and `size` bytes, owned by `backing`.
+            let view = unsafe { step_view_at(base, 0, capacity) };
+            Ok(StepRing {
+                ring: Ring { view, backing },
+            })
         }
     }
 
@@ -237,7 +273,7 @@ mod raw {
 #[cfg(all(not(loom), feature = "fuzzing"))]
 pub(crate) use raw::heap_image;
 #[cfg(not(loom))]
-pub(crate) use raw::{table_view_at, view_at};
+pub(crate) use raw::{step_view_at, table_view_at, view_at};
 
 #[cfg(loom)]
 mod model {

@@ -9,14 +9,15 @@ use crate::inflight::{InflightLayout, InflightReader, InflightTable};
 use crate::layout::{
     ABI_MAJOR, ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, COUNTERS_OFFSET,
     ENGINE_FLAG_LIVENESS_LOCK, HEADER_SIZE, Header, INFLIGHT_ENTRY_SIZE, MAGIC, MAX_INFLIGHT,
-    MAX_MODELS, NAME_LEN, RING_OFFSET, SLOT_SIZE, inflight_offset_for, load_abi_version,
-    pack_version, segment_size, segment_size_with_inflight,
+    MAX_MODELS, NAME_LEN, RING_OFFSET, SLOT_SIZE, STEP_SLOTS_OFFSET, inflight_offset_for,
+    load_abi_version, pack_version, segment_size, segment_size_with_steps, step_ring_offset_for,
 };
 use crate::region::{
     CapacityError, ControlDefaults, apply_defaults, check_capacity, check_inflight_capacity,
-    table_view_at, view_at,
+    step_view_at, table_view_at, view_at,
 };
 use crate::ring::{Backing, PollError, Ring};
+use crate::step::StepRing;
 use crate::sync::{AtomicU32, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::{FallocateFlags, Mode};
@@ -43,6 +44,8 @@ pub const DEAD_MARKER: &str = "~dead.";
 pub const MAX_DEAD_GENERATIONS: usize = 4;
 /// Default number of in-flight table entries of a new segment.
 pub const DEFAULT_INFLIGHT_CAPACITY: u32 = 64;
+/// Default number of step ring slots of a new segment (1 MiB).
+pub const DEFAULT_STEP_CAPACITY: u32 = 4096;
 /// An engine heartbeat older than this, with no matching live pid visible,
 /// means the engine is gone.
 pub const HEARTBEAT_STALE_NS: u64 = 5_000_000_000;
@@ -127,6 +130,10 @@ pub struct CreateOptions {
     /// a segment whose name was removed): the new one gets a higher
     /// generation. 0 = none.
     pub replaces_generation: u64,
+    /// Slots in the step ring (ABI 1.4): 0 = none, else a power of two
+    /// between [`MIN_CAPACITY`](crate::MIN_CAPACITY) and
+    /// [`MAX_CAPACITY`](crate::MAX_CAPACITY).
+    pub step_capacity: u32,
 }
 
 impl CreateOptions {
@@ -143,6 +150,7 @@ impl CreateOptions {
             listen_port: None,
             inflight_capacity: DEFAULT_INFLIGHT_CAPACITY,
             replaces_generation: 0,
+            step_capacity: DEFAULT_STEP_CAPACITY,
         }
     }
 }
@@ -343,6 +351,18 @@ pub struct SegmentInfo {
     /// The engine holds the liveness lock ([`ENGINE_FLAG_LIVENESS_LOCK`]):
     /// its liveness is the lock's, not the pid's or the heartbeat's.
     pub liveness_lock: bool,
+    /// The step ring (ABI 1.4; `None` from older writers or when the engine
+    /// made none).
+    pub steps: Option<StepLayout>,
+}
+
+/// Where a segment's step ring lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepLayout {
+    /// Byte offset of the step ring region (page-aligned).
+    pub offset: u64,
+    /// Slots, a power of two.
+    pub capacity: u32,
 }
 
 impl SegmentInfo {
@@ -436,6 +456,7 @@ fn map_base(map: &MmapRaw) -> NonNull<u8> {
 pub struct EngineSegment {
     ring: Ring,
     inflight: Option<InflightTable>,
+    steps: Option<StepRing>,
     info: SegmentInfo,
     unlink_on_drop: bool,
     // The mapped file's inode, to tell whether the name still refers to it.
@@ -459,6 +480,9 @@ impl EngineSegment {
         validate_instance(&options.instance)?;
         check_capacity(options.capacity)?;
         check_inflight_capacity(options.inflight_capacity)?;
+        if options.step_capacity != 0 {
+            check_capacity(options.step_capacity)?;
+        }
         if options.mode & 0o600 != 0o600 || options.mode & 0o006 != 0 || options.mode > 0o777 {
             return Err(CreateError::UnsafeMode(options.mode));
         }
@@ -537,10 +561,18 @@ impl EngineSegment {
             rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))
                 .map_err(|e| ioerr("fchown", e.into()))?;
         }
-        let size = segment_size_with_inflight(options.capacity, options.inflight_capacity) as u64;
+        let size = segment_size_with_steps(
+            options.capacity,
+            options.inflight_capacity,
+            options.step_capacity,
+        ) as u64;
         let inflight = (options.inflight_capacity > 0).then(|| InflightLayout {
             offset: inflight_offset_for(options.capacity) as u64,
             capacity: options.inflight_capacity,
+        });
+        let steps = (options.step_capacity > 0).then(|| StepLayout {
+            offset: step_ring_offset_for(options.capacity, options.inflight_capacity) as u64,
+            capacity: options.step_capacity,
         });
         rustix::fs::ftruncate(&file, size).map_err(|e| ioerr("ftruncate", e.into()))?;
         preallocate(&file, size).map_err(|e| match e.raw_os_error() {
@@ -587,6 +619,11 @@ impl EngineSegment {
             header.inflight_capacity = table.capacity;
             header.inflight_entry_size = INFLIGHT_ENTRY_SIZE as u32;
         }
+        if let Some(steps) = steps {
+            header.step_ring_offset = steps.offset;
+            header.step_ring_capacity = steps.capacity;
+            header.step_slot_size = SLOT_SIZE as u32;
+        }
         header.engine_flags = ENGINE_FLAG_LIVENESS_LOCK;
         copy_name(&mut header.instance, &options.instance);
         for (slot, model) in header.models.iter_mut().zip(&options.models) {
@@ -606,6 +643,7 @@ impl EngineSegment {
             let view = unsafe { table_view_at(base, t.offset as usize, t.capacity) };
             InflightTable::new(view, Arc::clone(&backing))
         });
+        let step_ring = steps.map(|t| step_ring_at(base, t, &backing));
         let ring = Ring { view, backing };
         apply_defaults(&ring, options.control);
         ring.beat_engine_heartbeat(monotonic_ns());
@@ -625,10 +663,12 @@ impl EngineSegment {
             listen_port: options.listen_port.filter(|p| *p != 0),
             inflight,
             liveness_lock: true,
+            steps,
         };
         Ok(Self {
             ring,
             inflight: table,
+            steps: step_ring,
             info,
             unlink_on_drop: options.unlink_on_drop,
             inode,
@@ -649,6 +689,12 @@ impl EngineSegment {
     /// was made with `inflight_capacity` 0.
     pub fn inflight(&self) -> Option<InflightTable> {
         self.inflight.clone()
+    }
+
+    /// The step ring, to make the step producer from; `None` when the segment
+    /// was made with `step_capacity` 0.
+    pub fn steps(&self) -> Option<StepRing> {
+        self.steps.clone()
     }
 
     /// Whether `/dev/shm/ringside.<instance>` still names the file this
@@ -969,6 +1015,7 @@ pub struct OpenOptions {
 pub struct AttachedSegment {
     ring: Ring,
     inflight: Option<InflightReader>,
+    steps: Option<StepRing>,
     info: SegmentInfo,
     path: String,
     inode: u64,
@@ -1129,10 +1176,12 @@ impl AttachedSegment {
             let view = unsafe { table_view_at(base, t.offset as usize, t.capacity) };
             InflightTable::new(view, Arc::clone(&backing)).reader(info.model_count())
         });
+        let steps = info.steps.map(|t| step_ring_at(base, t, &backing));
         let ring = Ring { view, backing };
         Ok(Self {
             ring,
             inflight,
+            steps,
             info,
             path,
             inode: 0,
@@ -1175,6 +1224,12 @@ impl AttachedSegment {
     /// 1.2 or made without a table.
     pub fn inflight(&self) -> Option<InflightReader> {
         self.inflight.clone()
+    }
+
+    /// The step ring; `None` for segments older than ABI 1.4 or made without
+    /// one.
+    pub fn steps(&self) -> Option<StepRing> {
+        self.steps.clone()
     }
 
     /// The dead-generation file the mapped segment now lives under, if a new
@@ -1323,7 +1378,68 @@ fn validate_header(header: &Header, minor: u16, file_size: u64) -> Result<Segmen
         listen_port: (minor >= 1 && header.listen_port != 0).then_some(header.listen_port),
         inflight,
         liveness_lock: minor >= 2 && header.engine_flags & ENGINE_FLAG_LIVENESS_LOCK != 0,
+        steps: if minor >= 4 {
+            validate_steps(header, file_size)?
+        } else {
+            None
+        },
     })
+}
+
+/// A [`StepRing`] over the region `layout` of the segment mapped at `base`.
+fn step_ring_at(base: NonNull<u8>, layout: StepLayout, backing: &Arc<dyn Backing>) -> StepRing {
+    // SAFETY: the creator sized the file to hold the region, or
+    // validate_steps checked that it lies inside the file (all mapped) at a
+    // page-aligned offset; the backing keeps the mapping alive.
+    let view = unsafe { step_view_at(base, layout.offset as usize, layout.capacity) };
+    StepRing {
+        ring: Ring {
+            view,
+            backing: Arc::clone(backing),
+        },
+    }
+}
+
+/// The step ring fields of a 1.4+ header, checked against the file.
+fn validate_steps(header: &Header, file_size: u64) -> Result<Option<StepLayout>, String> {
+    if header.step_ring_offset == 0 {
+        return Ok(None);
+    }
+    let offset = header.step_ring_offset;
+    let capacity = header.step_ring_capacity;
+    if header.step_slot_size as usize != SLOT_SIZE {
+        return Err(format!(
+            "step slot size {} (expected {SLOT_SIZE})",
+            header.step_slot_size
+        ));
+    }
+    check_capacity(capacity).map_err(|e| format!("step ring: {e}"))?;
+    // Behind the ring and the in-flight table (whatever the header says of it).
+    let table_end = if header.inflight_offset == 0 {
+        segment_size(header.ring_capacity) as u64
+    } else {
+        u64::from(header.inflight_capacity)
+            .saturating_mul(INFLIGHT_ENTRY_SIZE as u64)
+            .saturating_add(header.inflight_offset)
+    };
+    let ring_end = (segment_size(header.ring_capacity) as u64).max(table_end);
+    if !offset.is_multiple_of(4096) || offset < ring_end {
+        return Err(format!(
+            "step ring offset {offset} is not page-aligned or overlaps what precedes it (ends at {ring_end})"
+        ));
+    }
+    let end = u64::from(capacity)
+        .checked_mul(SLOT_SIZE as u64)
+        .and_then(|len| len.checked_add(STEP_SLOTS_OFFSET as u64))
+        .and_then(|len| len.checked_add(offset));
+    match end {
+        Some(end) if end <= file_size && end <= header.segment_size => {
+            Ok(Some(StepLayout { offset, capacity }))
+        }
+        _ => Err(format!(
+            "step ring at {offset} with {capacity} slots does not fit the {file_size}-byte file"
+        )),
+    }
 }
 
 /// The in-flight table fields of a 1.2+ header, checked against the file.
@@ -1401,7 +1517,7 @@ fn list_segments_in(dir: &Path) -> Result<Vec<String>, ListError> {
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing {
     use super::*;
-    use crate::layout::Record;
+    use crate::layout::{Record, StepRecord};
 
     /// Treats `data` as a whole segment: validates the header as `open` does,
     /// and if it passes, drains the ring (forged counters, cursor and commit
@@ -1410,17 +1526,20 @@ pub mod fuzzing {
     /// updates and releases an entry of it.
     ///
     /// If the first byte is odd, the rest of `data` is laid over a valid
-    /// 1.2 header instead (ring capacity chosen by the second byte, table
-    /// capacity by bits 1..=3 of the first), so that the fuzzer spends its
-    /// time in the ring, table and record paths rather than rediscovering the
-    /// magic number. Bit 7 of the first byte lays the rest over the table
-    /// instead of over the control block and what follows it.
+    /// 1.4 header instead (ring capacity chosen by the second byte, table
+    /// capacity by bits 1..=3 of the first, a step ring of 4 slots), so that
+    /// the fuzzer spends its time in the ring, table, step and record paths
+    /// rather than rediscovering the magic number. Bit 7 of the first byte
+    /// lays the rest over the table instead of over the control block and
+    /// what follows it; bit 6, over the step ring region.
     pub fn segment_bytes(data: &[u8]) {
+        const STEPS: u32 = 4;
         match data {
             [mode, shift, rest @ ..] if mode & 1 == 1 => {
                 let capacity = 1u32 << (shift % 6 + 1);
                 let inflight_capacity = u32::from((mode >> 1) & 7) + 1;
-                let mut image = vec![0u8; segment_size_with_inflight(capacity, inflight_capacity)];
+                let mut image =
+                    vec![0u8; segment_size_with_steps(capacity, inflight_capacity, STEPS)];
                 let mut header: Header = bytemuck::Zeroable::zeroed();
                 header.magic = MAGIC;
                 header.abi_version = pack_version(ABI_MAJOR, ABI_MINOR);
@@ -1435,11 +1554,16 @@ pub mod fuzzing {
                 header.inflight_offset = inflight_offset_for(capacity) as u64;
                 header.inflight_capacity = inflight_capacity;
                 header.inflight_entry_size = INFLIGHT_ENTRY_SIZE as u32;
+                header.step_ring_offset = step_ring_offset_for(capacity, inflight_capacity) as u64;
+                header.step_ring_capacity = STEPS;
+                header.step_slot_size = SLOT_SIZE as u32;
                 copy_name(&mut header.instance, "fuzz");
                 copy_name(&mut header.models[0], "model");
                 image[..HEADER_SIZE].copy_from_slice(bytemuck::bytes_of(&header));
                 let from = if mode & 0x80 != 0 {
                     inflight_offset_for(capacity)
+                } else if mode & 0x40 != 0 {
+                    step_ring_offset_for(capacity, inflight_capacity)
                 } else {
                     CONTROL_OFFSET
                 };
@@ -1477,6 +1601,25 @@ pub mod fuzzing {
         if let Some(table) = info.inflight {
             snapshot_table(data, table, info.model_count());
         }
+        if let Some(steps) = info.steps {
+            drain_steps(data, steps);
+        }
+    }
+
+    fn drain_steps(data: &[u8], layout: StepLayout) {
+        // check_header proved the region fits `data`.
+        let Some((base, backing)) = crate::region::heap_image(data, data.len()) else {
+            return;
+        };
+        let steps = step_ring_at(base, layout, &backing);
+        let mut consumer = steps.consumer(crate::ring::StartAt::Ticket(steps.read_cursor()));
+        consumer.set_abandon_after_ns(0);
+        for now in [0, 1] {
+            let _ = consumer.poll_at(now, usize::MAX, |_, record| {
+                let _ = record.decode();
+            });
+        }
+        let _ = steps.producer().push(&bytemuck::Zeroable::zeroed());
     }
 
     fn snapshot_table(data: &[u8], table: InflightLayout, model_count: u16) {
@@ -1506,6 +1649,21 @@ pub mod fuzzing {
             handle.release();
         }
         let _ = reader.snapshot();
+    }
+
+    /// Decodes `data` as one step record; a valid one must re-encode to the
+    /// same bytes (reserved bytes and unknown flag bits aside).
+    pub fn step_bytes(data: &[u8]) {
+        if data.len() >= crate::layout::RECORD_SIZE {
+            let record: StepRecord =
+                bytemuck::pod_read_unaligned(&data[..crate::layout::RECORD_SIZE]);
+            if let Ok(step) = record.decode() {
+                let mut again = step.encode();
+                again.reserved = record.reserved;
+                again.flags = record.flags;
+                assert_eq!(again, record);
+            }
+        }
     }
 
     /// Decodes `data` as one record.

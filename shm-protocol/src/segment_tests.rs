@@ -5,8 +5,8 @@
 
 use crate::inflight::tests::queued;
 use crate::layout::{
-    ABI_VERSION_OFFSET, CONTROL_OFFSET, COUNTERS_OFFSET, OverflowMode, inflight_offset_for,
-    pack_version,
+    ABI_MINOR, ABI_VERSION_OFFSET, CONTROL_OFFSET, COUNTERS_OFFSET, OverflowMode,
+    inflight_offset_for, pack_version,
 };
 use crate::record::tests::sample_record;
 use crate::ring::{PollError, StartAt};
@@ -21,6 +21,7 @@ fn instance(test: &str) -> String {
 fn options(instance: &str) -> CreateOptions {
     let mut o = CreateOptions::new(instance, vec!["gemma-3-270m".into(), "other".into()]);
     o.capacity = 16;
+    o.step_capacity = 8;
     o
 }
 
@@ -233,7 +234,7 @@ fn another_major_version_is_refused_naming_both_versions() {
         }
     ));
     assert!(
-        err.to_string().contains("2.7") && err.to_string().contains("1.3"),
+        err.to_string().contains("2.7") && err.to_string().contains(&format!("1.{ABI_MINOR}")),
         "{err}"
     );
 }
@@ -314,6 +315,80 @@ fn forged_header_fields_are_refused_with_the_reason() {
             "{tag}: {err}"
         );
     }
+}
+
+#[test]
+fn forged_step_ring_fields_are_refused_with_the_reason() {
+    let name = instance("steps-size");
+    let engine = EngineSegment::create(&options(&name)).unwrap();
+    let offset = engine.info().steps.unwrap().offset;
+    drop(engine);
+    let cases: &[(&str, u64, &[u8], &str)] = &[
+        ("stepslot", 716, &128u32.to_le_bytes(), "step slot size"),
+        ("stepcap", 712, &3u32.to_le_bytes(), "step ring"),
+        ("stepbig", 712, &(1u32 << 20).to_le_bytes(), "does not fit"),
+        (
+            "stepunal",
+            704,
+            &(offset + 64).to_le_bytes(),
+            "page-aligned",
+        ),
+        ("stepover", 704, &4096u64.to_le_bytes(), "overlaps"),
+    ];
+    for (tag, at, bytes, reason) in cases {
+        let name = instance(&format!("forged-{tag}"));
+        let _engine = EngineSegment::create(&options(&name)).unwrap();
+        patch(&name, *at, bytes);
+        let err = AttachedSegment::open(&name, &OpenOptions::default()).unwrap_err();
+        assert!(
+            matches!(err, OpenError::BadLayout { .. }) && err.to_string().contains(reason),
+            "{tag}: {err}"
+        );
+    }
+}
+
+#[test]
+fn steps_written_by_the_engine_are_read_through_the_attached_segment() {
+    let name = instance("steps");
+    let engine = EngineSegment::create(&options(&name)).unwrap();
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    let steps = attached.steps().unwrap();
+    assert_eq!(steps.capacity(), 8);
+    let producer = engine.steps().unwrap().producer();
+    let mut step = crate::Step {
+        step: 1,
+        t_start_ns: 10,
+        t_decode_end_ns: 20,
+        t_end_ns: 30,
+        slots_total: 4,
+        ..Default::default()
+    };
+    step.decode_slots.insert(3);
+    step.decode_rows = 4;
+    step.decode_calls = 1;
+    let _ = producer.push(&step.encode());
+    let mut seen = Vec::new();
+    steps
+        .consumer(StartAt::Oldest)
+        .poll(10, |ticket, r| seen.push((ticket, r.decode())))
+        .unwrap();
+    assert_eq!(seen, [(0, Ok(step))]);
+    // The request ring is untouched by steps.
+    assert_eq!(attached.ring().counters().head, 0);
+}
+
+#[test]
+fn a_1_3_reader_view_ignores_the_step_ring_fields() {
+    let name = instance("steps-13");
+    let _engine = EngineSegment::create(&options(&name)).unwrap();
+    patch(
+        &name,
+        ABI_VERSION_OFFSET as u64,
+        &pack_version(1, 3).to_le_bytes(),
+    );
+    let attached = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+    assert!(attached.steps().is_none());
+    assert_eq!(attached.info().steps, None);
 }
 
 #[test]

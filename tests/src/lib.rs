@@ -46,6 +46,7 @@ pub fn numbered_record(seq: u64) -> Record {
         model_index: 0,
         queue_depth: 0,
         running: 0,
+        sequence_slot: Some(0),
     }
     .encode()
 }
@@ -90,6 +91,7 @@ pub fn finished_chat_record(seq: u64, now: u64) -> Record {
         model_index: 0,
         queue_depth: 0,
         running: 0,
+        sequence_slot: Some(0),
     }
     .encode()
 }

@@ -64,6 +64,7 @@ pub fn crash_record(request: &InflightRequest, last_sign_of_life_ns: u64) -> Req
         model_index: request.model_index,
         queue_depth: 0,
         running: 0,
+        sequence_slot: request.sequence_slot,
     }
 }
 

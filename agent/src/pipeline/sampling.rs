@@ -672,6 +672,7 @@ mod tests {
             model_index: 0,
             queue_depth: 0,
             running: 0,
+            sequence_slot: Some(0),
         };
         if error {
             r.error_type = ErrorType::InvalidRequest;

@@ -602,6 +602,7 @@ pub(crate) mod tests {
             model_index: 0,
             queue_depth: 0,
             running: 0,
+            sequence_slot: Some(0),
         }
         .encode()
     }

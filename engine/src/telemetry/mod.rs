@@ -125,6 +125,8 @@ pub struct RequestOutcome {
     pub queue_depth: u16,
     /// Sequences running when this one was scheduled (itself included).
     pub running: u16,
+    /// The batch slot it was served in (`None` when never scheduled): joins it to the steps.
+    pub sequence_slot: Option<u16>,
 }
 
 /// Why the telemetry segment could not be created.
@@ -166,10 +168,11 @@ pub(crate) struct Shared {
     lost_segment_removed: AtomicU64,
 }
 
-/// One generation of the segment: its producer and the mapping.
+/// One generation of the segment: its producers and the mapping.
 #[derive(Debug)]
 pub(crate) struct Inner {
     producer: shm::Producer,
+    steps: Option<shm::StepProducer>,
     // Keeps the mapping alive and removes the segment's name on drop (if still its own).
     segment: shm::EngineSegment,
 }
@@ -178,6 +181,7 @@ impl Inner {
     fn new(segment: shm::EngineSegment) -> Self {
         Self {
             producer: segment.ring().producer(),
+            steps: segment.steps().map(|s| s.producer()),
             segment,
         }
     }
@@ -201,8 +205,9 @@ impl Telemetry {
 
     /// Creates `/dev/shm/ringside.<instance>` with the served model names as its model table,
     /// `capacity` slots, an in-flight table of `inflight_capacity` entries (the engine passes
-    /// `--parallel + --max-queue`: one per request it can hold), the tracing control word
-    /// initialised to `tracing` and the API's `listen_port` (the agent's `server.port`).
+    /// `--parallel + --max-queue`: one per request it can hold), a step ring of `step_capacity`
+    /// slots (0 = none), the tracing control word initialised to `tracing` and the API's
+    /// `listen_port` (the agent's `server.port`).
     ///
     /// # Errors
     /// [`TelemetryError::Create`] (bad name or capacity, live engine on that name, no room).
@@ -211,12 +216,14 @@ impl Telemetry {
         models: &[String],
         capacity: u32,
         inflight_capacity: u32,
+        step_capacity: u32,
         tracing: bool,
         listen_port: u16,
     ) -> Result<Self, TelemetryError> {
         let mut options = shm::CreateOptions::new(instance, models.to_vec());
         options.capacity = capacity;
         options.inflight_capacity = inflight_capacity;
+        options.step_capacity = step_capacity;
         options.listen_port = Some(listen_port);
         options.control.tracing_enabled = tracing;
         let segment =
@@ -244,6 +251,30 @@ impl Telemetry {
                 let _ = inner.producer.push(&to_record(outcome));
             }
         }
+    }
+
+    /// Records one engine step when tracing is on; wait-free like [`Self::record`]. Called by
+    /// the inference thread once per scheduler step.
+    #[inline]
+    pub fn record_step(&self, step: &shm::Step) {
+        if let Some(shared) = &self.shared {
+            let inner = shared.current.load();
+            if let Some(steps) = &inner.steps
+                && inner.producer.tracing_enabled()
+            {
+                let _ = steps.push(&step.encode());
+            }
+        }
+    }
+
+    /// Whether tracing is on now (one load): the inference thread skips assembling a step
+    /// record when it is off.
+    #[inline]
+    #[must_use]
+    pub fn tracing_enabled(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.current.load().producer.tracing_enabled())
     }
 
     /// The in-flight table's writer for the HTTP layer and the inference thread. It follows
@@ -402,6 +433,7 @@ impl RequestOutcome {
             model_index: self.model_index,
             queue_depth: self.queue_depth,
             running: self.running,
+            sequence_slot: self.sequence_slot,
         }
     }
 }
@@ -455,6 +487,7 @@ mod tests {
             model_index: 0,
             queue_depth: 2,
             running: 3,
+            sequence_slot: Some(2),
         }
     }
 
@@ -483,6 +516,7 @@ mod tests {
         o.t_scheduled_ns = 0;
         o.t_first_token_ns = 0;
         o.t_last_token_ns = 0;
+        o.sequence_slot = None;
         o.completion_tokens = 0;
         o.http_status = 429;
         o.error = ErrorKind::QueueFull;
@@ -496,7 +530,8 @@ mod tests {
     fn the_record_decodes_to_the_outcome_it_was_built_from() {
         let o = outcome();
         assert_eq!(to_record(&o).decode(1), Ok(o.request_record()));
-        assert_eq!(to_record(&o).reserved, [0; 84]);
+        assert_eq!(to_record(&o).reserved, [0; 82]);
+        assert_eq!(to_record(&o).sequence_slot, 2);
         assert_eq!(o.request_record().ot.threshold, Some(0xc0_0000_0000_0000));
     }
 
