@@ -269,7 +269,45 @@ fn snapshot_exports_the_window_head_sampling_dropped_marked_manual_without_movin
         );
     }
     // 3 served requests with 3 phases each, one rejected: 13 spans, no more.
-    assert_eq!(span_blocks(&collector.text()).len(), 13);
+    let blocks = span_blocks(&collector.text());
+    let is_step_trace = |b: &String| {
+        matches!(
+            span_field(b, "Name"),
+            Some("ringside.capture" | "engine_step")
+        )
+    };
+    assert_eq!(blocks.iter().filter(|b| !is_step_trace(b)).count(), 13);
+    // The engine's steps of the window: one root, a child per step, in a
+    // trace of its own.
+    let roots: Vec<&String> = blocks
+        .iter()
+        .filter(|b| span_field(b, "Name") == Some("ringside.capture"))
+        .collect();
+    assert_eq!(roots.len(), 1, "one capture root");
+    assert!(
+        roots[0].contains(&reason_attribute("manual")),
+        "{}",
+        roots[0]
+    );
+    let root_id = span_field(roots[0], "ID").expect("root id");
+    let steps: Vec<&String> = blocks
+        .iter()
+        .filter(|b| span_field(b, "Name") == Some("engine_step"))
+        .collect();
+    // Each served request took a prefill step and decode steps.
+    assert!(steps.len() >= 3, "{} steps", steps.len());
+    for step in &steps {
+        assert_eq!(span_field(step, "Parent ID"), Some(root_id));
+        assert_eq!(
+            span_field(step, "Trace ID"),
+            span_field(roots[0], "Trace ID")
+        );
+        assert!(step.contains("ringside.step.number: Int("), "{step}");
+    }
+    assert!(
+        new.iter()
+            .all(|r| span_field(roots[0], "Trace ID") != Some(r.trace_id.as_str()))
+    );
     assert_eq!(
         engine.segment().ring().control().read_cursor(),
         cursor,

@@ -21,6 +21,7 @@
 pub mod daemon;
 pub mod dropped;
 pub mod snapshot;
+pub mod steps;
 pub mod trigger;
 pub mod window;
 

@@ -10,7 +10,7 @@
 use super::window::{Window, WindowReader};
 use super::{CaptureReason, capture_handle};
 use crate::control::control_block::{self, ControlError, EngineSelection};
-use crate::export::{ExportQueue, ExportSetupError, ExportTarget, Exporter, Transport};
+use crate::export::{Attempt, ExportQueue, ExportSetupError, ExportTarget, Exporter, Transport};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::metrics::{ExportCounters, Metrics, unix_now_ns};
 use crate::pipeline::resource::{self, ResourceEnv};
@@ -161,6 +161,7 @@ async fn capture_engine(
         let flush = exporter.flush(Instant::now() + CHUNK_DEADLINE).await;
         not_delivered += flush.failed + flush.left_in_queue;
     }
+    not_delivered += export_steps(segment, &engine, window, exporter).await?;
     let totals = reader.totals();
     let exported = handle.stats.exported.load(Ordering::Relaxed);
     eprintln!(
@@ -174,4 +175,61 @@ async fn capture_engine(
         totals.lost
     );
     Ok((totals.kept, not_delivered))
+}
+
+/// The engine's steps of the window (ABI 1.4), as one `ringside.capture`
+/// trace; returns 1 when it could not be exported.
+async fn export_steps(
+    segment: &AttachedSegment,
+    engine: &EngineHandle,
+    window: Window,
+    exporter: &Exporter,
+) -> Result<u64, SnapshotError> {
+    let read = super::steps::read_steps(segment, window).map_err(|source| SnapshotError::Ring {
+        engine: engine.instance.clone(),
+        source,
+    })?;
+    let Some(read) = read else {
+        eprintln!(
+            "{}: no step ring (an engine before ABI 1.4)",
+            engine.instance
+        );
+        return Ok(0);
+    };
+    let request = super::steps::encode(
+        &engine.resource,
+        &segment.info().clock,
+        CaptureReason::Manual,
+        window,
+        &read.steps,
+    );
+    let console_text = format!(
+        "capture {} of engine {} (pid {}): {} steps, trace {}\n",
+        CaptureReason::Manual,
+        engine.instance,
+        engine.pid,
+        read.steps.len(),
+        request.resource_spans[0].scope_spans[0].spans[0]
+            .trace_id
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let body = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
+    match exporter.transport.send_traces(&body, &console_text).await {
+        Attempt::Accepted { .. } => {
+            eprintln!(
+                "{}: {} steps in the window exported ({} invalid, {} lost while reading)",
+                engine.instance,
+                read.steps.len(),
+                read.invalid,
+                read.lost
+            );
+            Ok(0)
+        }
+        Attempt::Failed { error, .. } => {
+            tracing::error!(engine = %engine.instance, %error, "capture: the steps could not be exported");
+            Ok(1)
+        }
+    }
 }

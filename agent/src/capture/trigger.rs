@@ -212,6 +212,7 @@ mod tests {
             model_index: 0,
             queue_depth: 0,
             running: 0,
+            sequence_slot: None,
         }
     }
 
