@@ -42,7 +42,7 @@ pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
                         stalls: &item.stalls,
                         sampling: item.sampling,
                         steps: item.steps.as_ref(),
-                        capture_reason: None,
+                        capture_reason: item.capture.map(|r| r.as_str()),
                     };
                     crate::pipeline::spans::encode_with(
                         &item.ctx,

@@ -16,6 +16,7 @@
 //! so an agent killed with records read but not delivered leaves them to its
 //! successor. A SIGKILL runs no destructor: nothing undelivered is released.
 
+use crate::capture::CaptureReason;
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::sampling::SpanSampling;
 use crate::pipeline::spans::{self, SpanContext};
@@ -52,6 +53,9 @@ pub struct Item {
     /// Its share of the poll batch it was read in (None: not from a ring the
     /// reader tracks, e.g. in tests and benchmarks).
     pub delivery: Option<DeliveryToken>,
+    /// Why it was captured, when it is part of an incident capture: each of
+    /// its spans then carries `ringside.capture.reason`.
+    pub capture: Option<CaptureReason>,
 }
 
 impl Item {
@@ -73,7 +77,15 @@ impl Item {
             sampling: SpanSampling::default(),
             steps: None,
             delivery: None,
+            capture: None,
         }
+    }
+
+    /// The same, as part of an incident capture for `reason`.
+    #[must_use]
+    pub fn with_capture(mut self, reason: CaptureReason) -> Self {
+        self.capture = Some(reason);
+        self
     }
 
     /// The same, with the sampling decision's marks.

@@ -23,6 +23,8 @@
 //!   agent runs: the oldest record the ring holds;
 //! * otherwise: the newest (only requests from now on).
 
+use crate::capture::daemon::EngineCapture;
+use crate::capture::{CaptureReason, CaptureSettings};
 use crate::export::queue::{ExportQueue, Item, PollBatches};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::crash::crash_record;
@@ -71,6 +73,8 @@ pub struct ReaderSettings {
     pub tail_window: Duration,
     /// A request with no progress for this long is stalled (`--stall-after`).
     pub stall_after: Duration,
+    /// Incident capture (`--capture-*`).
+    pub capture: CaptureSettings,
 }
 
 /// Records taken from one ring per poll.
@@ -118,6 +122,8 @@ struct Attached {
     loss_log: Throttled<2>,
     /// Warnings of invalid records, likewise.
     invalid_log: Throttled<1>,
+    /// What sampling dropped and the capture triggers (crate::capture).
+    capture: EngineCapture,
 }
 
 /// The reader: owns every attached segment and its consumer.
@@ -143,6 +149,9 @@ pub struct Reader {
     /// The stall threshold in ns; a reload stores a new one.
     stall_after_ns: Arc<AtomicU64>,
     next_stall_look: Instant,
+    /// Set by SIGUSR1: capture every attached engine.
+    capture_signal: Arc<AtomicBool>,
+    next_capture_look: Instant,
 }
 
 impl std::fmt::Debug for Reader {
@@ -181,7 +190,14 @@ impl Reader {
             sampler_update: Arc::default(),
             stall_after_ns: Arc::new(AtomicU64::new(duration_ns(settings_stall_after))),
             next_stall_look: Instant::now(),
+            capture_signal: Arc::default(),
+            next_capture_look: Instant::now(),
         }
+    }
+
+    /// Where SIGUSR1 asks for a capture of every attached engine.
+    pub fn capture_signal(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.capture_signal)
     }
 
     /// Where a configuration reload stores a new stall threshold (ns).
@@ -216,6 +232,7 @@ impl Reader {
                 self.look_for_stalls();
                 self.next_stall_look = Instant::now() + STALL_LOOK_INTERVAL;
             }
+            self.look_for_captures();
             if !busy {
                 // Woken early when a poll batch is settled, to commit.
                 std::thread::park_timeout(self.settings.poll_interval);
@@ -428,6 +445,7 @@ impl Reader {
         let steps = segment
             .steps()
             .map(|ring| StepWindow::new(&ring, step_start));
+        let capture = EngineCapture::new(&self.settings.capture, segment.ring().capacity());
         self.attached.insert(
             name.to_owned(),
             Attached {
@@ -451,6 +469,7 @@ impl Reader {
                 committed: None,
                 loss_log: Throttled::default(),
                 invalid_log: Throttled::default(),
+                capture,
             },
         );
     }
@@ -491,6 +510,7 @@ impl Reader {
                     m.engine_died(&a.handle.instance);
                 }
                 self.report_crash(name, &mut a);
+                self.capture_death(&mut a);
             }
             if dead && !a.segment.replaced() {
                 self.finished
@@ -604,6 +624,72 @@ impl Reader {
             invalid = snapshot.invalid,
             untracked = snapshot.untracked,
             "engine died; its in-flight requests are exported as engine_crashed spans"
+        );
+    }
+
+    /// Incident capture: on SIGUSR1 every attached engine; every
+    /// [`STALL_LOOK_INTERVAL`] each engine's triggers (see crate::capture).
+    fn look_for_captures(&mut self) {
+        let signal = self.capture_signal.swap(false, Ordering::Relaxed);
+        let look = Instant::now() >= self.next_capture_look;
+        if !signal && !look {
+            return;
+        }
+        if look {
+            self.next_capture_look = Instant::now() + STALL_LOOK_INTERVAL;
+        }
+        let now = monotonic_ns();
+        for a in self.attached.values_mut() {
+            let reason = if signal {
+                // The triggers still take their look (an incident that
+                // starts now is the signal's: it fires nothing more).
+                let _ = a.capture.due(now);
+                Some(CaptureReason::Signal)
+            } else {
+                a.capture.due(now)
+            };
+            if let Some(reason) = reason {
+                let cursor = a.consumer.cursor();
+                let window = a.capture.window_before(now);
+                a.capture.capture(
+                    &a.segment,
+                    &a.handle,
+                    &a.ctx,
+                    cursor,
+                    reason,
+                    window,
+                    &self.queue,
+                );
+            }
+        }
+    }
+
+    /// The engine of `a` died (and its ring was drained): the window before
+    /// its death (between its last heartbeat and now) is captured.
+    fn capture_death(&self, a: &mut Attached) {
+        if !a.capture.on_crash() {
+            return;
+        }
+        let heartbeat = a.segment.ring().counters().engine_heartbeat_ns;
+        let now = monotonic_ns();
+        let last_seen = if heartbeat == 0 {
+            now
+        } else {
+            heartbeat.min(now)
+        };
+        let window = crate::capture::window::Window {
+            from_ns: a.capture.window_before(last_seen).from_ns,
+            to_ns: now,
+        };
+        let cursor = a.consumer.cursor();
+        a.capture.capture(
+            &a.segment,
+            &a.handle,
+            &a.ctx,
+            cursor,
+            CaptureReason::EngineCrashed,
+            window,
+            &self.queue,
         );
     }
 
@@ -865,8 +951,10 @@ impl Reader {
                         .map(|keep| keep.apply(h))
                 }) else {
                     EngineStats::add(&stats.sampled_out, 1);
+                    a.capture.decided(*ticket, &record, true);
                     continue;
                 };
+                a.capture.decided(*ticket, &record, false);
                 first_kept.get_or_insert(*ticket);
                 let mut item = Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
                     .with_stalls(stalls);
@@ -951,6 +1039,7 @@ mod tests {
                 tail_above_p99: false,
                 tail_window: Duration::from_secs(60),
                 stall_after: Duration::from_secs(10),
+                capture: CaptureSettings::default(),
             },
             ResourceEnv::from_env(&|_| None, "box".into()),
             Arc::new(ExportQueue::new(1000, 1 << 20, 512)),

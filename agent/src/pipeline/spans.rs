@@ -606,6 +606,14 @@ pub fn encode_with(
                 ctx.clock.to_unix_ns(start),
                 ctx.clock.to_unix_ns(end),
             );
+            if let Some(reason) = extras.capture_reason {
+                wire::key_value(
+                    b,
+                    field::ATTRIBUTES,
+                    CAPTURE_REASON,
+                    wire::Value::Str(reason),
+                );
+            }
             priority(b);
             span_status(b, "", status::StatusCode::Unset);
             wire::fixed32_field(b, field::FLAGS, trace_flags | FLAG_HAS_IS_REMOTE);
