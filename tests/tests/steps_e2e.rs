@@ -10,8 +10,12 @@ use ringside_tests::harness::{
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
+
+/// One engine at a time: the gap test compares the engine's stamps with a client's clock
+/// within 5 ms, which another engine decoding on the same two cores would disturb.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A streaming chat request over a raw socket with its own trace id; returns when each
 /// content chunk arrived (relative to the first) and the whole response. `started` gets a
@@ -111,6 +115,7 @@ fn inter_token_gaps_match_a_streaming_client_and_a_long_prefill_shows_in_them() 
     if !e2e_enabled("inter_token_gaps_match_a_streaming_client_and_a_long_prefill_shows_in_them") {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let collector = Collector::start();
     let engine = Engine::start("steps-itl", &["--parallel", "2", "--no-prompt-cache"]);
     let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
@@ -216,4 +221,128 @@ fn inter_token_gaps_match_a_streaming_client_and_a_long_prefill_shows_in_them() 
         metrics.contains("ringside.server.kv_cache.usage"),
         "KV gauge"
     );
+}
+
+/// Every step record the engine left in its ring, decoded.
+fn steps_of(engine: &Engine) -> Vec<ringside_shm_protocol::Step> {
+    let ring = engine.segment().steps().expect("a step ring");
+    let mut steps = Vec::new();
+    ring.consumer(ringside_shm_protocol::StartAt::Oldest)
+        .poll(usize::MAX, |_, raw| {
+            steps.push(raw.decode().expect("a valid step record"));
+        })
+        .expect("poll the step ring");
+    steps
+}
+
+#[test]
+fn one_step_per_token_of_a_lone_request_recorded_only_while_tracing_is_on() {
+    if !e2e_enabled("one_step_per_token_of_a_lone_request_recorded_only_while_tracing_is_on") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let engine = Engine::start(
+        "steps-count",
+        &["--parallel", "2", "--tracing", "off", "--no-prompt-cache"],
+    );
+    let chat = |max_tokens: u32| {
+        let body = serde_json::json!({
+            "model": engine.model,
+            "messages": [{"role": "user", "content": "Count from 1 to 100, separated by commas."}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        })
+        .to_string();
+        let r = http(
+            engine.port,
+            "POST",
+            "/v1/chat/completions",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .expect("a chat request");
+        assert_eq!(r.status, 200);
+        r.json()
+    };
+    chat(8);
+    assert!(
+        steps_of(&engine).is_empty(),
+        "no steps while tracing is off"
+    );
+    let segment = engine.segment();
+    segment.ring().control().set_tracing_enabled(true);
+    let response = chat(20);
+    let usage = &response["usage"];
+    let (prompt, completion) = (
+        usage["prompt_tokens"].as_u64().unwrap(),
+        usage["completion_tokens"].as_u64().unwrap(),
+    );
+    assert_eq!(response["choices"][0]["finish_reason"], "length");
+    let steps = steps_of(&engine);
+    // The prompt in 64-token chunks (the last one samples the first token), then one decode
+    // step per further token; numbered without a gap.
+    let prefill: u64 = steps.iter().map(|s| u64::from(s.prefill_tokens)).sum();
+    let decode_steps = steps.iter().filter(|s| s.decode_calls > 0).count() as u64;
+    assert_eq!(prefill, prompt, "{steps:#?}");
+    assert_eq!(decode_steps, completion - 1, "{steps:#?}");
+    assert!(steps.windows(2).all(|w| w[1].step == w[0].step + 1));
+    for s in &steps {
+        assert_eq!(s.slots_total, 2);
+        assert_eq!(s.slots_occupied, 1);
+        assert_eq!(s.kv_cells_total, 2 * 4096);
+        assert!(s.kv_cells_used <= (prompt + completion) as u32);
+        assert_eq!(s.batch_sequences(), 1);
+        // Two slots decode as one group of two rows: one is the idle slot's placeholder.
+        assert!(s.decode_calls == 0 || s.decode_rows == 2, "{s:?}");
+    }
+    // The request record names the slot its steps carry.
+    let record = ringside_tests::harness::records(&segment)
+        .into_iter()
+        .last()
+        .expect("the traced request's record");
+    let slot = record.sequence_slot.expect("a sequence slot");
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.decode_slots.contains(slot) || s.prefill_slots.contains(slot))
+    );
+}
+
+#[test]
+fn an_engine_started_without_a_step_ring_serves_and_its_spans_have_no_gap_statistics() {
+    if !e2e_enabled(
+        "an_engine_started_without_a_step_ring_serves_and_its_spans_have_no_gap_statistics",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let engine = Engine::start("steps-none", &["--step-ring-capacity", "0"]);
+    assert!(engine.segment().steps().is_none());
+    let collector = Collector::start();
+    let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
+    let _agent = Agent::start(&["--engine", &engine.instance, "--endpoint", &endpoint]);
+    std::thread::sleep(Duration::from_secs(2));
+    let trace = "17171717171717171717171717170003";
+    let body = serde_json::json!({
+        "model": engine.model,
+        "messages": [{"role": "user", "content": "Count from 1 to 10."}],
+        "max_tokens": 8,
+    })
+    .to_string();
+    let traceparent = format!("00-{trace}-00000000000000cc-01");
+    let r = http(
+        engine.port,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("Content-Type", "application/json"),
+            ("traceparent", &traceparent),
+        ],
+        body.as_bytes(),
+    )
+    .expect("a chat request");
+    assert_eq!(r.status, 200);
+    let span = server_span(&collector, trace);
+    assert!(!span.contains("ringside.inter_token"), "{span}");
+    assert!(span.contains("Name: first_token"), "{span}");
 }
