@@ -927,6 +927,81 @@ mod tests {
     }
 
     #[test]
+    fn steps_become_gap_step_and_batch_histograms_and_kv_and_slot_gauges() {
+        let engine = engine(7, "e");
+        let mut m = Metrics::new(1);
+        let record = raw_record(1).decode(1).unwrap();
+        m.record(&engine, "gemma", &record);
+        m.record_gaps(7, &record, &[20_000_000, 30_000_000, 900_000_000]);
+        let mut step = ringside_shm_protocol::Step {
+            step: 1,
+            t_start_ns: 1_000,
+            t_decode_end_ns: 2_000_000,
+            t_end_ns: 4_001_000,
+            decode_rows: 4,
+            decode_calls: 1,
+            prefill_calls: 1,
+            prefill_tokens: 64,
+            slots_total: 4,
+            kv_cells_used: 300,
+            kv_cells_total: 1200,
+            ..Default::default()
+        };
+        step.decode_slots.insert(0);
+        step.decode_slots.insert(1);
+        step.prefill_slots.insert(2);
+        m.record_step(7, &step);
+        m.record_slots(7, 3);
+        let req = m.to_request(2, 0, &ExportCounters::default());
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        let find = |name: &str| {
+            metrics
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name}"))
+        };
+        let hist = |name: &str| match &find(name).data {
+            Some(metric::Data::Histogram(h)) => h.data_points[0].clone(),
+            other => panic!("{other:?}"),
+        };
+        let gauge = |name: &str| match &find(name).data {
+            Some(metric::Data::Gauge(g)) => g.data_points[0].value,
+            other => panic!("{other:?}"),
+        };
+        let gaps = hist("ringside.server.inter_token.duration");
+        assert_eq!(gaps.count, 3);
+        assert!((gaps.sum.unwrap() - 0.95).abs() < 1e-9);
+        assert_eq!(gaps.explicit_bounds, GAP_BOUNDS);
+        assert_eq!(find("ringside.server.inter_token.duration").unit, "s");
+        let duration = hist("ringside.server.step.duration");
+        assert_eq!((duration.count, duration.sum), (1, Some(0.004)));
+        let batch = hist("ringside.server.step.batch_size");
+        assert_eq!((batch.count, batch.sum), (1, Some(3.0)));
+        assert_eq!(
+            gauge("ringside.server.kv_cache.usage"),
+            Some(number_data_point::Value::AsDouble(0.25))
+        );
+        assert_eq!(
+            gauge("ringside.server.slots.occupied"),
+            Some(number_data_point::Value::AsInt(3))
+        );
+        assert_eq!(
+            gauge("ringside.server.slots.total"),
+            Some(number_data_point::Value::AsInt(4))
+        );
+        let text = crate::control::prometheus::render(&req);
+        for name in [
+            "ringside_server_inter_token_duration_seconds_bucket",
+            "ringside_server_step_duration_seconds_count",
+            "ringside_server_step_batch_size_bucket",
+            "ringside_server_kv_cache_usage",
+            "ringside_server_slots_occupied",
+        ] {
+            assert!(text.contains(name), "{name} in\n{text}");
+        }
+    }
+
+    #[test]
     fn forged_http_statuses_fold_into_a_bounded_set_of_series() {
         let engine = engine(7, "e");
         let mut m = Metrics::new(1);
