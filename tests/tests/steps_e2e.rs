@@ -119,7 +119,9 @@ fn inter_token_gaps_match_a_streaming_client_and_a_long_prefill_shows_in_them() 
     let collector = Collector::start();
     let engine = Engine::start("steps-itl", &["--parallel", "2", "--no-prompt-cache"]);
     let endpoint = format!("http://127.0.0.1:{}", collector.grpc_port);
-    let _agent = Agent::start(&[
+    let admin_port = ringside_tests::harness::free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let agent = Agent::start(&[
         "--engine",
         &engine.instance,
         "--endpoint",
@@ -128,6 +130,8 @@ fn inter_token_gaps_match_a_streaming_client_and_a_long_prefill_shows_in_them() 
         "100",
         "--metrics-interval-ms",
         "500",
+        "--admin-listen",
+        &admin,
     ]);
     std::thread::sleep(Duration::from_secs(2));
     let trace_a = "17171717171717171717171717170001";
