@@ -213,18 +213,53 @@ fn inter_token_gaps_match_a_streaming_client_and_a_long_prefill_shows_in_them() 
         span.contains("Name: scheduled") && span.contains("Name: first_token"),
         "the phase events\n{span}"
     );
-    // Every gap is in the histogram (the long request had one token: no gap).
-    let metrics = collector.wait_for("the inter-token histogram", Duration::from_secs(30), |t| {
+    // Every gap is in the histogram (the long request had one token: no gap), in the bucket
+    // the client's own gap falls in: at each boundary with no client gap within 5 ms of it,
+    // the cumulative counts agree.
+    let token_file = format!("/run/ringside/agent-{}.admin-token", agent.pid());
+    let token = std::fs::read_to_string(&token_file).expect("the agent's token file");
+    let bearer = format!("Bearer {}", token.trim());
+    let scrape = http(
+        admin_port,
+        "GET",
+        "/metrics",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .expect("GET /metrics");
+    assert_eq!(scrape.status, 200);
+    let text = String::from_utf8_lossy(&scrape.body).into_owned();
+    let mut compared = 0;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("ringside_server_inter_token_duration_seconds_bucket"))
+    {
+        let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+        let count: usize = line.rsplit(' ').next().unwrap().parse().unwrap();
+        let Some(Ok(bound)) = le.filter(|l| *l != "+Inf").map(str::parse::<f64>) else {
+            assert_eq!(count, client.len(), "{line}");
+            continue;
+        };
+        if client.iter().any(|g| (g - bound).abs() <= 0.005) {
+            continue;
+        }
+        let theirs = client.iter().filter(|g| **g <= bound).count();
+        assert_eq!(count, theirs, "at {bound} s: {line}\n{report}");
+        compared += 1;
+    }
+    assert!(compared >= 10, "too few unambiguous boundaries in\n{text}");
+    for name in [
+        "ringside_server_step_duration_seconds_count",
+        "ringside_server_step_batch_size_bucket",
+        "ringside_server_kv_cache_usage",
+        "ringside_server_slots_total",
+    ] {
+        assert!(text.contains(name), "{name} in\n{text}");
+    }
+    // And the same through OTLP, to a real collector.
+    collector.wait_for("the inter-token histogram", Duration::from_secs(30), |t| {
         t.contains("ringside.server.inter_token.duration")
     });
-    assert!(
-        metrics.contains("ringside.server.step.duration"),
-        "step histogram"
-    );
-    assert!(
-        metrics.contains("ringside.server.kv_cache.usage"),
-        "KV gauge"
-    );
 }
 
 /// Every step record the engine left in its ring, decoded.
