@@ -712,6 +712,59 @@ pub fn span_field<'a>(block: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// The value of attribute `key` in a printed span block (`key: Double(0.5)`,
+/// `key: Int(7)`, `key: Str(x)`): what is inside the parentheses.
+pub fn span_attribute<'a>(block: &'a str, key: &str) -> Option<&'a str> {
+    let at = block.find(&format!("{key}: "))? + key.len() + 2;
+    let rest = &block[at..];
+    let open = rest.find('(')?;
+    let close = rest.find(')')?;
+    rest.get(open + 1..close)
+}
+
+/// A double attribute of a printed span block.
+pub fn span_double(block: &str, key: &str) -> Option<f64> {
+    span_attribute(block, key)?.parse().ok()
+}
+
+/// An integer attribute of a printed span block.
+pub fn span_int(block: &str, key: &str) -> Option<i64> {
+    span_attribute(block, key)?.parse().ok()
+}
+
+/// The exported SERVER span of `trace_id`, once rotel printed it (60 s at most).
+pub fn server_span(collector: &Collector, trace_id: &str) -> String {
+    let find = |text: &str| {
+        span_blocks(text).into_iter().find(|b| {
+            span_field(b, "Trace ID") == Some(trace_id)
+                && span_field(b, "Kind") == Some("SPAN_KIND_SERVER")
+        })
+    };
+    let text = collector.wait_for("the server span", Duration::from_secs(60), |t| {
+        find(t).is_some()
+    });
+    find(&text).expect("server span")
+}
+
+/// Posts a JSON chat body (with `traceparent`, if given) and reads the whole response.
+pub fn post_chat(
+    port: u16,
+    body: &serde_json::Value,
+    traceparent: Option<&str>,
+) -> std::io::Result<HttpResponse> {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(t) = traceparent {
+        headers.push(("traceparent", t));
+    }
+    http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        body.to_string().as_bytes(),
+    )
+}
+
 impl Drop for Collector {
     fn drop(&mut self) {
         let _ = self.child.kill();

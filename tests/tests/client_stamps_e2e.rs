@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Agent, Collector, Engine, e2e_enabled, hex, records, span_blocks, span_field,
+    Agent, Collector, Engine, e2e_enabled, hex, records, server_span, span_double,
     timed_traced_chat, wait_for_records,
 };
 use std::io::{Read, Write};
@@ -54,25 +54,6 @@ fn record_stamps_match_what_a_raw_client_sees() {
     eprintln!("{report:#?}");
 }
 
-fn double_attribute(block: &str, key: &str) -> Option<f64> {
-    let at = block.find(&format!("{key}: Double("))? + key.len() + 9;
-    block[at..].split(')').next()?.parse().ok()
-}
-
-/// The exported SERVER span of `trace_id`, once rotel printed it.
-fn server_span(collector: &Collector, trace_id: &str) -> String {
-    let find = |text: &str| {
-        span_blocks(text).into_iter().find(|b| {
-            span_field(b, "Trace ID") == Some(trace_id)
-                && span_field(b, "Kind") == Some("SPAN_KIND_SERVER")
-        })
-    };
-    let text = collector.wait_for("the server span", Duration::from_secs(30), |t| {
-        find(t).is_some()
-    });
-    find(&text).expect("server span")
-}
-
 /// (start, end) of a span block, ns since the epoch (rotel prints `Start time: <ns>`).
 fn span_bounds(block: &str) -> (u64, u64) {
     let parse = |field: &str| {
@@ -119,7 +100,7 @@ fn exported_span_timings_match_what_a_raw_client_sees() {
         let span = server_span(&collector, trace_id);
         let (start, end) = span_bounds(&span);
         let duration = (end - start) as f64 / 1e6;
-        let ttft = double_attribute(&span, "gen_ai.latency.time_to_first_token")
+        let ttft = span_double(&span, "gen_ai.latency.time_to_first_token")
             .expect("time to first token")
             * 1e3;
         let start_offset = (start as f64 - sent_at as f64) / 1e6;
@@ -199,7 +180,7 @@ fn a_crash_span_s_partial_timings_match_what_the_client_had_received() {
     let (span_start, span_end) = span_bounds(&span);
     let duration = Duration::from_nanos(span_end - span_start);
     let ttft =
-        double_attribute(&span, "gen_ai.latency.time_to_first_token").expect("time to first token");
+        span_double(&span, "gen_ai.latency.time_to_first_token").expect("time to first token");
     let first = first.expect("a first chunk");
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let report = format!(

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Agent, Collector, Engine, e2e_enabled, http, span_blocks, span_field,
+    Agent, Collector, Engine, e2e_enabled, http, post_chat, server_span, span_double, span_int,
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -72,42 +72,19 @@ fn stream_and_time(
     arrivals.iter().map(|t| t.duration_since(first)).collect()
 }
 
-fn attribute<'a>(block: &'a str, key: &str) -> Option<&'a str> {
-    let at = block.find(&format!("{key}: "))? + key.len() + 2;
-    let rest = &block[at..];
-    let open = rest.find('(')?;
-    let close = rest.find(')')?;
-    Some(&rest[open + 1..close])
-}
-
 fn double(block: &str, key: &str) -> f64 {
-    attribute(block, key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in\n{block}"))
+    span_double(block, key).unwrap_or_else(|| panic!("no {key} in\n{block}"))
 }
 
 fn int(block: &str, key: &str) -> u64 {
-    attribute(block, key)
-        .and_then(|v| v.parse().ok())
+    span_int(block, key)
+        .and_then(|v| u64::try_from(v).ok())
         .unwrap_or_else(|| panic!("no {key} in\n{block}"))
 }
 
 fn nearest_rank(sorted: &[f64], p: usize) -> f64 {
     let rank = (sorted.len() * p).div_ceil(100).max(1);
     sorted[rank - 1]
-}
-
-fn server_span(collector: &Collector, trace_id: &str) -> String {
-    let find = |text: &str| {
-        span_blocks(text).into_iter().find(|b| {
-            span_field(b, "Trace ID") == Some(trace_id)
-                && span_field(b, "Kind") == Some("SPAN_KIND_SERVER")
-        })
-    };
-    let text = collector.wait_for("the server span", Duration::from_secs(60), |t| {
-        find(t).is_some()
-    });
-    find(&text).expect("server span")
 }
 
 #[test]
@@ -150,20 +127,9 @@ fn inter_token_gaps_match_a_streaming_client_and_a_long_prefill_shows_in_them() 
         "model": engine.model,
         "messages": [{"role": "user", "content": long_prompt}],
         "max_tokens": 1,
-    })
-    .to_string();
+    });
     let traceparent = format!("00-{trace_b}-00000000000000bb-01");
-    let b = http(
-        engine.port,
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("Content-Type", "application/json"),
-            ("traceparent", &traceparent),
-        ],
-        body.as_bytes(),
-    )
-    .expect("the long request");
+    let b = post_chat(engine.port, &body, Some(&traceparent)).expect("the long request");
     assert_eq!(b.status, 200, "{}", String::from_utf8_lossy(&b.body));
     let arrivals = streaming.join().expect("the streaming client");
     let b_prompt_tokens = b.json()["usage"]["prompt_tokens"]
@@ -290,16 +256,8 @@ fn one_step_per_token_of_a_lone_request_recorded_only_while_tracing_is_on() {
             "messages": [{"role": "user", "content": "Count from 1 to 100, separated by commas."}],
             "max_tokens": max_tokens,
             "temperature": 0,
-        })
-        .to_string();
-        let r = http(
-            engine.port,
-            "POST",
-            "/v1/chat/completions",
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-        .expect("a chat request");
+        });
+        let r = post_chat(engine.port, &body, None).expect("a chat request");
         assert_eq!(r.status, 200);
         r.json()
     };
@@ -366,20 +324,9 @@ fn an_engine_started_without_a_step_ring_serves_and_its_spans_have_no_gap_statis
         "model": engine.model,
         "messages": [{"role": "user", "content": "Count from 1 to 10."}],
         "max_tokens": 8,
-    })
-    .to_string();
+    });
     let traceparent = format!("00-{trace}-00000000000000cc-01");
-    let r = http(
-        engine.port,
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("Content-Type", "application/json"),
-            ("traceparent", &traceparent),
-        ],
-        body.as_bytes(),
-    )
-    .expect("a chat request");
+    let r = post_chat(engine.port, &body, Some(&traceparent)).expect("a chat request");
     assert_eq!(r.status, 200);
     let span = server_span(&collector, trace);
     assert!(!span.contains("ringside.inter_token"), "{span}");
