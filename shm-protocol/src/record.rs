@@ -427,9 +427,17 @@ impl RequestRecord {
     pub fn sampling_known(&self) -> bool {
         self.error_type != ErrorType::EngineCrashed
     }
-    /// Whether the request failed, was aborted or was rejected.
+    /// Whether the request failed, was aborted or was rejected: any of its
+    /// kind, error class, status or finish reason says so (an engine's
+    /// records agree on all four; a forged one is an error if any does).
     pub fn is_error(&self) -> bool {
-        self.error_type != ErrorType::None || self.http_status >= 400
+        self.kind == RecordKind::RequestRejected
+            || self.error_type != ErrorType::None
+            || self.http_status >= 400
+            || matches!(
+                self.finish_reason,
+                FinishReason::Abort | FinishReason::Error
+            )
     }
 }
 

@@ -13,9 +13,7 @@
 //! span was kept with goes out in its `tracestate` as `ot=th:…` for
 //! downstream samplers and span-to-metrics estimates.
 
-use ringside_shm_protocol::{
-    FinishReason, OT_VALUE_LIMIT, RecordKind, RequestRecord, TailSampling,
-};
+use ringside_shm_protocol::{OT_VALUE_LIMIT, RequestRecord, TailSampling};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -267,17 +265,6 @@ impl Sampler {
     }
 }
 
-/// Whether a request failed, was aborted or was rejected.
-pub fn is_error(record: &RequestRecord) -> bool {
-    record.kind == RecordKind::RequestRejected
-        || record.error_type.as_str().is_some()
-        || record.http_status >= 400
-        || matches!(
-            record.finish_reason,
-            FinishReason::Abort | FinishReason::Error
-        )
-}
-
 /// Time to first token and end-to-end latency of a request, in µs.
 pub fn latencies_us(record: &RequestRecord) -> (Option<u64>, u64) {
     let t = &record.timestamps;
@@ -381,7 +368,7 @@ impl TailSampler {
     /// before it).
     pub fn decide(&mut self, rules: &TailSampling, record: &RequestRecord) -> Option<TailKeep> {
         let (ttft, e2e) = latencies_us(record);
-        let decision = if rules.keep_errors && is_error(record) {
+        let decision = if rules.keep_errors && record.is_error() {
             Some(TailKeep::Error)
         } else if (rules.ttft_threshold_us > 0
             && ttft.is_some_and(|t| t >= rules.ttft_threshold_us))
@@ -411,6 +398,7 @@ impl TailSampler {
 mod tests {
     use super::*;
     use ringside_shm_protocol::OtState;
+    use ringside_shm_protocol::{FinishReason, RecordKind};
 
     /// A record with `trace_flags`, a caller's parent when `parent`, and the
     /// caller's `ot` values.
