@@ -173,10 +173,7 @@ impl EngineCapture {
                     let mut item = super::item(&handle, ctx, record, reason);
                     // The join again, without the metrics: the reader
                     // recorded this request's gaps when it read it.
-                    item.steps = steps
-                        .as_deref_mut()
-                        .and_then(|w| w.join(&record))
-                        .map(|(s, _)| s);
+                    item.steps = super::join(steps.as_deref_mut(), &record);
                     item
                 })
                 .collect();
@@ -197,7 +194,7 @@ impl EngineCapture {
             steps = captured.steps,
             steps_invalid = steps_read.invalid,
             steps_lost = steps_read.lost,
-            "capture: the window's sampled-out requests and its steps are exported"
+            "capture: the window's sampled-out requests and steps are exported"
         );
         captured
     }

@@ -29,6 +29,7 @@ use crate::export::Item;
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::sampling::SpanSampling;
 use crate::pipeline::spans::{self, SpanContext};
+use crate::pipeline::steps::{RequestSteps, StepWindow};
 use ringside_shm_protocol::{Detail, RequestRecord};
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,6 +155,13 @@ pub fn item(
     Item::new(Arc::clone(handle), Arc::clone(ctx), record, Detail::Phases)
         .with_sampling(sampling)
         .with_capture(reason)
+}
+
+/// The per-request step statistics of `record` from an engine's recent
+/// steps, as a normal export joins them (without the metrics: a capture
+/// records no gaps), or `None` when some of its steps are not there.
+pub fn join(steps: Option<&mut StepWindow>, record: &RequestRecord) -> Option<RequestSteps> {
+    steps?.join(record).map(|(steps, _gaps)| steps)
 }
 
 /// Encodes a captured request: the spans a normal export writes, each

@@ -16,7 +16,8 @@ use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::metrics::{ExportCounters, Metrics, unix_now_ns};
 use crate::pipeline::resource::{self, ResourceEnv};
 use crate::pipeline::spans::{AttributeSet, SpanContext};
-use ringside_shm_protocol::{AttachedSegment, PollError, monotonic_ns};
+use crate::pipeline::steps::StepWindow;
+use ringside_shm_protocol::{AttachedSegment, PollError, StartAt, monotonic_ns};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -145,6 +146,16 @@ async fn capture_engine(
         server_port: info.listen_port,
     });
     let mut reader = WindowReader::new(segment, window, None);
+    // The steps up to now, after the reader fixed its end: every record it
+    // reads has its steps in (the engine writes a step before the requests
+    // that ended in it), so each request is joined as a normal export is.
+    let mut steps = segment.steps().map(|ring| {
+        let mut steps = StepWindow::new(&ring, StartAt::Oldest);
+        if let Err(e) = steps.poll(&engine.stats, |_| {}) {
+            tracing::warn!(engine = %info.instance, error = %e, "cannot read the step ring; requests go without step statistics");
+        }
+        steps
+    });
     let mut not_delivered = 0;
     loop {
         let chunk = reader
@@ -154,11 +165,11 @@ async fn capture_engine(
                 source,
             })?;
         let Some(chunk) = chunk else { break };
-        queue.push_all(
-            chunk
-                .into_iter()
-                .map(|(_, record)| super::item(&handle, &ctx, record, CaptureReason::Manual)),
-        );
+        queue.push_all(chunk.into_iter().map(|(_, record)| {
+            let mut item = super::item(&handle, &ctx, record, CaptureReason::Manual);
+            item.steps = super::join(steps.as_mut(), &record);
+            item
+        }));
         let flush = exporter.flush(Instant::now() + CHUNK_DEADLINE).await;
         not_delivered += flush.failed + flush.left_in_queue;
     }
