@@ -16,7 +16,10 @@
 //!
 //! Both read the ring with a consumer of their own
 //! ([`window::WindowReader`]) that never commits a cursor: the daemon's
-//! cursor, and so its delivery guarantee, is untouched.
+//! cursor, and so its delivery guarantee, is untouched. Both also export
+//! the engine's steps of the window ([`steps`]: read likewise, queued in
+//! parts, sent by the exporter like batches), and join each captured
+//! request to the engine's recent steps ([`join`]).
 
 pub mod daemon;
 pub mod dropped;

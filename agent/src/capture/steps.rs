@@ -46,7 +46,7 @@ pub struct StepsRead {
 /// Reads the steps of a window from a segment's step ring, in chunks, with a
 /// consumer of its own started at the oldest step, never committing, up to
 /// the head as it was when it started (bounded work however fast the engine
-/// writes, and at most [`GIVE_UP`] of waiting for stalled records).
+/// writes, and at most 2 s of waiting for stalled records).
 pub struct StepReader {
     consumer: StepConsumer,
     end: u64,

@@ -2,7 +2,7 @@
 //! ([`encode_trace_request`], written by hand with `wire`
 //! straight from the records), then sent with retries and backoff until it
 //! is accepted, refused for good, or out of budget. A part of a capture's
-//! steps is sent the same way ([`BatchSender::send_steps`]).
+//! steps is sent the same way (`BatchSender::send_steps`).
 
 use super::queue::{Item, StepPart};
 use super::retry::{self, Jitter, Verdict};
