@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+use ringside_shm_protocol::StartAt;
 use ringside_tests::harness::{
     Agent, Collector, Engine, e2e_enabled, hex, http, records, span_blocks, span_field,
     wait_for_records, workspace_bin,
@@ -68,6 +69,8 @@ struct Sent {
     trace_id: String,
     span_id: String,
     valid: bool,
+    /// Output tokens (two or more: the span carries inter-token gaps).
+    tokens: u32,
 }
 
 fn sent(engine: &Engine, trace_id: &str, valid: bool) -> Sent {
@@ -84,6 +87,7 @@ fn sent(engine: &Engine, trace_id: &str, valid: bool) -> Sent {
                 trace_id: trace_id.to_owned(),
                 span_id: hex(&r.span_id),
                 valid,
+                tokens: r.completion_tokens,
             };
         }
         assert!(
@@ -133,6 +137,12 @@ fn assert_captured_once(collector: &Collector, request: &Sent, reason: &str) {
     assert_eq!(span_field(span, "Parent ID"), Some(PARENT));
     assert_eq!(span_field(span, "Kind"), Some("SPAN_KIND_SERVER"));
     assert!(span.contains(&reason_attribute(reason)), "{span}");
+    // Joined to the engine's steps like a normal export.
+    assert_eq!(
+        span.contains("ringside.inter_token.max: Double("),
+        request.valid && request.tokens >= 2,
+        "{request:?}: {span}"
+    );
     let children = children_of(collector, &request.span_id);
     let names: Vec<_> = children
         .iter()
@@ -206,8 +216,85 @@ fn capture_lines(agent: &Agent) -> usize {
     agent
         .log_text()
         .lines()
-        .filter(|l| l.contains("capture: the window's sampled-out requests are exported"))
+        .filter(|l| l.contains("capture: the window's sampled-out requests and steps are exported"))
         .count()
+}
+
+/// The step numbers the engine's step ring holds now (read with a consumer
+/// of the test's own, through the shm-protocol crate).
+fn ring_steps(engine: &Engine) -> Vec<u64> {
+    let segment = engine.segment();
+    let ring = segment.steps().expect("an ABI 1.4 engine has a step ring");
+    assert!(
+        ring.counters().head <= ring.capacity(),
+        "the ring still holds every step"
+    );
+    let mut consumer = ring.consumer(StartAt::Oldest);
+    let mut out = Vec::new();
+    consumer
+        .poll(usize::MAX, |_, record| {
+            out.push(record.decode().expect("engine wrote an invalid step").step);
+        })
+        .expect("poll the step ring");
+    out
+}
+
+/// An integer attribute of a printed span.
+fn int_attribute(block: &str, key: &str) -> Option<u64> {
+    let prefix = format!("{key}: Int(");
+    block.lines().find_map(|line| {
+        let rest = &line[line.find(&prefix)? + prefix.len()..];
+        rest[..rest.find(')')?].parse().ok()
+    })
+}
+
+/// Checks that the daemon's capture for `reason` delivered the engine's
+/// steps of its window: one `ringside.capture` root, in a trace of its own,
+/// with `ringside.capture.steps` = `expected.len()`, and one `engine_step`
+/// child per step of `expected` (the ring's step numbers), each once.
+fn assert_capture_steps(collector: &Collector, reason: &str, expected: &[u64]) {
+    assert!(!expected.is_empty(), "the engine recorded steps");
+    let marked = |b: &String| b.contains(&reason_attribute(reason));
+    let name_is = |b: &String, n: &str| span_field(b, "Name") == Some(n);
+    collector.wait_for("the capture's steps", Duration::from_secs(30), |text| {
+        let blocks = span_blocks(text);
+        blocks
+            .iter()
+            .any(|b| name_is(b, "ringside.capture") && marked(b))
+            && blocks
+                .iter()
+                .filter(|b| name_is(b, "engine_step") && marked(b))
+                .count()
+                >= expected.len()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let blocks = span_blocks(&collector.text());
+    let roots: Vec<&String> = blocks
+        .iter()
+        .filter(|b| name_is(b, "ringside.capture") && marked(b))
+        .collect();
+    assert_eq!(roots.len(), 1, "one capture root for {reason}");
+    let root = roots[0];
+    assert_eq!(
+        int_attribute(root, "ringside.capture.steps"),
+        Some(expected.len() as u64),
+        "{root}"
+    );
+    let root_id = span_field(root, "ID");
+    let trace = span_field(root, "Trace ID");
+    let mut numbers = Vec::new();
+    for step in blocks
+        .iter()
+        .filter(|b| name_is(b, "engine_step") && marked(b))
+    {
+        assert_eq!(span_field(step, "Parent ID"), root_id, "{step}");
+        assert_eq!(span_field(step, "Trace ID"), trace, "{step}");
+        numbers.push(int_attribute(step, "ringside.step.number").expect("step number"));
+    }
+    numbers.sort_unstable();
+    let mut expected = expected.to_vec();
+    expected.sort_unstable();
+    assert_eq!(numbers, expected, "every step of the window, once");
 }
 
 #[test]
@@ -414,6 +501,8 @@ fn killing_the_engine_captures_the_window_before_its_death() {
         .collect();
     wait_for_cursor(&engine, 3);
     assert!(!collector.text().contains("Span #"));
+    // Idle now: the steps the ring holds are those of the window.
+    let steps = ring_steps(&engine);
     engine.signal("KILL");
     for request in &requests {
         collector.wait_for_span(&request.span_id, Duration::from_secs(30));
@@ -422,6 +511,7 @@ fn killing_the_engine_captures_the_window_before_its_death() {
     for request in &requests {
         assert_captured_once(&collector, request, "engine_crashed");
     }
+    assert_capture_steps(&collector, "engine_crashed", &steps);
     assert_eq!(capture_lines(&daemon), 1, "{}", daemon.log_text());
 }
 
@@ -440,6 +530,8 @@ fn sigusr1_captures_the_window_once() {
         .collect();
     wait_for_cursor(&engine, 2);
     assert!(!collector.text().contains("Span #"));
+    // Idle now: the steps the ring holds are those of the window.
+    let steps = ring_steps(&engine);
     let status = Command::new("kill")
         .args(["-s", "USR1", &daemon.pid().to_string()])
         .status()
@@ -452,6 +544,8 @@ fn sigusr1_captures_the_window_once() {
     for request in &requests {
         assert_captured_once(&collector, request, "signal");
     }
+    assert_capture_steps(&collector, "signal", &steps);
+    assert_eq!(ring_steps(&engine), steps, "no step since");
     assert_eq!(capture_lines(&daemon), 1, "{}", daemon.log_text());
 }
 

@@ -2,16 +2,18 @@
 //! dropped and what its triggers watch as the reader decides each record
 //! ([`EngineCapture::decided`]), looks at the triggers now and then
 //! ([`EngineCapture::due`]), and on a trigger, a death or SIGUSR1 reads the
-//! window with a consumer of its own and hands the sampled-out records to
-//! the export queue ([`EngineCapture::capture`]).
+//! window with a consumer of its own and hands the sampled-out records, and
+//! the steps of the window, to the export queue ([`EngineCapture::capture`]).
 
 use super::dropped::DroppedTickets;
+use super::steps::{StepCapture, StepsRead};
 use super::trigger::{ErrorBurst, Trigger, TtftP99};
 use super::window::{Window, WindowReader};
 use super::{CaptureReason, CaptureSettings};
 use crate::export::ExportQueue;
 use crate::pipeline::accounting::EngineHandle;
 use crate::pipeline::spans::SpanContext;
+use crate::pipeline::steps::StepWindow;
 use ringside_shm_protocol::{AttachedSegment, RequestRecord};
 use std::sync::Arc;
 
@@ -39,6 +41,23 @@ pub struct Captured {
     /// Records of the window that sampling did not drop (the daemon
     /// exported them, or they came before it attached): not repeated.
     pub not_dropped: u64,
+    /// Steps of the window queued for export.
+    pub steps: u64,
+}
+
+/// What a capture reads: one attached engine.
+#[derive(Debug)]
+pub struct Source<'a> {
+    /// Its segment.
+    pub segment: &'a AttachedSegment,
+    /// Its handle (the steps' counters).
+    pub engine: &'a Arc<EngineHandle>,
+    /// How its records become spans.
+    pub ctx: &'a Arc<SpanContext>,
+    /// Its recent steps, joined to each captured request.
+    pub steps: Option<&'a mut StepWindow>,
+    /// The daemon's consumer's cursor: the records below it were decided.
+    pub decided_below: u64,
 }
 
 impl EngineCapture {
@@ -104,20 +123,26 @@ impl EngineCapture {
         Window::before(end_ns, self.settings.window)
     }
 
-    /// Captures `window` for `reason`: the records below `decided_below` (the daemon's consumer's cursor:
-    /// every one of those was exported, sampled out, invalid or lost) that
-    /// sampling dropped go to `queue`, marked, under a handle of their own.
-    #[allow(clippy::too_many_arguments)]
+    /// Captures `window` for `reason`: the records below
+    /// `source.decided_below` (the daemon's consumer's cursor: every one of
+    /// those was exported, sampled out, invalid or lost) that sampling
+    /// dropped go to `queue`, marked, under a handle of their own, each
+    /// joined to the engine's recent steps like a normal export; then the
+    /// steps the step ring still holds from the window, in parts.
     pub fn capture(
         &mut self,
-        segment: &AttachedSegment,
-        engine: &EngineHandle,
-        ctx: &Arc<SpanContext>,
-        decided_below: u64,
+        source: Source<'_>,
         reason: CaptureReason,
         window: Window,
         queue: &ExportQueue,
     ) -> Captured {
+        let Source {
+            segment,
+            engine,
+            ctx,
+            mut steps,
+            decided_below,
+        } = source;
         let oldest = segment
             .ring()
             .counters()
@@ -144,13 +169,20 @@ impl EngineCapture {
             let items: Vec<_> = chunk
                 .into_iter()
                 .filter(|(ticket, _)| dropped.contains(*ticket))
-                .map(|(_, record)| super::item(&handle, ctx, record, reason))
+                .map(|(_, record)| {
+                    let mut item = super::item(&handle, ctx, record, reason);
+                    // The join again, without the metrics: the reader
+                    // recorded this request's gaps when it read it.
+                    item.steps = super::join(steps.as_deref_mut(), &record);
+                    item
+                })
                 .collect();
             captured.requests += items.len() as u64;
             queue.push_all(items);
         }
         captured.not_dropped = in_window_kept - captured.requests;
         let totals = reader.totals();
+        let steps_read = capture_steps(segment, engine, reason, window, queue, &mut captured);
         tracing::warn!(
             engine = %engine.instance,
             reason = %reason,
@@ -159,8 +191,42 @@ impl EngineCapture {
             not_dropped = captured.not_dropped,
             invalid = totals.invalid,
             lost = totals.lost,
-            "capture: the window's sampled-out requests are exported"
+            steps = captured.steps,
+            steps_invalid = steps_read.invalid,
+            steps_lost = steps_read.lost,
+            "capture: the window's sampled-out requests and steps are exported"
         );
         captured
     }
+}
+
+/// Queues the steps of `window` the segment's step ring still holds, part
+/// by part (the queue bounds what waits); returns what reading them lost.
+fn capture_steps(
+    segment: &AttachedSegment,
+    engine: &Arc<EngineHandle>,
+    reason: CaptureReason,
+    window: Window,
+    queue: &ExportQueue,
+    captured: &mut Captured,
+) -> StepsRead {
+    let Some(mut capture) = StepCapture::new(segment, engine, reason, window) else {
+        return StepsRead::default();
+    };
+    loop {
+        match capture.next_part() {
+            Ok(Some(part)) => {
+                captured.steps += part.steps.len() as u64;
+                queue.push_steps(part);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // The parts queued so far go out; the root span with them
+                // only if the last part was reached.
+                tracing::warn!(engine = %engine.instance, error = %e, "capture: cannot read the step ring");
+                break;
+            }
+        }
+    }
+    capture.totals()
 }

@@ -16,7 +16,10 @@
 //!
 //! Both read the ring with a consumer of their own
 //! ([`window::WindowReader`]) that never commits a cursor: the daemon's
-//! cursor, and so its delivery guarantee, is untouched.
+//! cursor, and so its delivery guarantee, is untouched. Both also export
+//! the engine's steps of the window ([`steps`]: read likewise, queued in
+//! parts, sent by the exporter like batches), and join each captured
+//! request to the engine's recent steps ([`join`]).
 
 pub mod daemon;
 pub mod dropped;
@@ -29,6 +32,7 @@ use crate::export::Item;
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::sampling::SpanSampling;
 use crate::pipeline::spans::{self, SpanContext};
+use crate::pipeline::steps::{RequestSteps, StepWindow};
 use ringside_shm_protocol::{Detail, RequestRecord};
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,6 +158,13 @@ pub fn item(
     Item::new(Arc::clone(handle), Arc::clone(ctx), record, Detail::Phases)
         .with_sampling(sampling)
         .with_capture(reason)
+}
+
+/// The per-request step statistics of `record` from an engine's recent
+/// steps, as a normal export joins them (without the metrics: a capture
+/// records no gaps), or `None` when some of its steps are not there.
+pub fn join(steps: Option<&mut StepWindow>, record: &RequestRecord) -> Option<RequestSteps> {
+    steps?.join(record).map(|(steps, _gaps)| steps)
 }
 
 /// Encodes a captured request: the spans a normal export writes, each

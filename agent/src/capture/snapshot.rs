@@ -7,15 +7,17 @@
 //! a request the daemon exported too arrives twice, with the same trace and
 //! span ids, the copy told apart by `ringside.capture.reason`.
 
+use super::steps::StepCapture;
 use super::window::{Window, WindowReader};
 use super::{CaptureReason, capture_handle};
 use crate::control::control_block::{self, ControlError, EngineSelection};
-use crate::export::{Attempt, ExportQueue, ExportSetupError, ExportTarget, Exporter, Transport};
+use crate::export::{ExportQueue, ExportSetupError, ExportTarget, Exporter, Transport};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::metrics::{ExportCounters, Metrics, unix_now_ns};
 use crate::pipeline::resource::{self, ResourceEnv};
 use crate::pipeline::spans::{AttributeSet, SpanContext};
-use ringside_shm_protocol::{AttachedSegment, PollError, monotonic_ns};
+use crate::pipeline::steps::StepWindow;
+use ringside_shm_protocol::{AttachedSegment, PollError, StartAt, monotonic_ns};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -128,13 +130,13 @@ async fn capture_engine(
     exporter: &mut Exporter,
 ) -> Result<(u64, u64), SnapshotError> {
     let info = segment.info();
-    let engine = EngineHandle {
+    let engine = Arc::new(EngineHandle {
         id,
         instance: info.instance.clone(),
         pid: info.identity.pid,
         resource: resource_env.engine_resource(&info.instance, &info.identity),
         stats: EngineStats::default(),
-    };
+    });
     let handle = capture_handle(&engine);
     let ctx = Arc::new(SpanContext {
         clock: info.clock,
@@ -144,6 +146,16 @@ async fn capture_engine(
         server_port: info.listen_port,
     });
     let mut reader = WindowReader::new(segment, window, None);
+    // The steps up to now, after the reader fixed its end: every record it
+    // reads has its steps in (the engine writes a step before the requests
+    // that ended in it), so each request is joined as a normal export is.
+    let mut steps = segment.steps().map(|ring| {
+        let mut steps = StepWindow::new(&ring, StartAt::Oldest);
+        if let Err(e) = steps.poll(&engine.stats, |_| {}) {
+            tracing::warn!(engine = %info.instance, error = %e, "cannot read the step ring; requests go without step statistics");
+        }
+        steps
+    });
     let mut not_delivered = 0;
     loop {
         let chunk = reader
@@ -153,15 +165,15 @@ async fn capture_engine(
                 source,
             })?;
         let Some(chunk) = chunk else { break };
-        queue.push_all(
-            chunk
-                .into_iter()
-                .map(|(_, record)| super::item(&handle, &ctx, record, CaptureReason::Manual)),
-        );
+        queue.push_all(chunk.into_iter().map(|(_, record)| {
+            let mut item = super::item(&handle, &ctx, record, CaptureReason::Manual);
+            item.steps = super::join(steps.as_mut(), &record);
+            item
+        }));
         let flush = exporter.flush(Instant::now() + CHUNK_DEADLINE).await;
         not_delivered += flush.failed + flush.left_in_queue;
     }
-    not_delivered += export_steps(segment, &engine, window, exporter).await?;
+    not_delivered += export_steps(segment, &engine, window, queue, exporter).await?;
     let totals = reader.totals();
     let exported = handle.stats.exported.load(Ordering::Relaxed);
     eprintln!(
@@ -178,58 +190,38 @@ async fn capture_engine(
 }
 
 /// The engine's steps of the window (ABI 1.4), as one `ringside.capture`
-/// trace; returns 1 when it could not be exported.
+/// trace, part by part through the export queue (retried like a batch);
+/// returns 1 when some could not be exported.
 async fn export_steps(
     segment: &AttachedSegment,
-    engine: &EngineHandle,
+    engine: &Arc<EngineHandle>,
     window: Window,
-    exporter: &Exporter,
+    queue: &ExportQueue,
+    exporter: &mut Exporter,
 ) -> Result<u64, SnapshotError> {
-    let read = super::steps::read_steps(segment, window).map_err(|source| SnapshotError::Ring {
+    let ring_error = |source| SnapshotError::Ring {
         engine: engine.instance.clone(),
         source,
-    })?;
-    let Some(read) = read else {
+    };
+    let Some(mut capture) = StepCapture::new(segment, engine, CaptureReason::Manual, window) else {
         eprintln!(
             "{}: no step ring (an engine before ABI 1.4)",
             engine.instance
         );
         return Ok(0);
     };
-    let request = super::steps::encode(
-        &engine.resource,
-        &segment.info().clock,
-        CaptureReason::Manual,
-        window,
-        &read.steps,
-    );
-    let console_text = format!(
-        "capture {} of engine {} (pid {}): {} steps, trace {}\n",
-        CaptureReason::Manual,
-        engine.instance,
-        engine.pid,
-        read.steps.len(),
-        request.resource_spans[0].scope_spans[0].spans[0]
-            .trace_id
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
-    let body = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
-    match exporter.transport.send_traces(&body, &console_text).await {
-        Attempt::Accepted { .. } => {
-            eprintln!(
-                "{}: {} steps in the window exported ({} invalid, {} lost while reading)",
-                engine.instance,
-                read.steps.len(),
-                read.invalid,
-                read.lost
-            );
-            Ok(0)
-        }
-        Attempt::Failed { error, .. } => {
-            tracing::error!(engine = %engine.instance, %error, "capture: the steps could not be exported");
-            Ok(1)
-        }
+    while let Some(part) = capture.next_part().map_err(ring_error)? {
+        queue.push_steps(part);
+        exporter.flush(Instant::now() + CHUNK_DEADLINE).await;
     }
+    let read = capture.totals();
+    let stats = &engine.stats;
+    let exported = stats.capture_steps_exported.load(Ordering::Relaxed);
+    let not_exported = stats.capture_steps_failed.load(Ordering::Relaxed)
+        + stats.capture_steps_dropped.load(Ordering::Relaxed);
+    eprintln!(
+        "{}: {exported} steps in the window exported, {not_exported} not exported ({} invalid, {} lost while reading)",
+        engine.instance, read.invalid, read.lost
+    );
+    Ok(u64::from(not_exported > 0))
 }

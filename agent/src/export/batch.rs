@@ -1,9 +1,10 @@
 //! One batch: encoded once into an OTLP `ExportTraceServiceRequest`
 //! ([`encode_trace_request`], written by hand with `wire`
 //! straight from the records), then sent with retries and backoff until it
-//! is accepted, refused for good, or out of budget.
+//! is accepted, refused for good, or out of budget. A part of a capture's
+//! steps is sent the same way (`BatchSender::send_steps`).
 
-use super::queue::Item;
+use super::queue::{Item, StepPart};
 use super::retry::{self, Jitter, Verdict};
 use super::transport::{Attempt, Transport};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
@@ -69,23 +70,85 @@ pub(super) struct BatchSender {
 }
 
 impl BatchSender {
-    /// Sends one batch with retries; returns the number of requests whose
-    /// export failed (0 on success). Every request ends counted as exported
-    /// or failed.
+    /// Sends one batch of requests with retries; returns the number of
+    /// requests whose export failed (0 on success). Every request ends
+    /// counted as exported or failed.
     pub(super) async fn send(
-        mut self,
+        self,
         items: Vec<Item>,
-        mut deadline: Option<Instant>,
-        mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+        deadline: Option<Instant>,
+        stop: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> u64 {
         let console_text = if self.transport.is_console() {
             super::console::render(&items)
         } else {
             String::new()
         };
-        let total_spans: u64 = items.iter().map(|i| i.spans as u64).sum();
+        let spans: u64 = items.iter().map(|i| i.spans as u64).sum();
         // Encoded once; every attempt sends the same bytes.
         let body = Bytes::from(encode_trace_request(&items));
+        let what = Sent {
+            requests: items.len() as u64,
+            spans,
+        };
+        if self
+            .deliver(body, &console_text, what, deadline, stop)
+            .await
+        {
+            for item in &items {
+                EngineStats::add(&item.engine.stats.exported, 1);
+                EngineStats::add(&item.engine.stats.spans_exported, item.spans as u64);
+            }
+            0
+        } else {
+            for item in &items {
+                EngineStats::add(&item.engine.stats.export_failed, 1);
+            }
+            what.requests
+        }
+    }
+
+    /// Sends one part of a capture's steps with retries, like a batch; its
+    /// steps end counted exported or failed (per engine).
+    pub(super) async fn send_steps(
+        self,
+        part: StepPart,
+        deadline: Option<Instant>,
+        stop: Option<tokio::sync::watch::Receiver<bool>>,
+    ) {
+        let console_text = if self.transport.is_console() {
+            super::console::render_steps(&part)
+        } else {
+            String::new()
+        };
+        let body = Bytes::from(crate::capture::steps::encode_part(&part).encode_to_vec());
+        let what = Sent {
+            requests: 0,
+            spans: part.spans() as u64,
+        };
+        let stats = &part.engine.stats;
+        let steps = part.steps.len() as u64;
+        if self
+            .deliver(body, &console_text, what, deadline, stop)
+            .await
+        {
+            EngineStats::add(&stats.capture_steps_exported, steps);
+        } else {
+            tracing::error!(engine = %part.engine.instance, steps, reason = %part.reason, "capture: steps could not be exported");
+            EngineStats::add(&stats.capture_steps_failed, steps);
+        }
+    }
+
+    /// Sends one encoded export request until it is accepted (true),
+    /// refused for good, out of retry budget or past the deadline (false).
+    async fn deliver(
+        mut self,
+        body: Bytes,
+        console_text: &str,
+        what: Sent,
+        mut deadline: Option<Instant>,
+        mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> bool {
         let started = Instant::now();
         let mut attempt_no = 0u32;
         loop {
@@ -93,7 +156,7 @@ impl BatchSender {
                 // During the shutdown flush no attempt may outlast the deadline.
                 Some(dl) => match tokio::time::timeout(
                     dl.saturating_duration_since(Instant::now()),
-                    self.transport.send_traces(&body, &console_text),
+                    self.transport.send_traces(&body, console_text),
                 )
                 .await
                 {
@@ -103,7 +166,7 @@ impl BatchSender {
                         error: "the shutdown deadline passed during the export".to_owned(),
                     },
                 },
-                None => self.transport.send_traces(&body, &console_text).await,
+                None => self.transport.send_traces(&body, console_text).await,
             };
             let (verdict, error) = match attempt {
                 Attempt::Accepted { rejected, message } => {
@@ -113,11 +176,7 @@ impl BatchSender {
                             .fetch_add(u64::try_from(rejected).unwrap_or(0), Ordering::Relaxed);
                         tracing::warn!(rejected, %message, "collector rejected part of a batch (partial success, not retried)");
                     }
-                    for item in &items {
-                        EngineStats::add(&item.engine.stats.exported, 1);
-                        EngineStats::add(&item.engine.stats.spans_exported, item.spans as u64);
-                    }
-                    return 0;
+                    return true;
                 }
                 Attempt::Failed { verdict, error } => (verdict, error),
             };
@@ -138,12 +197,8 @@ impl BatchSender {
                     && deadline.is_none_or(|dl| Instant::now() + *d < dl)
             });
             let Some(delay) = delay else {
-                let n = items.len() as u64;
-                tracing::error!(%error, requests = n, spans = total_spans, "export failed; dropping the batch");
-                for item in &items {
-                    EngineStats::add(&item.engine.stats.export_failed, 1);
-                }
-                return n;
+                tracing::error!(%error, requests = what.requests, spans = what.spans, "export failed; dropping the batch");
+                return false;
             };
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
             if attempt_no == 0 {
@@ -167,4 +222,13 @@ impl BatchSender {
             }
         }
     }
+}
+
+/// What one export request carries, for the log.
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    /// Requests (0 for a capture's steps).
+    requests: u64,
+    /// Spans.
+    spans: u64,
 }

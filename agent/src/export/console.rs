@@ -9,7 +9,7 @@
 //!    └─ decode   1.000 s  +0.500
 //! ```
 
-use crate::export::queue::Item;
+use crate::export::queue::{Item, StepPart};
 use crate::export::retry::Verdict;
 use crate::export::transport::Attempt;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
@@ -133,6 +133,43 @@ pub fn render(items: &[Item]) -> String {
                 ),
             );
         }
+    }
+    out
+}
+
+/// Renders one part of a capture's steps: one line per step (its number,
+/// duration, decoding and prefilling slots, prompt tokens), and with the
+/// last part the capture's own line.
+pub fn render_steps(part: &StepPart) -> String {
+    let mut out = String::new();
+    for step in &part.steps {
+        let _ = writeln!(
+            out,
+            "capture {} trace {}  engine_step {}  {:.3} ms  decode {}  prefill {} ({} tok)  slots {}/{}  kv {}/{}{}",
+            part.reason,
+            hex(&part.ids.trace_id),
+            step.step,
+            secs(step.t_end_ns.saturating_sub(step.t_start_ns)) * 1e3,
+            step.decode_slots.len(),
+            step.prefill_slots.len(),
+            step.prefill_tokens,
+            step.slots_occupied,
+            step.slots_total,
+            step.kv_cells_used,
+            step.kv_cells_total,
+            if step.failed { "  FAILED" } else { "" },
+        );
+    }
+    if let Some(total) = part.root {
+        let _ = writeln!(
+            out,
+            "capture {} of engine {} (pid {}): {total} steps, trace {}  {:.3} s window",
+            part.reason,
+            part.engine.instance,
+            part.engine.pid,
+            hex(&part.ids.trace_id),
+            secs(part.window.to_ns.saturating_sub(part.window.from_ns)),
+        );
     }
     out
 }

@@ -4,7 +4,7 @@
 //! between batches, and at shutdown flushes within the deadline.
 
 use super::batch::BatchSender;
-use super::queue::{ExportQueue, Item};
+use super::queue::{ExportQueue, Item, StepPart};
 use super::retry::Jitter;
 use super::transport::{Attempt, Transport};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
@@ -43,13 +43,22 @@ pub struct Exporter {
     /// throughput at one batch per round trip to the collector.
     pub max_in_flight: usize,
     in_flight: tokio::task::JoinSet<u64>,
-    /// The engine of every request of each batch in flight, to count them
-    /// failed if the batch is cut off at the shutdown deadline.
-    in_flight_engines: HashMap<tokio::task::Id, Vec<Arc<EngineHandle>>>,
+    /// What each export request in flight carries, to count it failed if it
+    /// is cut off at the shutdown deadline.
+    in_flight_engines: HashMap<tokio::task::Id, InFlight>,
     /// Requests of batches that failed after the stop signal but ended
     /// before [`flush`](Self::flush) began: part of its report.
     failed_after_stop: u64,
     jitter: Jitter,
+}
+
+/// What one export request in flight carries.
+#[derive(Debug)]
+enum InFlight {
+    /// A batch: the engine of each of its requests.
+    Requests(Vec<Arc<EngineHandle>>),
+    /// A part of a capture's steps: its engine and its steps.
+    Steps(Arc<EngineHandle>, u64),
 }
 
 /// New export settings from a configuration reload (SIGHUP), applied
@@ -182,8 +191,16 @@ impl Exporter {
                     None => updates_open = false,
                 },
             }
-            // Full batches as soon as they are full, while there is room in
-            // flight; a partial one once the batch delay has passed.
+            // A capture's steps at once (captures are rare; each part is
+            // one request); then full batches as soon as they are full,
+            // while there is room in flight; a partial one once the batch
+            // delay has passed.
+            while self.in_flight.len() < self.in_flight_limit() {
+                let Some(part) = queue.take_steps() else {
+                    break;
+                };
+                self.start_steps(part, None, Some(stop.clone()));
+            }
             while self.in_flight.len() < self.in_flight_limit() {
                 let full = queue.spans() >= self.batch_size;
                 if !full && Instant::now() < last_partial + self.batch_delay {
@@ -207,14 +224,7 @@ impl Exporter {
         }
     }
 
-    /// Starts sending one batch in its own task.
-    fn start(
-        &mut self,
-        items: Vec<Item>,
-        deadline: Option<Instant>,
-        stop: Option<tokio::sync::watch::Receiver<bool>>,
-    ) {
-        let engines = items.iter().map(|i| Arc::clone(&i.engine)).collect();
+    fn sender(&mut self) -> BatchSender {
         let sender = BatchSender {
             transport: Arc::clone(&self.transport),
             counters: Arc::clone(&self.counters),
@@ -224,8 +234,37 @@ impl Exporter {
         };
         // Each batch its own jitter sequence.
         self.jitter.sample();
+        sender
+    }
+
+    /// Starts sending one batch in its own task.
+    fn start(
+        &mut self,
+        items: Vec<Item>,
+        deadline: Option<Instant>,
+        stop: Option<tokio::sync::watch::Receiver<bool>>,
+    ) {
+        let engines = items.iter().map(|i| Arc::clone(&i.engine)).collect();
+        let sender = self.sender();
         let task = self.in_flight.spawn(sender.send(items, deadline, stop));
-        self.in_flight_engines.insert(task.id(), engines);
+        self.in_flight_engines
+            .insert(task.id(), InFlight::Requests(engines));
+    }
+
+    /// Starts sending one part of a capture's steps in its own task.
+    fn start_steps(
+        &mut self,
+        part: StepPart,
+        deadline: Option<Instant>,
+        stop: Option<tokio::sync::watch::Receiver<bool>>,
+    ) {
+        let carried = InFlight::Steps(Arc::clone(&part.engine), part.steps.len() as u64);
+        let sender = self.sender();
+        let task = self.in_flight.spawn(async move {
+            sender.send_steps(part, deadline, stop).await;
+            0
+        });
+        self.in_flight_engines.insert(task.id(), carried);
     }
 
     /// Accounts for a finished batch task; returns its requests that failed.
@@ -236,19 +275,28 @@ impl Exporter {
                 failed
             }
             Err(e) => {
-                // Cut off at the shutdown deadline (or a bug): its requests
-                // were neither exported nor counted yet.
-                let engines = self.in_flight_engines.remove(&e.id()).unwrap_or_default();
+                // Cut off at the shutdown deadline (or a bug): what it
+                // carried was neither exported nor counted yet.
+                let carried = self.in_flight_engines.remove(&e.id());
                 if e.is_panic() {
                     tracing::error!(
-                        requests = engines.len(),
-                        "an export task panicked; its batch is counted failed"
+                        ?carried,
+                        "an export task panicked; what it carried is counted failed"
                     );
                 }
-                for engine in &engines {
-                    EngineStats::add(&engine.stats.export_failed, 1);
+                match carried {
+                    Some(InFlight::Requests(engines)) => {
+                        for engine in &engines {
+                            EngineStats::add(&engine.stats.export_failed, 1);
+                        }
+                        engines.len() as u64
+                    }
+                    Some(InFlight::Steps(engine, steps)) => {
+                        EngineStats::add(&engine.stats.capture_steps_failed, steps);
+                        0
+                    }
+                    None => 0,
                 }
-                engines.len() as u64
             }
         }
     }
@@ -264,6 +312,10 @@ impl Exporter {
         };
         loop {
             while self.in_flight.len() < self.in_flight_limit() && Instant::now() < deadline {
+                if let Some(part) = self.queue.take_steps() {
+                    self.start_steps(part, Some(deadline), None);
+                    continue;
+                }
                 let batch = self.queue.take(self.batch_size);
                 if batch.is_empty() {
                     break;
@@ -291,6 +343,18 @@ impl Exporter {
         report.left_in_queue = left.len() as u64;
         for item in &left {
             EngineStats::add(&item.engine.stats.export_failed, 1);
+        }
+        let mut steps_left = 0;
+        while let Some(part) = self.queue.take_steps() {
+            let n = part.steps.len() as u64;
+            EngineStats::add(&part.engine.stats.capture_steps_failed, n);
+            steps_left += n;
+        }
+        if steps_left > 0 {
+            tracing::warn!(
+                steps = steps_left,
+                "flush: captured steps still queued at the deadline are counted failed"
+            );
         }
         if Instant::now() < deadline {
             self.export_metrics(Some(deadline)).await;

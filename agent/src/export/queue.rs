@@ -15,8 +15,16 @@
 //! the oldest batch with a token still held ([`PollBatches::commit_point`]),
 //! so an agent killed with records read but not delivered leaves them to its
 //! successor. A SIGKILL runs no destructor: nothing undelivered is released.
+//!
+//! Incident captures also queue the engine's steps ([`StepPart`]s, one
+//! export request each), apart from the requests and within a cap of their
+//! own (a quarter of the memory cap): a capture never pushes requests out,
+//! and a part over the cap drops the oldest parts first, counting their
+//! steps per engine (`capture_steps_dropped`). Steps are not records of the
+//! ring's accounting and hold no delivery token.
 
 use crate::capture::CaptureReason;
+pub use crate::capture::steps::StepPart;
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::sampling::SpanSampling;
 use crate::pipeline::spans::{self, SpanContext};
@@ -182,14 +190,18 @@ struct State {
     items: VecDeque<Item>,
     bytes: usize,
     spans: usize,
+    step_parts: VecDeque<StepPart>,
+    step_bytes: usize,
 }
 
-/// A bounded FIFO of [`Item`]s with a memory cap.
+/// A bounded FIFO of [`Item`]s with a memory cap, and one of [`StepPart`]s
+/// with a cap of its own.
 #[derive(Debug)]
 pub struct ExportQueue {
     state: Mutex<State>,
     max_items: usize,
     max_bytes: usize,
+    max_step_bytes: usize,
     /// Requests dropped because the queue was full, in total.
     pub dropped: AtomicU64,
     /// Wakes the exporter when a batch is ready.
@@ -205,6 +217,7 @@ impl ExportQueue {
             state: Mutex::new(State::default()),
             max_items: max_items.max(1),
             max_bytes: max_bytes.max(1),
+            max_step_bytes: (max_bytes / 4).max(1),
             dropped: AtomicU64::new(0),
             ready: tokio::sync::Notify::new(),
             batch_spans: batch_spans.max(1),
@@ -280,6 +293,43 @@ impl ExportQueue {
             out.push(item);
         }
         out
+    }
+
+    /// Appends one part of a capture's steps, dropping the oldest parts
+    /// (their steps counted per engine) while the parts are over their cap
+    /// (a quarter of the memory cap; one part is always kept). Wakes the
+    /// exporter. Returns the steps dropped.
+    pub fn push_steps(&self, part: StepPart) -> u64 {
+        let mut dropped = 0;
+        {
+            let mut state = self.lock();
+            while state.step_bytes + part.bytes > self.max_step_bytes {
+                let Some(old) = state.step_parts.pop_front() else {
+                    break;
+                };
+                state.step_bytes -= old.bytes;
+                let n = old.steps.len() as u64;
+                EngineStats::add(&old.engine.stats.capture_steps_dropped, n);
+                dropped += n;
+            }
+            state.step_bytes += part.bytes;
+            state.step_parts.push_back(part);
+        }
+        self.ready.notify_one();
+        dropped
+    }
+
+    /// Takes the oldest part of a capture's steps.
+    pub fn take_steps(&self) -> Option<StepPart> {
+        let mut state = self.lock();
+        let part = state.step_parts.pop_front()?;
+        state.step_bytes -= part.bytes;
+        Some(part)
+    }
+
+    /// Parts of captures' steps queued.
+    pub fn step_parts(&self) -> usize {
+        self.lock().step_parts.len()
     }
 
     /// Requests queued.
@@ -385,6 +435,46 @@ mod tests {
         assert_eq!(q.take(100).len(), 2);
         assert!(q.take(100).is_empty());
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn captured_steps_are_bounded_apart_from_the_requests_and_dropped_oldest_part_first_counted() {
+        use crate::capture::steps::tests::part;
+        let a = engine("a");
+        let b = engine("b");
+        let one = part(&a, 100, None).bytes;
+        // Step parts may hold a quarter of the memory cap: 3 such parts.
+        let q = ExportQueue::new(1_000, one * 12 + 3, 100);
+        let requests: Vec<Item> = (0..5u8).map(|t| item(&a, 4, t)).collect();
+        q.push_all(requests);
+        for n in 0..5u64 {
+            let e = if n % 2 == 0 { &a } else { &b };
+            let mut p = part(e, 100, (n == 4).then_some(500));
+            p.first = n * 100 + 1;
+            let dropped = q.push_steps(p);
+            assert_eq!(dropped, if n >= 3 { 100 } else { 0 }, "push {n}");
+        }
+        assert_eq!(q.step_parts(), 3);
+        // The two oldest parts (a's, then b's) went, counted in steps per
+        // engine; no request was pushed out for them, none counted.
+        let (sa, sb) = (&a.stats, &b.stats);
+        assert_eq!(sa.capture_steps_dropped.load(Ordering::Relaxed), 100);
+        assert_eq!(sb.capture_steps_dropped.load(Ordering::Relaxed), 100);
+        assert_eq!(q.len(), 5);
+        assert_eq!(sa.snapshot().queue_dropped, 0);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 0);
+        let firsts: Vec<u64> = std::iter::from_fn(|| q.take_steps())
+            .map(|p| p.first)
+            .collect();
+        assert_eq!(firsts, [201, 301, 401]);
+        // Requests still there, and the step bytes all released.
+        assert_eq!(q.take(usize::MAX).len(), 5);
+        assert_eq!(q.lock().step_bytes, 0);
+        // A part larger than the cap on its own is still kept (alone).
+        q.push_steps(part(&a, 10_000, Some(10_000)));
+        q.push_steps(part(&a, 10_000, Some(10_000)));
+        assert_eq!(q.step_parts(), 1);
+        assert_eq!(sa.capture_steps_dropped.load(Ordering::Relaxed), 10_100);
     }
 
     /// `n` items of a poll batch whose first record is ticket `first`.

@@ -480,3 +480,120 @@ async fn an_endless_success_body_is_not_buffered_and_the_batch_counts_exported()
         "{out} bytes were sent"
     );
 }
+
+/// The request-record counters of `engine`: untouched by captured steps.
+fn record_counters(engine: &EngineHandle) -> (u64, u64, u64, u64) {
+    let s = engine.stats.snapshot();
+    (
+        s.exported,
+        s.spans_exported,
+        s.export_failed,
+        s.queue_dropped,
+    )
+}
+
+#[tokio::test]
+async fn a_captures_steps_are_retried_like_a_batch_and_counted_exported_apart_from_the_records() {
+    use crate::capture::steps::tests::{engine, part};
+    let (url, heads) = fake_collector(vec![(503, None)]).await;
+    let (mut exporter, queue) = http_exporter(&url, Duration::from_secs(10));
+    let e = engine("e");
+    queue.push_steps(part(&e, 300, None));
+    queue.push_steps(part(&e, 20, Some(320)));
+    let report = exporter
+        .flush(Instant::now() + Duration::from_secs(10))
+        .await;
+    assert_eq!(report, FlushReport::default());
+    let stats = &e.stats;
+    assert_eq!(stats.capture_steps_exported.load(Ordering::Relaxed), 320);
+    assert_eq!(stats.capture_steps_failed.load(Ordering::Relaxed), 0);
+    assert_eq!(record_counters(&e), (0, 0, 0, 0));
+    assert_eq!(exporter.counters.retries.load(Ordering::Relaxed), 1);
+    // Two parts, the first tried twice.
+    assert_eq!(heads.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn captured_steps_a_dead_collector_refuses_are_counted_failed_not_as_records() {
+    use crate::capture::steps::tests::{engine, part};
+    let target = ExportTarget::Otlp(OtlpSettings {
+        protocol: Protocol::HttpProtobuf,
+        traces_endpoint: "http://127.0.0.1:9/v1/traces".into(),
+        metrics_endpoint: "http://127.0.0.1:9/v1/metrics".into(),
+        headers: vec![],
+        compression: Compression::None,
+        timeout: Duration::from_millis(200),
+    });
+    let queue = Arc::new(ExportQueue::new(100, 1 << 20, 512));
+    let mut exporter = Exporter::new(
+        Transport::new(&target).unwrap(),
+        Arc::clone(&queue),
+        Arc::new(Mutex::new(Metrics::new(0))),
+        Arc::new(ExportCounters::default()),
+        512,
+        Duration::from_millis(10),
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    );
+    let e = engine("e");
+    queue.push_steps(part(&e, 7, Some(7)));
+    let report = exporter
+        .flush(Instant::now() + Duration::from_secs(5))
+        .await;
+    assert_eq!(report, FlushReport::default(), "no request was lost");
+    assert_eq!(e.stats.capture_steps_failed.load(Ordering::Relaxed), 7);
+    assert_eq!(e.stats.capture_steps_exported.load(Ordering::Relaxed), 0);
+    assert_eq!(record_counters(&e), (0, 0, 0, 0));
+}
+
+#[tokio::test]
+async fn captured_steps_in_flight_or_queued_at_the_flush_deadline_are_counted_failed() {
+    use crate::capture::steps::tests::{engine, part};
+    let (url, _) = slow_collector(None).await;
+    let (mut exporter, queue) = http_exporter(&url, Duration::from_secs(10));
+    exporter.max_in_flight = 1;
+    let e = engine("e");
+    queue.push_steps(part(&e, 30, None));
+    queue.push_steps(part(&e, 12, Some(42)));
+    let report = exporter
+        .flush(Instant::now() + Duration::from_millis(300))
+        .await;
+    assert_eq!(report, FlushReport::default());
+    // One part in flight, never answered: cut off; the other still queued.
+    assert_eq!(e.stats.capture_steps_failed.load(Ordering::Relaxed), 42);
+    assert_eq!(e.stats.capture_steps_exported.load(Ordering::Relaxed), 0);
+    assert_eq!(queue.step_parts(), 0);
+}
+
+#[test]
+fn the_metrics_carry_the_captured_steps_counters_per_engine() {
+    use crate::capture::steps::tests::engine;
+    let e = engine("e");
+    EngineStats::add(&e.stats.capture_steps_exported, 5);
+    EngineStats::add(&e.stats.capture_steps_failed, 2);
+    EngineStats::add(&e.stats.capture_steps_dropped, 3);
+    let mut metrics = Metrics::new(0);
+    metrics.attach(&e);
+    let request = metrics.to_request(1, 0, &ExportCounters::default());
+    let found = |name: &str| {
+        let metric = request.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        match &metric.data {
+            Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(s)) => {
+                match s.data_points[0].value {
+                    Some(
+                        opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(v),
+                    ) => v,
+                    ref other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(found("ringside.agent.capture.steps.exported"), 5);
+    assert_eq!(found("ringside.agent.capture.steps.failed"), 2);
+    assert_eq!(found("ringside.agent.capture.steps.dropped"), 3);
+}

@@ -51,6 +51,15 @@ pub struct EngineStats {
     /// Requests with two or more tokens whose steps were not all in the
     /// window: exported without inter-token statistics.
     pub steps_unjoined: AtomicU64,
+    /// Steps of incident captures (`engine_step` spans) the collector
+    /// accepted. Steps are not request records: outside the identity above.
+    pub capture_steps_exported: AtomicU64,
+    /// Steps of incident captures whose export failed for good (or that
+    /// were still queued or in flight at the shutdown deadline).
+    pub capture_steps_failed: AtomicU64,
+    /// Steps of incident captures the export queue dropped (oldest part
+    /// first) to stay within its cap for them.
+    pub capture_steps_dropped: AtomicU64,
 }
 
 impl EngineStats {

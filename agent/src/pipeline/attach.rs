@@ -23,7 +23,7 @@
 //!   agent runs: the oldest record the ring holds;
 //! * otherwise: the newest (only requests from now on).
 
-use crate::capture::daemon::EngineCapture;
+use crate::capture::daemon::{EngineCapture, Source};
 use crate::capture::{CaptureReason, CaptureSettings};
 use crate::export::queue::{ExportQueue, Item, PollBatches};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
@@ -649,17 +649,9 @@ impl Reader {
                 a.capture.due(now)
             };
             if let Some(reason) = reason {
-                let cursor = a.consumer.cursor();
                 let window = a.capture.window_before(now);
-                a.capture.capture(
-                    &a.segment,
-                    &a.handle,
-                    &a.ctx,
-                    cursor,
-                    reason,
-                    window,
-                    &self.queue,
-                );
+                let (capture, source) = capture_source(a);
+                capture.capture(source, reason, window, &self.queue);
             }
         }
     }
@@ -681,16 +673,8 @@ impl Reader {
             from_ns: a.capture.window_before(last_seen).from_ns,
             to_ns: now,
         };
-        let cursor = a.consumer.cursor();
-        a.capture.capture(
-            &a.segment,
-            &a.handle,
-            &a.ctx,
-            cursor,
-            CaptureReason::EngineCrashed,
-            window,
-            &self.queue,
-        );
+        let (capture, source) = capture_source(a);
+        capture.capture(source, CaptureReason::EngineCrashed, window, &self.queue);
     }
 
     /// Looks at every live engine's in-flight table: counts stalled requests
@@ -990,6 +974,18 @@ impl Reader {
         Self::commit_settled(a);
         Ok((report.delivered, report.stalled))
     }
+}
+
+/// What a capture of `a` reads (its capture state is borrowed apart).
+fn capture_source(a: &mut Attached) -> (&mut EngineCapture, Source<'_>) {
+    let source = Source {
+        segment: &a.segment,
+        engine: &a.handle,
+        ctx: &a.ctx,
+        steps: a.steps.as_mut(),
+        decided_below: a.consumer.cursor(),
+    };
+    (&mut a.capture, source)
 }
 
 /// Joins `record` to the engine's recent steps: its gaps go to the

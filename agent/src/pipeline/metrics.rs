@@ -777,6 +777,36 @@ fn health_metrics(engine: &EngineHandle, start: u64, now: u64) -> Vec<Metric> {
             now,
         ),
         sum(
+            "ringside.agent.capture.steps.exported",
+            "Steps of incident captures exported as engine_step spans.",
+            vec![(
+                vec![],
+                engine.stats.capture_steps_exported.load(Ordering::Relaxed),
+            )],
+            start,
+            now,
+        ),
+        sum(
+            "ringside.agent.capture.steps.failed",
+            "Steps of incident captures whose export failed (or was cut off at shutdown).",
+            vec![(
+                vec![],
+                engine.stats.capture_steps_failed.load(Ordering::Relaxed),
+            )],
+            start,
+            now,
+        ),
+        sum(
+            "ringside.agent.capture.steps.dropped",
+            "Steps of incident captures the export queue dropped to stay within its cap for them.",
+            vec![(
+                vec![],
+                engine.stats.capture_steps_dropped.load(Ordering::Relaxed),
+            )],
+            start,
+            now,
+        ),
+        sum(
             "ringside.agent.requests.unjoined",
             "Requests exported without inter-token statistics because some of their steps were not in the window.",
             vec![(vec![], engine.stats.steps_unjoined.load(Ordering::Relaxed))],
