@@ -23,13 +23,13 @@
 //! * [`daemon`]: `run`'s start-up, run loop and shutdown, the glue between
 //!   the configuration and everything below;
 //! * [`pipeline`]: attaching to engines and reading their rings, records to
-//!   spans, metrics, sampling, the resource, per-engine accounting;
+//!   spans, engine steps joined to requests, metrics, sampling, the resource,
+//!   per-engine accounting, and incident capture (the daemon's triggers on a
+//!   death, an error burst, a TTFT p99 breach or SIGUSR1);
 //! * [`export`]: the queue, batching, the OTLP gRPC and HTTP transports, the
 //!   console and file exporters, retry and backoff;
-//! * [`capture`]: incident capture: `snapshot`, and the daemon's captures
-//!   on a death, an error burst, a TTFT p99 breach or SIGUSR1;
 //! * [`control`]: the control plane: control-block writes, the operator
-//!   commands (`tracing`, `set`), `status` with the daemon's published
+//!   commands (`tracing`, `set`, `snapshot`), `status` with the daemon's published
 //!   state, `top`, `inflight`, the admin HTTP API with its Prometheus exposition;
 //! * [`key_values`]: the `k=v,k2=v2` lists of the `OTEL_*` variables;
 //! * [`duration`]: durations as operators write them (`500ms`, `10s`).
@@ -39,7 +39,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod capture;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -103,7 +102,7 @@ pub enum RunError {
     Operator(#[from] control::commands::OperatorError),
     /// `snapshot` failed.
     #[error(transparent)]
-    Snapshot(#[from] capture::snapshot::SnapshotError),
+    Snapshot(#[from] control::snapshot::SnapshotError),
 }
 
 impl RunError {
@@ -133,7 +132,7 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
         Command::Inflight(args) => Ok(inflight::run(&args.options())?),
         Command::Snapshot(args) => {
             let options = args.options(&|name| std::env::var(name).ok())?;
-            Ok(capture::snapshot::run(&options)?)
+            Ok(control::snapshot::run(&options)?)
         }
     }
 }

@@ -5,11 +5,11 @@
 use super::cli::{CaptureArgs, SnapshotArgs};
 use super::settings::{Env, resolve_target};
 use super::{ConfigError, invalid};
-use crate::capture::snapshot::SnapshotOptions;
-use crate::capture::{
+use crate::control::snapshot::SnapshotOptions;
+use crate::duration::parse_duration;
+use crate::pipeline::capture::{
     CaptureSettings, DEFAULT_COOLDOWN, DEFAULT_WINDOW, ErrorBurstSettings, TtftP99Settings,
 };
-use crate::duration::parse_duration;
 use std::time::Duration;
 
 /// Default `--capture-error-window` and `--capture-ttft-window`.

@@ -5,11 +5,11 @@
 use super::cli::{ExportArgs, ExporterKind, RunArgs};
 use super::otlp::resolve_otlp;
 use super::{ConfigError, invalid};
-use crate::capture::CaptureSettings;
 use crate::control::admin_api::AdminSettings;
 use crate::control::published_state;
 use crate::export::ExportTarget;
 use crate::pipeline::attach::ReaderSettings;
+use crate::pipeline::capture::CaptureSettings;
 use crate::pipeline::sampling::{Sampler, SamplerError};
 use crate::pipeline::spans::AttributeSet;
 use ringside_shm_protocol::Detail;

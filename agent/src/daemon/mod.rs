@@ -9,7 +9,7 @@
 //!    reader thread, the export task and the state-file publisher running;
 //!    systemd told `READY=1`. [`StartedApplication::run`] serves until
 //!    SIGTERM / SIGINT, applying SIGHUP reloads (`reload`) and asking the
-//!    reader for an incident capture on SIGUSR1 (`crate::capture`).
+//!    reader for an incident capture on SIGUSR1 (`crate::pipeline::capture`).
 //! 3. [`FinishedApplication::shutdown`]: the reader stopped and joined (its
 //!    final drain queued), the queue flushed within `--shutdown-timeout-ms`,
 //!    then the cursors committed past everything the flush settled

@@ -121,7 +121,7 @@ impl BatchSender {
         } else {
             String::new()
         };
-        let body = Bytes::from(crate::capture::steps::encode_part(&part).encode_to_vec());
+        let body = Bytes::from(crate::pipeline::capture::steps::encode_part(&part).encode_to_vec());
         let what = Sent {
             requests: 0,
             spans: part.spans() as u64,

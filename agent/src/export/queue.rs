@@ -23,9 +23,9 @@
 //! steps per engine (`capture_steps_dropped`). Steps are not records of the
 //! ring's accounting and hold no delivery token.
 
-use crate::capture::CaptureReason;
-pub use crate::capture::steps::StepPart;
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
+use crate::pipeline::capture::CaptureReason;
+pub use crate::pipeline::capture::steps::StepPart;
 use crate::pipeline::sampling::SpanSampling;
 use crate::pipeline::spans::{self, SpanContext};
 use crate::pipeline::stalls::Stall;
@@ -439,7 +439,7 @@ mod tests {
 
     #[test]
     fn captured_steps_are_bounded_apart_from_the_requests_and_dropped_oldest_part_first_counted() {
-        use crate::capture::steps::tests::part;
+        use crate::pipeline::capture::steps::tests::part;
         let a = engine("a");
         let b = engine("b");
         let one = part(&a, 100, None).bytes;

@@ -494,7 +494,7 @@ fn record_counters(engine: &EngineHandle) -> (u64, u64, u64, u64) {
 
 #[tokio::test]
 async fn a_captures_steps_are_retried_like_a_batch_and_counted_exported_apart_from_the_records() {
-    use crate::capture::steps::tests::{engine, part};
+    use crate::pipeline::capture::steps::tests::{engine, part};
     let (url, heads) = fake_collector(vec![(503, None)]).await;
     let (mut exporter, queue) = http_exporter(&url, Duration::from_secs(10));
     let e = engine("e");
@@ -515,7 +515,7 @@ async fn a_captures_steps_are_retried_like_a_batch_and_counted_exported_apart_fr
 
 #[tokio::test]
 async fn captured_steps_a_dead_collector_refuses_are_counted_failed_not_as_records() {
-    use crate::capture::steps::tests::{engine, part};
+    use crate::pipeline::capture::steps::tests::{engine, part};
     let target = ExportTarget::Otlp(OtlpSettings {
         protocol: Protocol::HttpProtobuf,
         traces_endpoint: "http://127.0.0.1:9/v1/traces".into(),
@@ -548,7 +548,7 @@ async fn captured_steps_a_dead_collector_refuses_are_counted_failed_not_as_recor
 
 #[tokio::test]
 async fn captured_steps_in_flight_or_queued_at_the_flush_deadline_are_counted_failed() {
-    use crate::capture::steps::tests::{engine, part};
+    use crate::pipeline::capture::steps::tests::{engine, part};
     let (url, _) = slow_collector(None).await;
     let (mut exporter, queue) = http_exporter(&url, Duration::from_secs(10));
     exporter.max_in_flight = 1;
@@ -567,7 +567,7 @@ async fn captured_steps_in_flight_or_queued_at_the_flush_deadline_are_counted_fa
 
 #[test]
 fn the_metrics_carry_the_captured_steps_counters_per_engine() {
-    use crate::capture::steps::tests::engine;
+    use crate::pipeline::capture::steps::tests::engine;
     let e = engine("e");
     EngineStats::add(&e.stats.capture_steps_exported, 5);
     EngineStats::add(&e.stats.capture_steps_failed, 2);

@@ -23,10 +23,10 @@
 //!   agent runs: the oldest record the ring holds;
 //! * otherwise: the newest (only requests from now on).
 
-use crate::capture::daemon::{EngineCapture, Source};
-use crate::capture::{CaptureReason, CaptureSettings};
 use crate::export::queue::{ExportQueue, Item, PollBatches};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
+use crate::pipeline::capture::daemon::{EngineCapture, Source};
+use crate::pipeline::capture::{CaptureReason, CaptureSettings};
 use crate::pipeline::crash::crash_record;
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::resource::ResourceEnv;
@@ -122,7 +122,7 @@ struct Attached {
     loss_log: Throttled<2>,
     /// Warnings of invalid records, likewise.
     invalid_log: Throttled<1>,
-    /// What sampling dropped and the capture triggers (crate::capture).
+    /// What sampling dropped and the capture triggers (crate::pipeline::capture).
     capture: EngineCapture,
 }
 
@@ -628,7 +628,7 @@ impl Reader {
     }
 
     /// Incident capture: on SIGUSR1 every attached engine; every
-    /// [`STALL_LOOK_INTERVAL`] each engine's triggers (see crate::capture).
+    /// [`STALL_LOOK_INTERVAL`] each engine's triggers (see crate::pipeline::capture).
     fn look_for_captures(&mut self) {
         let signal = self.capture_signal.swap(false, Ordering::Relaxed);
         let look = Instant::now() >= self.next_capture_look;
@@ -669,7 +669,7 @@ impl Reader {
         } else {
             heartbeat.min(now)
         };
-        let window = crate::capture::window::Window {
+        let window = crate::pipeline::capture::window::Window {
             from_ns: a.capture.window_before(last_seen).from_ns,
             to_ns: now,
         };

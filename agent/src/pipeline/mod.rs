@@ -1,12 +1,14 @@
 //! From the engines' rings to validated, sampled records on the export
 //! queue: [`attach`] (discovery and the reader thread), [`spans`] (record →
-//! spans), [`steps`] (engine steps joined to requests), [`metrics`],
+//! spans), [`steps`] (engine steps joined to requests), [`capture`]
+//! (incident capture: triggers, windows, step parts), [`metrics`],
 //! [`sampling`], [`resource`], per-engine
 //! [`accounting`] and [`throttle`]d warnings. Settings come in as plain values
 //! ([`attach::ReaderSettings`]).
 
 pub mod accounting;
 pub mod attach;
+pub mod capture;
 pub mod crash;
 pub mod metrics;
 pub mod resource;

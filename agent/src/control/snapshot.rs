@@ -7,12 +7,12 @@
 //! a request the daemon exported too arrives twice, with the same trace and
 //! span ids, the copy told apart by `ringside.capture.reason`.
 
-use super::steps::StepCapture;
-use super::window::{Window, WindowReader};
-use super::{CaptureReason, capture_handle};
 use crate::control::control_block::{self, ControlError, EngineSelection};
 use crate::export::{ExportQueue, ExportSetupError, ExportTarget, Exporter, Transport};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
+use crate::pipeline::capture::steps::StepCapture;
+use crate::pipeline::capture::window::{Window, WindowReader};
+use crate::pipeline::capture::{self, CaptureReason, capture_handle};
 use crate::pipeline::metrics::{ExportCounters, Metrics, unix_now_ns};
 use crate::pipeline::resource::{self, ResourceEnv};
 use crate::pipeline::spans::{AttributeSet, SpanContext};
@@ -166,8 +166,8 @@ async fn capture_engine(
             })?;
         let Some(chunk) = chunk else { break };
         queue.push_all(chunk.into_iter().map(|(_, record)| {
-            let mut item = super::item(&handle, &ctx, record, CaptureReason::Manual);
-            item.steps = super::join(steps.as_mut(), &record);
+            let mut item = capture::item(&handle, &ctx, record, CaptureReason::Manual);
+            item.steps = capture::join(steps.as_mut(), &record);
             item
         }));
         let flush = exporter.flush(Instant::now() + CHUNK_DEADLINE).await;

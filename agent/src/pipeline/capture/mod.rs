@@ -3,7 +3,7 @@
 //! said, each span marked `ringside.capture.reason`.
 //!
 //! Two readers use it:
-//! * `ringside-agent snapshot` ([`snapshot`]): a one-shot CLI. It cannot know
+//! * `ringside-agent snapshot` ([`crate::control::snapshot`]): a one-shot CLI. It cannot know
 //!   what a daemon exported, so it exports every record of the window, with
 //!   the span ids a normal export carries (derived from the record, see
 //!   [`crate::pipeline::spans`]): a copy of a span the daemon already
@@ -23,7 +23,6 @@
 
 pub mod daemon;
 pub mod dropped;
-pub mod snapshot;
 pub mod steps;
 pub mod trigger;
 pub mod window;
