@@ -487,14 +487,14 @@ fn an_error_burst_captures_only_what_sampling_dropped_and_fires_once_per_inciden
 }
 
 #[test]
-fn killing_the_engine_captures_the_window_before_its_death() {
-    if !e2e_enabled("killing_the_engine_captures_the_window_before_its_death") {
+fn killing_the_engine_captures_the_window_before_its_death_once() {
+    if !e2e_enabled("killing_the_engine_captures_the_window_before_its_death_once") {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let collector = Collector::start();
     let mut engine = Engine::start("crash-capture", &[]);
-    let daemon = daemon(&engine, &collector, &[]);
+    let first = daemon(&engine, &collector, &[]);
     agent_command(&["set", "--engine", &engine.instance, "--head-sample", "0"]);
     let requests: Vec<Sent> = (0..3)
         .map(|n| sent(&engine, &trace_id(n, true), true))
@@ -512,7 +512,17 @@ fn killing_the_engine_captures_the_window_before_its_death() {
         assert_captured_once(&collector, request, "engine_crashed");
     }
     assert_capture_steps(&collector, "engine_crashed", &steps);
-    assert_eq!(capture_lines(&daemon), 1, "{}", daemon.log_text());
+    assert_eq!(capture_lines(&first), 1, "{}", first.log_text());
+    // Once per death: an agent started while the dead engine's segment is
+    // still there finds it reported and captures nothing again.
+    drop(first);
+    let second = daemon(&engine, &collector, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(capture_lines(&second), 0, "{}", second.log_text());
+    for request in &requests {
+        assert_captured_once(&collector, request, "engine_crashed");
+    }
+    assert_capture_steps(&collector, "engine_crashed", &steps);
 }
 
 #[test]

@@ -509,8 +509,18 @@ impl Reader {
                 if let Ok(mut m) = self.metrics.lock() {
                     m.engine_died(&a.handle.instance);
                 }
+                // Captured once per death, like the crash spans: not by an
+                // agent that found the engine dead already, nor again for a
+                // generation an agent has reported.
+                let generation = a.segment.info().identity.generation;
+                let fresh = a.may_report_crash
+                    && a.inflight
+                        .as_ref()
+                        .is_none_or(|t| t.reported() != Some(generation));
                 self.report_crash(name, &mut a);
-                self.capture_death(&mut a);
+                if fresh {
+                    self.capture_death(&mut a);
+                }
             }
             if dead && !a.segment.replaced() {
                 self.finished

@@ -153,6 +153,8 @@ impl EngineCapture {
         let mut reader = WindowReader::new(segment, window, Some(decided_below));
         let mut captured = Captured::default();
         let dropped = &self.dropped;
+        // What this capture exports, not to be exported by the next one.
+        let mut taken = Vec::new();
         let mut in_window_kept = 0u64;
         loop {
             // Every record of the window is decoded (to count what the
@@ -169,7 +171,8 @@ impl EngineCapture {
             let items: Vec<_> = chunk
                 .into_iter()
                 .filter(|(ticket, _)| dropped.contains(*ticket))
-                .map(|(_, record)| {
+                .map(|(ticket, record)| {
+                    taken.push(ticket);
                     let mut item = super::item(&handle, ctx, record, reason);
                     // The join again, without the metrics: the reader
                     // recorded this request's gaps when it read it.
@@ -180,6 +183,7 @@ impl EngineCapture {
             captured.requests += items.len() as u64;
             queue.push_all(items);
         }
+        self.dropped.forget(&taken);
         captured.not_dropped = in_window_kept - captured.requests;
         let totals = reader.totals();
         let steps_read = capture_steps(segment, engine, reason, window, queue, &mut captured);
@@ -229,4 +233,60 @@ fn capture_steps(
         }
     }
     capture.totals()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test-only module: a failed unwrap is a failed test
+
+    use super::*;
+    use crate::pipeline::capture::steps::tests::engine;
+    use crate::pipeline::spans::AttributeSet;
+    use crate::pipeline::spans::tests::{ctx, raw_record};
+    use ringside_shm_protocol::{CreateOptions, EngineSegment, OpenOptions};
+
+    #[test]
+    fn a_second_capture_never_repeats_what_the_first_exported() {
+        let name = format!("capture-twice-{}", std::process::id());
+        let mut options = CreateOptions::new(name.clone(), vec!["m".to_owned()]);
+        options.capacity = 64;
+        options.step_capacity = 0;
+        let writer = EngineSegment::create(&options).unwrap();
+        let now = ringside_shm_protocol::monotonic_ns();
+        let mut records = Vec::new();
+        for n in 0..3 {
+            let mut record = raw_record(n).decode(1).unwrap();
+            let t = &mut record.timestamps;
+            let shift = now - t.finished_ns;
+            t.arrival_ns += shift;
+            t.scheduled_ns = t.scheduled_ns.map(|s| s + shift);
+            t.first_token_ns = t.first_token_ns.map(|s| s + shift);
+            t.last_token_ns = t.last_token_ns.map(|s| s + shift);
+            t.finished_ns = now;
+            let _ = writer.ring().producer().push(&record.encode());
+            records.push(record);
+        }
+        let segment = AttachedSegment::open(&name, &OpenOptions::default()).unwrap();
+        let settings = CaptureSettings::default();
+        let mut capture = EngineCapture::new(&settings, 64);
+        for (ticket, record) in records.iter().enumerate() {
+            capture.decided(ticket as u64, record, true);
+        }
+        let handle = engine("e");
+        let ctx = Arc::new(ctx(AttributeSet::Both));
+        let queue = ExportQueue::new(100, 1 << 20, 100);
+        let window = capture.window_before(now + 1);
+        let source = || Source {
+            segment: &segment,
+            engine: &handle,
+            ctx: &ctx,
+            steps: None,
+            decided_below: 3,
+        };
+        let first = capture.capture(source(), CaptureReason::ErrorBurst, window, &queue);
+        assert_eq!(first.requests, 3);
+        let second = capture.capture(source(), CaptureReason::Signal, window, &queue);
+        assert_eq!((second.requests, second.not_dropped), (0, 3));
+        assert_eq!(queue.len(), 3);
+    }
 }

@@ -1,6 +1,7 @@
 //! What the daemon's sampling dropped, exactly: the tickets of the records
-//! it sampled out that the ring may still hold. A daemon capture exports
-//! these and nothing else, so it never duplicates a span it exported.
+//! it sampled out that the ring may still hold and no capture exported yet.
+//! A daemon capture exports these and nothing else, then forgets them, so it
+//! never duplicates a span it (or an earlier capture) exported.
 //!
 //! Tickets are noted in the order the daemon's consumer reads them
 //! (increasing), and forgotten once the ring can no longer hold them (more
@@ -40,6 +41,13 @@ impl DroppedTickets {
     pub fn forget_below(&mut self, oldest: u64) {
         while self.tickets.front().is_some_and(|&t| t < oldest) {
             self.tickets.pop_front();
+        }
+    }
+
+    /// Forgets `captured` (increasing): an earlier capture exported them.
+    pub fn forget(&mut self, captured: &[u64]) {
+        if !captured.is_empty() {
+            self.tickets.retain(|t| captured.binary_search(t).is_err());
         }
     }
 
