@@ -70,6 +70,7 @@ fn main() {
             },
         ),
         stats: EngineStats::default(),
+        capture: Default::default(),
     });
     let ctx = Arc::new(SpanContext {
         clock: ClockPair {

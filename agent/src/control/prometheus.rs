@@ -217,6 +217,7 @@ mod tests {
             resource: crate::pipeline::resource::ResourceEnv::from_env(&|_| None, "h".into())
                 .engine_resource("eng\"1", &crate::pipeline::resource::tests::identity(1, 1)),
             stats: EngineStats::default(),
+            capture: Default::default(),
         });
         let mut m = Metrics::new(0);
         m.attach(&handle);

@@ -53,13 +53,17 @@ pub enum SnapshotError {
     /// The async runtime could not start.
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
-    /// Some requests could not be exported.
-    #[error("{failed} of {total} captured requests could not be exported (see the log)")]
+    /// Some requests, or some of the engines' steps, could not be exported.
+    #[error(
+        "{failed} of {total} captured requests and the steps of {steps_failed} engines could not be exported (see the log)"
+    )]
     NotDelivered {
-        /// Not exported.
+        /// Requests not exported.
         failed: u64,
-        /// Captured.
+        /// Requests captured.
         total: u64,
+        /// Engines whose steps were not all exported.
+        steps_failed: u64,
     },
 }
 
@@ -107,20 +111,26 @@ async fn snapshot(options: &SnapshotOptions) -> Result<(), SnapshotError> {
     // One "now" for every engine: the same window on all of them.
     let end_ns = monotonic_ns();
     let window = Window::before(end_ns, options.since);
-    let (mut total, mut failed) = (0u64, 0u64);
+    let (mut total, mut failed, mut steps_failed) = (0u64, 0u64, 0u64);
     for (id, segment) in (0u64..).zip(&opened.engines) {
-        let (captured, not_delivered) =
+        let (captured, not_delivered, steps_not_delivered) =
             capture_engine(id, segment, &resource_env, window, &queue, &mut exporter).await?;
         total += captured;
         failed += not_delivered;
+        steps_failed += steps_not_delivered;
     }
-    if failed > 0 {
-        return Err(SnapshotError::NotDelivered { failed, total });
+    if failed + steps_failed > 0 {
+        return Err(SnapshotError::NotDelivered {
+            failed,
+            total,
+            steps_failed,
+        });
     }
     Ok(())
 }
 
-/// Exports one engine's window; returns (captured, not delivered).
+/// Exports one engine's window; returns (requests captured, requests not
+/// delivered, 1 when its steps were not all delivered).
 async fn capture_engine(
     id: u64,
     segment: &AttachedSegment,
@@ -128,7 +138,7 @@ async fn capture_engine(
     window: Window,
     queue: &ExportQueue,
     exporter: &mut Exporter,
-) -> Result<(u64, u64), SnapshotError> {
+) -> Result<(u64, u64, u64), SnapshotError> {
     let info = segment.info();
     let engine = Arc::new(EngineHandle {
         id,
@@ -136,6 +146,7 @@ async fn capture_engine(
         pid: info.identity.pid,
         resource: resource_env.engine_resource(&info.instance, &info.identity),
         stats: EngineStats::default(),
+        capture: Default::default(),
     });
     let handle = capture_handle(&engine);
     let ctx = Arc::new(SpanContext {
@@ -173,7 +184,7 @@ async fn capture_engine(
         let flush = exporter.flush(Instant::now() + CHUNK_DEADLINE).await;
         not_delivered += flush.failed + flush.left_in_queue;
     }
-    not_delivered += export_steps(segment, &engine, window, queue, exporter).await?;
+    let steps_not_delivered = export_steps(segment, &engine, window, queue, exporter).await?;
     let totals = reader.totals();
     let exported = handle.stats.exported.load(Ordering::Relaxed);
     eprintln!(
@@ -186,7 +197,7 @@ async fn capture_engine(
         totals.invalid,
         totals.lost
     );
-    Ok((totals.kept, not_delivered))
+    Ok((totals.kept, not_delivered, steps_not_delivered))
 }
 
 /// The engine's steps of the window (ABI 1.4), as one `ringside.capture`

@@ -206,6 +206,7 @@ mod tests {
             pid: 42,
             resource: Resource::default(),
             stats: EngineStats::default(),
+            capture: Default::default(),
         });
         let text = render(&[Item::new(
             engine,

@@ -365,6 +365,7 @@ mod tests {
             pid: 1,
             resource: Resource::default(),
             stats: EngineStats::default(),
+            capture: Default::default(),
         })
     }
 

@@ -32,6 +32,7 @@ fn item(id: u64, seq: u64) -> Item {
             &crate::pipeline::resource::tests::identity(1, 1),
         ),
         stats: EngineStats::default(),
+        capture: Default::default(),
     });
     Item::new(
         engine,

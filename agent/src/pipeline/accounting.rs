@@ -44,8 +44,10 @@ pub struct EngineStats {
     pub stalled: AtomicU64,
     /// Step records read from the engine's step ring (ABI 1.4).
     pub steps_read: AtomicU64,
-    /// Step records overwritten or abandoned before they were read.
-    pub steps_lost: AtomicU64,
+    /// Step records overwritten before they were read.
+    pub steps_overwritten: AtomicU64,
+    /// Step tickets their producer never committed (it died mid-write).
+    pub steps_abandoned: AtomicU64,
     /// Step records that failed validation (skipped).
     pub steps_invalid: AtomicU64,
     /// Requests with two or more tokens whose steps were not all in the
@@ -150,4 +152,8 @@ pub struct EngineHandle {
     pub resource: Resource,
     /// Its counters.
     pub stats: EngineStats,
+    /// The handle its incident captures' requests are counted on (made at
+    /// the first capture): its counters are the captured requests', apart
+    /// from the engine's own accounting.
+    pub capture: std::sync::OnceLock<std::sync::Arc<EngineHandle>>,
 }

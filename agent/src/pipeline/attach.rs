@@ -408,6 +408,7 @@ impl Reader {
                 .resource_env
                 .engine_resource(&info.instance, &info.identity),
             stats: EngineStats::default(),
+            capture: Default::default(),
         });
         self.next_id += 1;
         EngineStats::add(&handle.stats.skipped_at_attach, consumer.cursor());

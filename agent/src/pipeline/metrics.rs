@@ -754,6 +754,24 @@ fn health_metrics(engine: &EngineHandle, start: u64, now: u64) -> Vec<Metric> {
             now,
         ),
         sum(
+            "ringside.agent.capture.requests",
+            "Requests incident captures handed on, by outcome (apart from the engine's own accounting).",
+            {
+                let c = engine
+                    .capture
+                    .get()
+                    .map(|h| h.stats.snapshot())
+                    .unwrap_or_default();
+                vec![
+                    (vec![kv_str("outcome", "exported")], c.exported),
+                    (vec![kv_str("outcome", "failed")], c.export_failed),
+                    (vec![kv_str("outcome", "dropped")], c.queue_dropped),
+                ]
+            },
+            start,
+            now,
+        ),
+        sum(
             "ringside.agent.steps.read",
             "Step records read from the engine's step ring.",
             vec![(vec![], engine.stats.steps_read.load(Ordering::Relaxed))],
@@ -766,7 +784,11 @@ fn health_metrics(engine: &EngineHandle, start: u64, now: u64) -> Vec<Metric> {
             vec![
                 (
                     cause("overwritten"),
-                    engine.stats.steps_lost.load(Ordering::Relaxed),
+                    engine.stats.steps_overwritten.load(Ordering::Relaxed),
+                ),
+                (
+                    cause("abandoned"),
+                    engine.stats.steps_abandoned.load(Ordering::Relaxed),
                 ),
                 (
                     cause("invalid"),
@@ -844,6 +866,7 @@ mod tests {
             pid: 1,
             resource: Resource::default(),
             stats: EngineStats::default(),
+            capture: Default::default(),
         })
     }
 

@@ -57,6 +57,8 @@ fn nearest_rank(sorted: &[u64], p: usize) -> u64 {
 #[derive(Debug)]
 pub struct StepWindow {
     consumer: StepConsumer,
+    /// Slots of the step ring: the most one poll reads.
+    capacity: u64,
     steps: VecDeque<Step>,
     /// Scratch: the gaps of the request being joined.
     gaps: Vec<u64>,
@@ -69,15 +71,18 @@ impl StepWindow {
     pub fn new(ring: &StepRing, start: StartAt) -> Self {
         Self {
             consumer: ring.consumer(start),
+            capacity: ring.capacity(),
             steps: VecDeque::with_capacity(1024),
             gaps: Vec::new(),
             last_error: None,
         }
     }
 
-    /// Reads every step the ring holds past the cursor into the window,
-    /// counting what was read, lost and invalid in `stats`, and hands each
-    /// valid step to `on_step` (the metrics). Returns the steps read.
+    /// Reads the steps the ring holds past the cursor into the window (at
+    /// most one ring's worth per call, so a writer that never stops cannot
+    /// hold the reader), counting what was read, lost and invalid in
+    /// `stats`, and hands each valid step to `on_step` (the metrics).
+    /// Returns the steps read.
     pub fn poll(
         &mut self,
         stats: &EngineStats,
@@ -85,42 +90,44 @@ impl StepWindow {
     ) -> Result<u64, PollError> {
         let mut read = 0;
         self.last_error = None;
-        loop {
+        let most = usize::try_from(self.capacity).unwrap_or(usize::MAX);
+        while read < self.capacity {
             let mut invalid = 0;
             let steps = &mut self.steps;
             let last_error = &mut self.last_error;
-            let report = self
-                .consumer
-                .poll(POLL_STEPS, |_, raw| match raw.decode() {
-                    Ok(step) => {
-                        // One inference thread writes them in order; a step out of
-                        // order would break the join's binary search: skip it.
-                        if steps.back().is_some_and(|b| b.t_start_ns > step.t_start_ns) {
-                            invalid += 1;
-                            return;
-                        }
-                        on_step(&step);
-                        if steps.len() == WINDOW_STEPS {
-                            steps.pop_front();
-                        }
-                        steps.push_back(step);
-                    }
-                    Err(e) => {
+            let batch = POLL_STEPS.min(most);
+            let report = self.consumer.poll(batch, |_, raw| match raw.decode() {
+                Ok(step) => {
+                    // One inference thread writes them in order. A step out of
+                    // order (a forged one, ahead of the real clock) would break
+                    // the join's binary search: the window starts again from
+                    // this step, so one forged step costs the joins of the
+                    // requests running then, not every later one.
+                    if steps.back().is_some_and(|b| b.t_start_ns > step.t_start_ns) {
                         invalid += 1;
-                        last_error.get_or_insert(e);
+                        steps.clear();
                     }
-                })?;
+                    on_step(&step);
+                    if steps.len() == WINDOW_STEPS {
+                        steps.pop_front();
+                    }
+                    steps.push_back(step);
+                }
+                Err(e) => {
+                    invalid += 1;
+                    last_error.get_or_insert(e);
+                }
+            })?;
             EngineStats::add(&stats.steps_read, report.delivered);
-            EngineStats::add(
-                &stats.steps_lost,
-                report.lost_overwritten + report.lost_abandoned,
-            );
+            EngineStats::add(&stats.steps_overwritten, report.lost_overwritten);
+            EngineStats::add(&stats.steps_abandoned, report.lost_abandoned);
             EngineStats::add(&stats.steps_invalid, invalid);
             read += report.delivered;
-            if report.delivered < POLL_STEPS as u64 {
-                return Ok(read);
+            if report.delivered < batch as u64 {
+                break;
             }
         }
+        Ok(read)
     }
 
     /// Steps held.
@@ -260,6 +267,36 @@ mod tests {
         no_slot.sequence_slot = None;
         assert!(w.join(&no_slot).is_none());
         assert!(w.join(&request(1, 105, 300, 3)).is_some());
+    }
+
+    #[test]
+    fn a_forged_step_ahead_of_the_clock_costs_the_window_once_not_every_later_join() {
+        let forged = step(9, u64::MAX / 2, &[1], &[]);
+        let w = &mut window(&[
+            step(1, 100, &[1], &[]),
+            forged,
+            step(2, 190, &[1], &[]),
+            step(3, 290, &[1], &[]),
+        ]);
+        // The real steps after the forged one are joined again.
+        assert_eq!(w.len(), 2);
+        assert!(w.join(&request(1, 105, 300, 3)).is_some());
+    }
+
+    #[test]
+    fn one_poll_reads_at_most_one_ring_of_steps() {
+        let ring = StepRing::on_heap(8).unwrap();
+        let producer = ring.producer();
+        let mut w = StepWindow::new(&ring, StartAt::Oldest);
+        for n in 1..=8 {
+            let _ = producer.push(&step(n, n * 100, &[0], &[]).encode());
+        }
+        let stats = EngineStats::default();
+        // The writer keeps writing while the reader reads: one ring at most.
+        let read = w.poll(&stats, |s| {
+            let _ = producer.push(&step(s.step + 8, (s.step + 8) * 100, &[0], &[]).encode());
+        });
+        assert_eq!(read.unwrap(), 8);
     }
 
     #[test]

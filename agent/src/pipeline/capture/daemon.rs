@@ -288,5 +288,15 @@ mod tests {
         let second = capture.capture(source(), CaptureReason::Signal, window, &queue);
         assert_eq!((second.requests, second.not_dropped), (0, 3));
         assert_eq!(queue.len(), 3);
+        // Counted on the engine's one capture handle, apart from its own
+        // accounting: what a full queue drops shows as a dropped capture.
+        let counted_on = handle.capture.get().expect("the capture handle");
+        assert!(
+            queue
+                .take(100)
+                .iter()
+                .all(|i| Arc::ptr_eq(&i.engine, counted_on))
+        );
+        assert_eq!(handle.stats.snapshot(), Default::default());
     }
 }

@@ -127,18 +127,23 @@ impl Default for CaptureSettings {
     }
 }
 
-/// A handle for the captured requests of `engine`: the same id and resource
-/// (its spans are grouped with the engine's), counters of its own, so that
-/// the engine's exact accounting (`read = exported + sampled out + …`)
-/// never counts a record twice.
+/// The handle for the captured requests of `engine` (one per engine, made
+/// at its first capture): the same id and resource (its spans are grouped
+/// with the engine's), counters of its own, so that the engine's exact
+/// accounting (`read = exported + sampled out + …`) never counts a record
+/// twice, and the captured requests' fate is counted too
+/// (`ringside.agent.capture.requests.*`).
 pub fn capture_handle(engine: &EngineHandle) -> Arc<EngineHandle> {
-    Arc::new(EngineHandle {
-        id: engine.id,
-        instance: engine.instance.clone(),
-        pid: engine.pid,
-        resource: engine.resource.clone(),
-        stats: EngineStats::default(),
-    })
+    Arc::clone(engine.capture.get_or_init(|| {
+        Arc::new(EngineHandle {
+            id: engine.id,
+            instance: engine.instance.clone(),
+            pid: engine.pid,
+            resource: engine.resource.clone(),
+            stats: EngineStats::default(),
+            capture: std::sync::OnceLock::new(),
+        })
+    }))
 }
 
 /// One captured request as an export item: phases detail, kept by rule
@@ -196,6 +201,7 @@ mod tests {
             pid: 1,
             resource: Default::default(),
             stats: EngineStats::default(),
+            capture: Default::default(),
         })
     }
 

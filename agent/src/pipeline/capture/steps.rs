@@ -46,7 +46,7 @@ pub struct StepsRead {
 /// Reads the steps of a window from a segment's step ring, in chunks, with a
 /// consumer of its own started at the oldest step, never committing, up to
 /// the head as it was when it started (bounded work however fast the engine
-/// writes, and at most 2 s of waiting for stalled records).
+/// writes; after 2 s without progress the rest is given up and counted lost).
 pub struct StepReader {
     consumer: StepConsumer,
     end: u64,
@@ -55,7 +55,7 @@ pub struct StepReader {
     read: StepsRead,
 }
 
-/// The longest a whole read may wait for records a producer left
+/// The longest a read waits without progress for records a producer left
 /// uncommitted (the inference thread's writes take nanoseconds).
 const GIVE_UP: Duration = Duration::from_secs(2);
 
@@ -96,7 +96,13 @@ impl StepReader {
     pub fn next_chunk(&mut self, max: usize) -> Result<Option<Vec<Step>>, PollError> {
         let mut out = Vec::new();
         let (end, window) = (self.end, self.window);
-        while out.len() < max && self.consumer.cursor() < end && Instant::now() < self.give_up {
+        while out.len() < max && self.consumer.cursor() < end {
+            if Instant::now() >= self.give_up {
+                // Stuck: what is left of the window is counted, not waited for.
+                self.read.lost += end - self.consumer.cursor();
+                self.end = self.consumer.cursor();
+                break;
+            }
             let mut invalid = 0;
             let want = (max - out.len()).min(1024);
             let report = self.consumer.poll(want, |ticket, record| {
@@ -113,6 +119,9 @@ impl StepReader {
             })?;
             self.read.invalid += invalid;
             self.read.lost += report.lost_overwritten + report.lost_abandoned;
+            if report.delivered + report.lost_overwritten + report.lost_abandoned > 0 {
+                self.give_up = Instant::now() + GIVE_UP;
+            }
             if report.stalled && report.delivered == 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -448,6 +457,7 @@ pub(crate) mod tests {
             pid: 1,
             resource: Resource::default(),
             stats: EngineStats::default(),
+            capture: Default::default(),
         })
     }
 
