@@ -30,7 +30,8 @@ clients=4
 engine="${CARGO_TARGET_DIR:-target}/release/ringside-engine"
 [[ -x $engine ]] || { echo "step-allocs.sh: build $engine first" >&2; exit 1; }
 libc="$(ldd "$engine" | awk '/libc\.so\.6/ {print $3}')"
-allocs=(malloc calloc realloc posix_memalign aligned_alloc memalign)
+# aligned_alloc is an alias of memalign in glibc: probing both would count twice.
+allocs=(malloc calloc realloc posix_memalign memalign)
 
 cleanup() {
     perf probe -q -d 'probe_libc:*' 2>/dev/null || true
@@ -42,7 +43,18 @@ trap cleanup EXIT
 for f in "${allocs[@]}"; do
     perf probe -q -x "$libc" --add "$f"
 done
-perf probe -q -x "$engine" --add 'decode=llama_decode'
+# llama.cpp has no debug information in the binary: the probe goes by file
+# offset (the symbol's address in the executable LOAD segment that holds it).
+decode_vaddr="$(nm "$engine" | awk '$3 == "llama_decode" {print $1}')"
+decode_offset=
+while read -r kind offset vaddr _ size _ flags; do
+    if [[ $kind == LOAD && $flags == *E* ]] &&
+        ((16#$decode_vaddr >= vaddr && 16#$decode_vaddr < vaddr + size)); then
+        decode_offset="$(printf '0x%x' $((16#$decode_vaddr - vaddr + offset)))"
+    fi
+done < <(readelf -lW "$engine" | grep LOAD)
+[[ -n $decode_offset ]] || { echo "step-allocs.sh: llama_decode not found in $engine" >&2; exit 1; }
+perf probe -q -x "$engine" --add "decode=$decode_offset"
 events="$(printf 'probe_libc:%s,' "${allocs[@]}")probe_ringside:decode"
 decode_event="probe_ringside:decode"
 
@@ -63,7 +75,7 @@ EOF
 }
 
 load() {
-    local port="$1" n="$2" c i
+    local port="$1" n="$2" c i pids=()
     for ((c = 0; c < clients; c++)); do
         (
             for ((i = 0; i < n; i++)); do
@@ -72,8 +84,10 @@ load() {
                     | grep -c '^data: {' || true
             done
         ) &
+        pids+=($!)
     done
-    wait
+    # Only the clients: the engine is a child of this shell too.
+    wait "${pids[@]}"
 }
 
 # run NAME [engine flags...]: prints one table row.
@@ -91,8 +105,7 @@ run() {
     local tid
     tid="$(grep -lx inference /proc/"$pid"/task/*/comm | head -1 | cut -d/ -f5)"
     [[ -n $tid ]] || { echo "no inference thread in $pid" >&2; exit 1; }
-    local seg
-    seg="$(grep -l "$instance" /dev/shm/* 2>/dev/null | head -1)"
+    local seg="/dev/shm/ringside.$instance"
     load "$port" 1 >/dev/null # warm-up
     local h0 h1 tokens
     h0="$(step_head "$seg")"
@@ -127,7 +140,7 @@ run() {
     }'
 }
 
-echo "| engine | output tokens | steps recorded | llama_decode calls | allocations (inference thread) | per token | per llama_decode | per step |"
+echo "| engine | streamed chunks (64 tokens + 1 end per request) | steps recorded | llama_decode calls | allocations (inference thread) | per token | per llama_decode | per step |"
 echo "|---|---|---|---|---|---|---|---|"
 run steps
 run nosteps --step-ring-capacity 0
