@@ -26,6 +26,8 @@
 //!   spans, metrics, sampling, the resource, per-engine accounting;
 //! * [`export`]: the queue, batching, the OTLP gRPC and HTTP transports, the
 //!   console and file exporters, retry and backoff;
+//! * [`capture`]: incident capture: `snapshot`, and the daemon's captures
+//!   on a death, an error burst, a TTFT p99 breach or SIGUSR1;
 //! * [`control`]: the control plane: control-block writes, the operator
 //!   commands (`tracing`, `set`), `status` with the daemon's published
 //!   state, `top`, `inflight`, the admin HTTP API with its Prometheus exposition;
@@ -37,6 +39,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -98,6 +101,9 @@ pub enum RunError {
     /// An operator command (`tracing`, `set`) failed.
     #[error(transparent)]
     Operator(#[from] control::commands::OperatorError),
+    /// `snapshot` failed.
+    #[error(transparent)]
+    Snapshot(#[from] capture::snapshot::SnapshotError),
 }
 
 impl RunError {
@@ -125,5 +131,9 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
         Command::Status(args) => Ok(status::run(&args.options())?),
         Command::Top(args) => Ok(top::run(&args.options())?),
         Command::Inflight(args) => Ok(inflight::run(&args.options())?),
+        Command::Snapshot(args) => {
+            let options = args.options(&|name| std::env::var(name).ok())?;
+            Ok(capture::snapshot::run(&options)?)
+        }
     }
 }

@@ -369,6 +369,11 @@ struct Engine<'m> {
     prefill_order: Vec<usize>,
     /// What the current step did, for its step record; reset at each step's start.
     current: shm::Step,
+    /// Requests that ended during the current step, recorded after its step record (so a
+    /// reader that has a request's record already has every step that carried it), each
+    /// with its in-flight entry, released right after its record is pushed. At most one per
+    /// slot per step: the capacity is `--parallel`, so pushing never allocates.
+    ended: Vec<(RequestOutcome, Option<Tracked>)>,
 }
 
 /// The token a group's idle sequence carries through a decode call; its KV is removed after.
@@ -440,6 +445,7 @@ impl<'m> Engine<'m> {
             outputs: Vec::with_capacity(config.parallel as usize),
             prefill_order: Vec::with_capacity(config.parallel as usize),
             current: shm::Step::default(),
+            ended: Vec::with_capacity(config.parallel as usize),
         }
     }
 
@@ -517,10 +523,24 @@ impl<'m> Engine<'m> {
             }
             if self.shared.abort.load(Ordering::Acquire) {
                 self.abort_all();
+                self.record_ended();
             }
             self.drop_abandoned();
             self.schedule();
             self.step();
+            self.record_ended();
+        }
+    }
+
+    /// Records the requests that ended since the last call, then releases their in-flight
+    /// entries (a record first: a crash in between leaves the request in the ring or in the
+    /// table, never in neither).
+    fn record_ended(&mut self) {
+        for (outcome, tracked) in self.ended.drain(..) {
+            self.telemetry.record(&outcome);
+            if let Some(tracked) = tracked {
+                tracked.release();
+            }
         }
     }
 
@@ -930,7 +950,7 @@ impl<'m> Engine<'m> {
     }
 
     /// Ends the request in slot `i`: flush text, tell the client, keep its prompt's KV (or
-    /// clear the stream), free the slot, record the outcome.
+    /// clear the stream), free the slot, and queue the outcome for [`Self::record_ended`].
     fn finish(&mut self, i: usize, reason: FinishReason, error: Option<String>) {
         let Some(mut slot) = self.slots[i].take() else {
             return;
@@ -1022,10 +1042,7 @@ impl<'m> Engine<'m> {
             running: slot.running_at_schedule,
             sequence_slot: u16::try_from(i).ok(),
         };
-        self.telemetry.record(&outcome);
-        if let Some(tracked) = slot.job.inflight.take() {
-            tracked.release();
-        }
+        self.ended.push((outcome, slot.job.inflight.take()));
         self.shared
             .metrics
             .count_request(slot.job.operation, status);

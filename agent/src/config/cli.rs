@@ -42,6 +42,10 @@ pub enum Command {
     /// The requests each engine holds now (queued, prefill, decode), from
     /// its in-flight table; works while the engine is stopped, hung or dead.
     Inflight(InflightArgs),
+    /// Export every request record the engines' rings still hold from the
+    /// last DURATION, at full detail and whatever the sampling, each span
+    /// marked `ringside.capture.reason=manual` (incident capture).
+    Snapshot(SnapshotArgs),
 }
 
 /// Flags of `ringside-agent inflight`.
@@ -212,6 +216,39 @@ pub enum ExporterKind {
     File,
 }
 
+/// Where spans go: the exporter and its OTLP settings, shared by `run` and
+/// `snapshot`. Every OTLP flag overrides its `OTEL_*` variable.
+#[derive(Debug, Args, Default, Clone)]
+pub struct ExportArgs {
+    /// Exporter.
+    #[arg(long, value_enum, default_value_t = ExporterKind::Otlp)]
+    pub exporter: ExporterKind,
+    /// Output file of the `file` exporter.
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// OTLP base endpoint (OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// OTLP traces endpoint, used as given (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    pub traces_endpoint: Option<String>,
+    /// OTLP metrics endpoint, used as given (OTEL_EXPORTER_OTLP_METRICS_ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    pub metrics_endpoint: Option<String>,
+    /// grpc, http/protobuf or http/json (OTEL_EXPORTER_OTLP_PROTOCOL).
+    #[arg(long, value_name = "PROTOCOL")]
+    pub protocol: Option<String>,
+    /// Extra export header `key=value` (repeatable; OTEL_EXPORTER_OTLP_HEADERS).
+    #[arg(long = "header", value_name = "KEY=VALUE")]
+    pub headers: Vec<String>,
+    /// gzip or none (OTEL_EXPORTER_OTLP_COMPRESSION).
+    #[arg(long, value_name = "gzip|none")]
+    pub compression: Option<String>,
+    /// Export timeout in milliseconds (OTEL_EXPORTER_OTLP_TIMEOUT).
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+}
+
 /// Flags of `ringside-agent run`. Every OTLP flag overrides its `OTEL_*`
 /// variable.
 #[derive(Debug, Args, Default, Clone)]
@@ -241,33 +278,9 @@ pub struct RunArgs {
     /// Span attribute set.
     #[arg(long, value_enum, default_value_t = AttributeSetArg::Both)]
     pub attributes: AttributeSetArg,
-    /// Exporter.
-    #[arg(long, value_enum, default_value_t = ExporterKind::Otlp)]
-    pub exporter: ExporterKind,
-    /// Output file of the `file` exporter.
-    #[arg(long, value_name = "PATH")]
-    pub output: Option<PathBuf>,
-    /// OTLP base endpoint (OTEL_EXPORTER_OTLP_ENDPOINT).
-    #[arg(long, value_name = "URL")]
-    pub endpoint: Option<String>,
-    /// OTLP traces endpoint, used as given (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT).
-    #[arg(long, value_name = "URL")]
-    pub traces_endpoint: Option<String>,
-    /// OTLP metrics endpoint, used as given (OTEL_EXPORTER_OTLP_METRICS_ENDPOINT).
-    #[arg(long, value_name = "URL")]
-    pub metrics_endpoint: Option<String>,
-    /// grpc, http/protobuf or http/json (OTEL_EXPORTER_OTLP_PROTOCOL).
-    #[arg(long, value_name = "PROTOCOL")]
-    pub protocol: Option<String>,
-    /// Extra export header `key=value` (repeatable; OTEL_EXPORTER_OTLP_HEADERS).
-    #[arg(long = "header", value_name = "KEY=VALUE")]
-    pub headers: Vec<String>,
-    /// gzip or none (OTEL_EXPORTER_OTLP_COMPRESSION).
-    #[arg(long, value_name = "gzip|none")]
-    pub compression: Option<String>,
-    /// Export timeout in milliseconds (OTEL_EXPORTER_OTLP_TIMEOUT).
-    #[arg(long, value_name = "MS")]
-    pub timeout_ms: Option<u64>,
+    /// The exporter and its OTLP settings.
+    #[command(flatten)]
+    pub export: ExportArgs,
     /// Spans per export request.
     #[arg(long, default_value_t = 512, value_name = "SPANS")]
     pub batch_size: usize,
@@ -342,6 +355,61 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_name = "DURATION",
           value_parser = crate::duration::parse_duration)]
     pub stall_after: std::time::Duration,
+    /// Incident capture.
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+}
+
+/// Flags of the daemon's incident capture (`run`): each over its
+/// `RINGSIDE_CAPTURE_*` variable. Values are text so that the flag, the
+/// config file and the variable are read (and refused) alike.
+#[derive(Debug, Args, Default, Clone)]
+pub struct CaptureArgs {
+    /// How far back a capture reaches, e.g. 5m (RINGSIDE_CAPTURE_WINDOW;
+    /// default 5m). The ring must hold that long to give it all.
+    #[arg(long, value_name = "DURATION")]
+    pub capture_window: Option<String>,
+    /// A trigger fires again only after its condition stayed cleared this
+    /// long (RINGSIDE_CAPTURE_COOLDOWN; default 5m).
+    #[arg(long, value_name = "DURATION")]
+    pub capture_cooldown: Option<String>,
+    /// Capture the window before an engine's death: on or off
+    /// (RINGSIDE_CAPTURE_ON_CRASH; default on).
+    #[arg(long, value_name = "on|off")]
+    pub capture_on_crash: Option<String>,
+    /// Capture when this many error requests (failed, rejected, invalid)
+    /// end within --capture-error-window, or off (RINGSIDE_CAPTURE_ERROR_BURST;
+    /// default off).
+    #[arg(long, value_name = "N|off")]
+    pub capture_error_burst: Option<String>,
+    /// The error burst's window (RINGSIDE_CAPTURE_ERROR_WINDOW; default 1m).
+    #[arg(long, value_name = "DURATION")]
+    pub capture_error_window: Option<String>,
+    /// Capture when the p99 time to first token over --capture-ttft-window
+    /// goes above this, or off (RINGSIDE_CAPTURE_TTFT_P99; default off).
+    #[arg(long, value_name = "DURATION|off")]
+    pub capture_ttft_p99: Option<String>,
+    /// The TTFT p99's window (RINGSIDE_CAPTURE_TTFT_WINDOW; default 1m).
+    #[arg(long, value_name = "DURATION")]
+    pub capture_ttft_window: Option<String>,
+    /// Fewer requests with a first token in the window never fire the TTFT
+    /// trigger (RINGSIDE_CAPTURE_TTFT_MIN_REQUESTS; default 20).
+    #[arg(long, value_name = "N")]
+    pub capture_ttft_min_requests: Option<String>,
+}
+
+/// Flags of `ringside-agent snapshot`.
+#[derive(Debug, Args, Clone)]
+pub struct SnapshotArgs {
+    /// Which engines.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// The window: requests that ended this long ago or later (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_duration)]
+    pub since: std::time::Duration,
+    /// The exporter and its OTLP settings.
+    #[command(flatten)]
+    pub export: ExportArgs,
 }
 
 impl From<AttributeSetArg> for AttributeSet {

@@ -11,6 +11,7 @@
 //! [`AdminSettings`](crate::control::admin_api::AdminSettings), …): this
 //! module depends on them, never the reverse.
 
+pub mod capture;
 pub mod cli;
 pub mod env_file;
 pub mod file;
@@ -21,8 +22,9 @@ mod tests;
 pub mod trust;
 
 pub use cli::{
-    AttributeSetArg, Cli, Command, DetailArg, ExporterKind, RunArgs, SelectionArgs, SetArgs,
-    ShowArgs, StatusArgs, TopArgs, TracingAction, TracingArgs,
+    AttributeSetArg, CaptureArgs, Cli, Command, DetailArg, ExportArgs, ExporterKind, RunArgs,
+    SelectionArgs, SetArgs, ShowArgs, SnapshotArgs, StatusArgs, TopArgs, TracingAction,
+    TracingArgs,
 };
 pub use env_file::EnvFile;
 pub use file::{ParseError, config_file_args, parse_command_line};

@@ -4,7 +4,7 @@
 //! signal-specific variable (`OTEL_EXPORTER_OTLP_TRACES_*`) over the general
 //! one.
 
-use super::cli::RunArgs;
+use super::cli::ExportArgs;
 use super::settings::Env;
 use super::{ConfigError, invalid};
 use crate::export::{Compression, OtlpSettings, Protocol};
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 /// Resolves every OTLP setting, in this order: protocol, endpoints,
 /// headers, compression, timeout.
-pub(super) fn resolve_otlp(args: &RunArgs, env: &Env<'_>) -> Result<OtlpSettings, ConfigError> {
+pub(super) fn resolve_otlp(args: &ExportArgs, env: &Env<'_>) -> Result<OtlpSettings, ConfigError> {
     let protocol = resolve_protocol(args, env)?;
     let (traces_endpoint, metrics_endpoint) = resolve_endpoints(args, env, protocol)?;
     let headers = resolve_headers(args, env)?;
@@ -43,7 +43,7 @@ fn pick(
 
 /// `--protocol` over `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` over
 /// `OTEL_EXPORTER_OTLP_PROTOCOL`; default gRPC.
-fn resolve_protocol(args: &RunArgs, env: &Env<'_>) -> Result<Protocol, ConfigError> {
+fn resolve_protocol(args: &ExportArgs, env: &Env<'_>) -> Result<Protocol, ConfigError> {
     match pick(
         env,
         &args.protocol,
@@ -72,7 +72,7 @@ fn parse_protocol(value: &str) -> Option<Protocol> {
 /// base (`--endpoint` / `OTEL_EXPORTER_OTLP_ENDPOINT`, default localhost
 /// 4317 for gRPC, 4318 for HTTP), with `/v1/{signal}` appended over HTTP.
 fn resolve_endpoints(
-    args: &RunArgs,
+    args: &ExportArgs,
     env: &Env<'_>,
     protocol: Protocol,
 ) -> Result<(String, String), ConfigError> {
@@ -124,7 +124,7 @@ fn resolve_endpoints(
 /// `OTEL_EXPORTER_OTLP_HEADERS`, then `OTEL_EXPORTER_OTLP_TRACES_HEADERS`,
 /// then each `--header`: a later one replaces a same-named (ignoring case)
 /// earlier one. Values are percent-decoded; each must be a valid HTTP header.
-fn resolve_headers(args: &RunArgs, env: &Env<'_>) -> Result<Vec<(String, String)>, ConfigError> {
+fn resolve_headers(args: &ExportArgs, env: &Env<'_>) -> Result<Vec<(String, String)>, ConfigError> {
     let mut headers: Vec<(String, String)> = Vec::new();
     // General headers first; the traces-specific ones replace same-named ones.
     for var in [
@@ -171,7 +171,7 @@ fn resolve_headers(args: &RunArgs, env: &Env<'_>) -> Result<Vec<(String, String)
 
 /// `--compression` over `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION` over
 /// `OTEL_EXPORTER_OTLP_COMPRESSION`: `gzip` or `none` (the default).
-fn resolve_compression(args: &RunArgs, env: &Env<'_>) -> Result<Compression, ConfigError> {
+fn resolve_compression(args: &ExportArgs, env: &Env<'_>) -> Result<Compression, ConfigError> {
     match pick(
         env,
         &args.compression,
@@ -192,7 +192,7 @@ fn resolve_compression(args: &RunArgs, env: &Env<'_>) -> Result<Compression, Con
 
 /// `--timeout-ms` over `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` over
 /// `OTEL_EXPORTER_OTLP_TIMEOUT`, in milliseconds (default 10 s, at least 1).
-fn resolve_timeout(args: &RunArgs, env: &Env<'_>) -> Result<Duration, ConfigError> {
+fn resolve_timeout(args: &ExportArgs, env: &Env<'_>) -> Result<Duration, ConfigError> {
     let timeout_var = [
         "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
         "OTEL_EXPORTER_OTLP_TIMEOUT",

@@ -2,9 +2,10 @@
 //! environment, one `resolve_*` function per setting; the OTLP exporter's
 //! settings are resolved in [`super::otlp`].
 
-use super::cli::{ExporterKind, RunArgs};
+use super::cli::{ExportArgs, ExporterKind, RunArgs};
 use super::otlp::resolve_otlp;
 use super::{ConfigError, invalid};
+use crate::capture::CaptureSettings;
 use crate::control::admin_api::AdminSettings;
 use crate::control::published_state;
 use crate::export::ExportTarget;
@@ -72,6 +73,8 @@ pub struct Settings {
     pub state_file_default: bool,
     /// The admin API, if on.
     pub admin: Option<AdminSettings>,
+    /// Incident capture.
+    pub capture: CaptureSettings,
 }
 
 impl Settings {
@@ -82,12 +85,13 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         resolve_engines(&args.engines)?;
-        let target = resolve_target(args, &env)?;
+        let target = resolve_target(&args.export, &env)?;
         check_limits(args)?;
         let metrics_interval = resolve_metrics_interval(args.metrics_interval_ms, &env)?;
         let export_metrics = resolve_metrics_exporter(args.metrics_exporter.as_deref(), &env)?;
         let sampler = resolve_sampler(args, &env)?;
         let admin = resolve_admin(args, &env)?;
+        let capture = super::capture::resolve_capture(&args.capture, &env)?;
         Ok(Self {
             engines: args.engines.clone(),
             backfill: args.backfill,
@@ -113,6 +117,7 @@ impl Settings {
             state_file: resolve_state_file(args.state_file.as_ref(), &env),
             state_file_default: args.state_file.is_none(),
             admin,
+            capture,
         })
     }
 
@@ -130,6 +135,7 @@ impl Settings {
             tail_above_p99: self.tail_above_p99,
             tail_window: self.tail_window,
             stall_after: self.stall_after,
+            capture: self.capture.clone(),
         }
     }
 }
@@ -145,7 +151,10 @@ fn resolve_engines(engines: &[String]) -> Result<(), ConfigError> {
 
 /// `--exporter` (with `--output` for the file exporter, the OTLP settings
 /// for `otlp`).
-fn resolve_target(args: &RunArgs, env: &Env<'_>) -> Result<ExportTarget, ConfigError> {
+pub(super) fn resolve_target(
+    args: &ExportArgs,
+    env: &Env<'_>,
+) -> Result<ExportTarget, ConfigError> {
     Ok(match args.exporter {
         ExporterKind::Console => ExportTarget::Console,
         ExporterKind::File => {

@@ -262,8 +262,8 @@ fn config_files_become_flags_and_the_command_line_wins() {
     let Command::Run(run) = cli.command else {
         panic!("not run")
     };
-    assert_eq!(run.endpoint.as_deref(), Some("http://flag:2"));
-    assert_eq!(run.compression.as_deref(), Some("gzip"));
+    assert_eq!(run.export.endpoint.as_deref(), Some("http://flag:2"));
+    assert_eq!(run.export.compression.as_deref(), Some("gzip"));
     std::fs::write(&path, "endpoint\n").unwrap();
     let argv = ["ringside-agent", "run", "--config", path.to_str().unwrap()];
     let err = parse_command_line(argv.iter().map(Into::into).collect()).unwrap_err();

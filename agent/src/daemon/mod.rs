@@ -8,7 +8,8 @@
 //!    transport, the signal handlers, the export queue, the admin API, the
 //!    reader thread, the export task and the state-file publisher running;
 //!    systemd told `READY=1`. [`StartedApplication::run`] serves until
-//!    SIGTERM / SIGINT, applying SIGHUP reloads (`reload`).
+//!    SIGTERM / SIGINT, applying SIGHUP reloads (`reload`) and asking the
+//!    reader for an incident capture on SIGUSR1 (`crate::capture`).
 //! 3. [`FinishedApplication::shutdown`]: the reader stopped and joined (its
 //!    final drain queued), the queue flushed within `--shutdown-timeout-ms`,
 //!    then the cursors committed past everything the flush settled
@@ -143,9 +144,14 @@ impl Application {
             },
         };
         let sighup = install(SignalKind::hangup(), "installing the SIGHUP handler")?;
+        let sigusr1 = install(
+            SignalKind::user_defined1(),
+            "installing the SIGUSR1 handler",
+        )?;
         let (update_tx, update_rx) = tokio::sync::mpsc::channel(1);
         let sampler_update;
         let stall_after_update;
+        let capture_signal;
         let reader_thread = {
             let mut reader = attach::Reader::new(
                 settings.reader(),
@@ -156,6 +162,7 @@ impl Application {
             );
             sampler_update = reader.sampler_update();
             stall_after_update = reader.stall_after_update();
+            capture_signal = reader.capture_signal();
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("ringside-reader".into())
@@ -207,7 +214,9 @@ impl Application {
                 sigterm,
                 sigint,
                 sighup,
+                sigusr1,
             },
+            capture_signal,
             update_tx,
             sampler_update,
             stall_after_update,
@@ -233,6 +242,8 @@ struct Signals {
     sigterm: Signal,
     sigint: Signal,
     sighup: Signal,
+    /// Capture every attached engine's window (incident capture).
+    sigusr1: Signal,
 }
 
 /// What runs, and what the shutdown stops: handed from
@@ -265,6 +276,8 @@ pub struct StartedApplication {
     sampler_update: Arc<Mutex<Option<Sampler>>>,
     /// New stall threshold (ns) on SIGHUP (read by the reader thread).
     stall_after_update: Arc<std::sync::atomic::AtomicU64>,
+    /// Set on SIGUSR1: the reader thread captures every attached engine.
+    capture_signal: Arc<AtomicBool>,
     /// `--env-file` as read at start: what a reload may find removed.
     env_file_at_start: EnvFile,
     running: Running,
@@ -279,6 +292,10 @@ impl StartedApplication {
             tokio::select! {
                 _ = self.signals.sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
                 _ = self.signals.sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                _ = self.signals.sigusr1.recv() => {
+                    tracing::info!("SIGUSR1: capturing every attached engine's window");
+                    self.capture_signal.store(true, Ordering::Relaxed);
+                }
                 _ = self.signals.sighup.recv() => {
                     if let Some((update, new)) = reload::reload(&current, &self.env_file_at_start) {
                         if let Ok(mut slot) = self.sampler_update.lock() {

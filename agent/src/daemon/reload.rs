@@ -66,6 +66,9 @@ pub(super) fn reload(
     if new.state_file != current.state_file {
         fixed.push("state-file");
     }
+    if new.capture != current.capture {
+        fixed.push("capture-*");
+    }
     if !fixed.is_empty() {
         tracing::warn!(settings = ?fixed, "SIGHUP: these settings take effect only on restart");
     }

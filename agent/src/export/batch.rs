@@ -38,12 +38,17 @@ pub fn encode_trace_request(items: &[Item]) -> Vec<u8> {
             message(out, 2, |out| {
                 bytes_field(out, 1, &scope);
                 for item in items.iter().filter(|i| i.engine.id == engine.id) {
-                    crate::pipeline::spans::encode_with_stalls(
+                    let extras = crate::pipeline::spans::SpanExtras {
+                        stalls: &item.stalls,
+                        sampling: item.sampling,
+                        steps: item.steps.as_ref(),
+                        capture_reason: item.capture.map(|r| r.as_str()),
+                    };
+                    crate::pipeline::spans::encode_with(
                         &item.ctx,
                         &item.record,
                         item.detail,
-                        &item.stalls,
-                        &item.sampling,
+                        &extras,
                         out,
                     );
                 }

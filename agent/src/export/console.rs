@@ -53,13 +53,17 @@ pub fn render(items: &[Item]) -> String {
         let Some((root, children)) = spans.split_first() else {
             continue;
         };
-        let _ = writeln!(
+        let _ = write!(
             out,
             "trace {}  engine {} (pid {})",
             hex(&root.trace_id),
             item.engine.instance,
             item.engine.pid
         );
+        if let Some(reason) = item.capture {
+            let _ = write!(out, "  captured: {reason}");
+        }
+        out.push('\n');
         let status = match &root.status {
             Some(s) if s.code == status::StatusCode::Error as i32 => format!("ERROR {}", s.message),
             _ => "OK".to_owned(),

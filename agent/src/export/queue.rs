@@ -16,10 +16,12 @@
 //! so an agent killed with records read but not delivered leaves them to its
 //! successor. A SIGKILL runs no destructor: nothing undelivered is released.
 
+use crate::capture::CaptureReason;
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::sampling::SpanSampling;
 use crate::pipeline::spans::{self, SpanContext};
 use crate::pipeline::stalls::Stall;
+use crate::pipeline::steps::RequestSteps;
 use ringside_shm_protocol::{Detail, RequestRecord};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,9 +47,15 @@ pub struct Item {
     pub stalls: Box<[Stall]>,
     /// How its spans are marked for downstream samplers.
     pub sampling: SpanSampling,
+    /// Its inter-token gaps and batch context, when the engine's steps were
+    /// joined to it.
+    pub steps: Option<RequestSteps>,
     /// Its share of the poll batch it was read in (None: not from a ring the
     /// reader tracks, e.g. in tests and benchmarks).
     pub delivery: Option<DeliveryToken>,
+    /// Why it was captured, when it is part of an incident capture: each of
+    /// its spans then carries `ringside.capture.reason`.
+    pub capture: Option<CaptureReason>,
 }
 
 impl Item {
@@ -67,8 +75,17 @@ impl Item {
             bytes: std::mem::size_of::<Self>(),
             stalls: Box::default(),
             sampling: SpanSampling::default(),
+            steps: None,
             delivery: None,
+            capture: None,
         }
+    }
+
+    /// The same, as part of an incident capture for `reason`.
+    #[must_use]
+    pub fn with_capture(mut self, reason: CaptureReason) -> Self {
+        self.capture = Some(reason);
+        self
     }
 
     /// The same, with the sampling decision's marks.

@@ -42,6 +42,15 @@ pub struct EngineStats {
     pub crashed_in_flight: AtomicU64,
     /// Requests of this engine stalled at the last look at its table (a gauge).
     pub stalled: AtomicU64,
+    /// Step records read from the engine's step ring (ABI 1.4).
+    pub steps_read: AtomicU64,
+    /// Step records overwritten or abandoned before they were read.
+    pub steps_lost: AtomicU64,
+    /// Step records that failed validation (skipped).
+    pub steps_invalid: AtomicU64,
+    /// Requests with two or more tokens whose steps were not all in the
+    /// window: exported without inter-token statistics.
+    pub steps_unjoined: AtomicU64,
 }
 
 impl EngineStats {

@@ -23,6 +23,8 @@
 //!   agent runs: the oldest record the ring holds;
 //! * otherwise: the newest (only requests from now on).
 
+use crate::capture::daemon::EngineCapture;
+use crate::capture::{CaptureReason, CaptureSettings};
 use crate::export::queue::{ExportQueue, Item, PollBatches};
 use crate::pipeline::accounting::{EngineHandle, EngineStats};
 use crate::pipeline::crash::crash_record;
@@ -32,10 +34,11 @@ use crate::pipeline::sampling::{Sampler, SpanSampling, TailSampler, Threshold, r
 use crate::pipeline::spans::hex;
 use crate::pipeline::spans::{AttributeSet, SpanContext};
 use crate::pipeline::stalls::{Observed, StallTracker};
+use crate::pipeline::steps::{RequestSteps, StepWindow};
 use crate::pipeline::throttle::Throttled;
 use ringside_shm_protocol::{
     AttachedSegment, Consumer, DeadSegment, Detail, EngineIdentity, InflightReader,
-    InflightRequest, Liveness, OpenError, OpenOptions, PollError, Record, StartAt,
+    InflightRequest, Liveness, OpenError, OpenOptions, PollError, Record, RequestRecord, StartAt,
     list_dead_generations, list_segments, monotonic_ns, remove_dead_generation,
 };
 use std::collections::{BTreeMap, HashMap};
@@ -70,6 +73,8 @@ pub struct ReaderSettings {
     pub tail_window: Duration,
     /// A request with no progress for this long is stalled (`--stall-after`).
     pub stall_after: Duration,
+    /// Incident capture (`--capture-*`).
+    pub capture: CaptureSettings,
 }
 
 /// Records taken from one ring per poll.
@@ -88,6 +93,11 @@ struct Attached {
     /// The in-flight table (ABI 1.2 segments).
     inflight: Option<InflightReader>,
     stalls: StallTracker,
+    /// The recent steps (ABI 1.4 segments with a step ring), joined to each
+    /// request read.
+    steps: Option<StepWindow>,
+    /// Warnings of invalid step records.
+    step_log: Throttled<1>,
     /// Crash spans may be exported for this segment when it dies: the agent
     /// saw the engine alive, attached after its first scan, backfills, or
     /// takes over from an agent that was attached to it (which may have been
@@ -112,6 +122,8 @@ struct Attached {
     loss_log: Throttled<2>,
     /// Warnings of invalid records, likewise.
     invalid_log: Throttled<1>,
+    /// What sampling dropped and the capture triggers (crate::capture).
+    capture: EngineCapture,
 }
 
 /// The reader: owns every attached segment and its consumer.
@@ -137,6 +149,9 @@ pub struct Reader {
     /// The stall threshold in ns; a reload stores a new one.
     stall_after_ns: Arc<AtomicU64>,
     next_stall_look: Instant,
+    /// Set by SIGUSR1: capture every attached engine.
+    capture_signal: Arc<AtomicBool>,
+    next_capture_look: Instant,
 }
 
 impl std::fmt::Debug for Reader {
@@ -175,7 +190,14 @@ impl Reader {
             sampler_update: Arc::default(),
             stall_after_ns: Arc::new(AtomicU64::new(duration_ns(settings_stall_after))),
             next_stall_look: Instant::now(),
+            capture_signal: Arc::default(),
+            next_capture_look: Instant::now(),
         }
+    }
+
+    /// Where SIGUSR1 asks for a capture of every attached engine.
+    pub fn capture_signal(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.capture_signal)
     }
 
     /// Where a configuration reload stores a new stall threshold (ns).
@@ -210,6 +232,7 @@ impl Reader {
                 self.look_for_stalls();
                 self.next_stall_look = Instant::now() + STALL_LOOK_INTERVAL;
             }
+            self.look_for_captures();
             if !busy {
                 // Woken early when a poll batch is settled, to commit.
                 std::thread::park_timeout(self.settings.poll_interval);
@@ -412,6 +435,17 @@ impl Reader {
         });
         let alive = segment.liveness() == Liveness::Alive;
         let inflight = segment.inflight();
+        // Steps from where the records start: all the ring holds, unless the
+        // agent reads only new requests.
+        let step_start = if start == StartAt::Newest {
+            StartAt::Newest
+        } else {
+            StartAt::Oldest
+        };
+        let steps = segment
+            .steps()
+            .map(|ring| StepWindow::new(&ring, step_start));
+        let capture = EngineCapture::new(&self.settings.capture, segment.ring().capacity());
         self.attached.insert(
             name.to_owned(),
             Attached {
@@ -422,6 +456,8 @@ impl Reader {
                 tail: TailSampler::new(self.settings.tail_above_p99, self.settings.tail_window),
                 inflight,
                 stalls: StallTracker::default(),
+                steps,
+                step_log: Throttled::default(),
                 may_report_crash: alive
                     || self.initial_scan_done
                     || self.settings.backfill
@@ -433,6 +469,7 @@ impl Reader {
                 committed: None,
                 loss_log: Throttled::default(),
                 invalid_log: Throttled::default(),
+                capture,
             },
         );
     }
@@ -473,6 +510,7 @@ impl Reader {
                     m.engine_died(&a.handle.instance);
                 }
                 self.report_crash(name, &mut a);
+                self.capture_death(&mut a);
             }
             if dead && !a.segment.replaced() {
                 self.finished
@@ -554,16 +592,17 @@ impl Reader {
                 .get(usize::from(record.model_index))
                 .map_or("unknown", String::as_str);
             metrics.record(&a.handle, model, &record);
+            let joined = join_steps(&mut a.steps, &a.handle, &mut metrics, &record);
             // Kept by rule, not by chance, like a failed request.
             let sampling = SpanSampling {
                 priority: true,
                 threshold: None,
             };
-            items.push(
-                Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
-                    .with_stalls(stalls)
-                    .with_sampling(sampling),
-            );
+            let mut item = Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
+                .with_stalls(stalls)
+                .with_sampling(sampling);
+            item.steps = joined;
+            items.push(item);
         }
         drop(metrics);
         let n = items.len() as u64;
@@ -588,6 +627,72 @@ impl Reader {
         );
     }
 
+    /// Incident capture: on SIGUSR1 every attached engine; every
+    /// [`STALL_LOOK_INTERVAL`] each engine's triggers (see crate::capture).
+    fn look_for_captures(&mut self) {
+        let signal = self.capture_signal.swap(false, Ordering::Relaxed);
+        let look = Instant::now() >= self.next_capture_look;
+        if !signal && !look {
+            return;
+        }
+        if look {
+            self.next_capture_look = Instant::now() + STALL_LOOK_INTERVAL;
+        }
+        let now = monotonic_ns();
+        for a in self.attached.values_mut() {
+            let reason = if signal {
+                // The triggers still take their look (an incident that
+                // starts now is the signal's: it fires nothing more).
+                let _ = a.capture.due(now);
+                Some(CaptureReason::Signal)
+            } else {
+                a.capture.due(now)
+            };
+            if let Some(reason) = reason {
+                let cursor = a.consumer.cursor();
+                let window = a.capture.window_before(now);
+                a.capture.capture(
+                    &a.segment,
+                    &a.handle,
+                    &a.ctx,
+                    cursor,
+                    reason,
+                    window,
+                    &self.queue,
+                );
+            }
+        }
+    }
+
+    /// The engine of `a` died (and its ring was drained): the window before
+    /// its death (between its last heartbeat and now) is captured.
+    fn capture_death(&self, a: &mut Attached) {
+        if !a.capture.on_crash() {
+            return;
+        }
+        let heartbeat = a.segment.ring().counters().engine_heartbeat_ns;
+        let now = monotonic_ns();
+        let last_seen = if heartbeat == 0 {
+            now
+        } else {
+            heartbeat.min(now)
+        };
+        let window = crate::capture::window::Window {
+            from_ns: a.capture.window_before(last_seen).from_ns,
+            to_ns: now,
+        };
+        let cursor = a.consumer.cursor();
+        a.capture.capture(
+            &a.segment,
+            &a.handle,
+            &a.ctx,
+            cursor,
+            CaptureReason::EngineCrashed,
+            window,
+            &self.queue,
+        );
+    }
+
     /// Looks at every live engine's in-flight table: counts stalled requests
     /// and logs each new stall once.
     pub fn look_for_stalls(&mut self) {
@@ -601,6 +706,14 @@ impl Reader {
             let Ok(snapshot) = table.snapshot() else {
                 continue;
             };
+            let occupied = snapshot
+                .requests
+                .iter()
+                .filter(|r| r.sequence_slot.is_some())
+                .count();
+            if let Ok(mut m) = self.metrics.lock() {
+                m.record_slots(a.handle.id, occupied as u64);
+            }
             observed.clear();
             observed.extend(snapshot.requests.iter().map(|r| Observed {
                 request_id: r.request_id,
@@ -766,6 +879,28 @@ impl Reader {
                 "records lost in the ring (at most one line per 10 s; the counters are exact)"
             );
         }
+        if let Some(window) = a.steps.as_mut() {
+            let mut metrics = metrics
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let id = a.handle.id;
+            let polled = window.poll(stats, |step| metrics.record_step(id, step));
+            drop(metrics);
+            match polled {
+                Ok(_) => {
+                    if let Some(error) = window.last_error.take()
+                        && let Some(line) = a.step_log.note(Instant::now(), [1])
+                    {
+                        tracing::warn!(engine = %a.handle.instance, polls = line.polls, %error, "invalid step records skipped (at most one line per 10 s; the counters are exact)");
+                    }
+                }
+                // The request ring's poll checks the same mapping; a failure
+                // here only costs the gap statistics.
+                Err(error) => {
+                    tracing::debug!(engine = %a.handle.instance, %error, "step ring not read")
+                }
+            }
+        }
         if !buffer.is_empty() {
             let ring = a.segment.ring();
             let detail = settings
@@ -798,6 +933,7 @@ impl Reader {
                     .get(usize::from(record.model_index))
                     .map_or("unknown", String::as_str);
                 metrics.record(&a.handle, model, &record);
+                let joined = join_steps(&mut a.steps, &a.handle, &mut metrics, &record);
                 // Head (the configured sampler and the control block's
                 // ratio) and tail rules must all keep a request; each
                 // consistent stage raises the threshold its spans carry.
@@ -815,13 +951,16 @@ impl Reader {
                         .map(|keep| keep.apply(h))
                 }) else {
                     EngineStats::add(&stats.sampled_out, 1);
+                    a.capture.decided(*ticket, &record, true);
                     continue;
                 };
+                a.capture.decided(*ticket, &record, false);
                 first_kept.get_or_insert(*ticket);
                 let mut item = Item::new(Arc::clone(&a.handle), Arc::clone(&a.ctx), record, detail)
                     .with_stalls(stalls);
                 // Set in place: the item is large, a builder would move it again.
                 item.sampling = kept;
+                item.steps = joined;
                 items.push(item);
             }
             drop(metrics);
@@ -853,6 +992,29 @@ impl Reader {
     }
 }
 
+/// Joins `record` to the engine's recent steps: its gaps go to the
+/// inter-token histogram, a request whose steps are not all there is counted.
+fn join_steps(
+    window: &mut Option<StepWindow>,
+    engine: &EngineHandle,
+    metrics: &mut Metrics,
+    record: &RequestRecord,
+) -> Option<RequestSteps> {
+    let window = window.as_mut()?;
+    match window.join(record) {
+        Some((steps, gaps)) => {
+            metrics.record_gaps(engine.id, record, gaps);
+            Some(steps)
+        }
+        None => {
+            if record.completion_tokens >= 2 && record.sequence_slot.is_some() {
+                EngineStats::add(&engine.stats.steps_unjoined, 1);
+            }
+            None
+        }
+    }
+}
+
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -877,6 +1039,7 @@ mod tests {
                 tail_above_p99: false,
                 tail_window: Duration::from_secs(60),
                 stall_after: Duration::from_secs(10),
+                capture: CaptureSettings::default(),
             },
             ResourceEnv::from_env(&|_| None, "box".into()),
             Arc::new(ExportQueue::new(1000, 1 << 20, 512)),

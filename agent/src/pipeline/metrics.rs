@@ -10,10 +10,25 @@ use opentelemetry_proto::tonic::metrics::v1::{
     AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
     ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
 };
-use ringside_shm_protocol::RequestRecord;
+use ringside_shm_protocol::{RequestRecord, Step};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+fn series_key(record: &RequestRecord) -> SeriesKey {
+    SeriesKey {
+        model_index: record.model_index,
+        operation: record.operation as u8,
+        error_type: record.error_type as u8,
+        // With a class the label is the class: the status would only
+        // split one label into several series.
+        error_status: if record.error_type.as_str().is_some() {
+            0
+        } else {
+            status_key(record.http_status)
+        },
+    }
+}
 
 /// Now, in nanoseconds since the Unix epoch (0 before it, saturating).
 pub(crate) fn unix_now_ns() -> u64 {
@@ -42,6 +57,16 @@ pub const TOKEN_BOUNDS: &[f64] = &[
     1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
     16777216.0, 67108864.0,
 ];
+
+/// Boundaries of `ringside.server.inter_token.duration` and of
+/// `ringside.server.step.duration` (seconds): `gen_ai.server.time_per_output_token`'s,
+/// with finer buckets below 10 ms (a GPU's gaps) and two above 2.5 s (stalls).
+pub const GAP_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0,
+];
+/// Boundaries of `ringside.server.step.batch_size` (sequences per step).
+pub const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// An explicit-bucket histogram.
 #[derive(Clone, Debug, PartialEq)]
@@ -155,6 +180,7 @@ struct Series {
     decode: Hist,
     ttft: Hist,
     tpot: Hist,
+    inter_token: Hist,
     input_tokens: Hist,
     output_tokens: Hist,
 }
@@ -171,16 +197,32 @@ impl Series {
             decode: Hist::new(DURATION_BOUNDS),
             ttft: Hist::new(TTFT_BOUNDS),
             tpot: Hist::new(TPOT_BOUNDS),
+            inter_token: Hist::new(GAP_BOUNDS),
             input_tokens: Hist::new(TOKEN_BOUNDS),
             output_tokens: Hist::new(TOKEN_BOUNDS),
         }
     }
 }
 
+/// What the engine's steps say (ABI 1.4 engines with a step ring).
+#[derive(Clone, Debug)]
+struct StepSeries {
+    duration: Hist,
+    batch_size: Hist,
+    /// The most recent step's start: the gauges' values are as of then.
+    kv_cells_used: u32,
+    kv_cells_total: u32,
+    slots_total: u16,
+}
+
 #[derive(Debug)]
 struct EngineSeries {
     engine: Arc<EngineHandle>,
     series: BTreeMap<SeriesKey, Series>,
+    steps: Option<StepSeries>,
+    /// Sequence slots holding a request at the last look at the in-flight
+    /// table (live, unlike a step's count).
+    slots: Option<u64>,
     /// When the agent let go of the attachment (detached, all settled).
     let_go_unix_ns: Option<u64>,
 }
@@ -243,6 +285,8 @@ impl Metrics {
             .or_insert_with(|| EngineSeries {
                 engine: Arc::clone(engine),
                 series: BTreeMap::new(),
+                steps: None,
+                slots: None,
                 let_go_unix_ns: None,
             });
     }
@@ -269,6 +313,47 @@ impl Metrics {
         self.engines.len()
     }
 
+    /// Records one engine step: its duration, batch size and KV use.
+    pub fn record_step(&mut self, engine_id: u64, step: &Step) {
+        let Some(entry) = self.engines.get_mut(&engine_id) else {
+            return;
+        };
+        let steps = entry.steps.get_or_insert_with(|| StepSeries {
+            duration: Hist::new(GAP_BOUNDS),
+            batch_size: Hist::new(BATCH_BOUNDS),
+            kv_cells_used: 0,
+            kv_cells_total: 0,
+            slots_total: 0,
+        });
+        steps.duration.record(ns(step.duration_ns()));
+        steps.batch_size.record(f64::from(step.batch_sequences()));
+        steps.kv_cells_used = step.kv_cells_used;
+        steps.kv_cells_total = step.kv_cells_total;
+        steps.slots_total = step.slots_total;
+    }
+
+    /// Records the sequence slots of engine `engine_id` holding a request now.
+    pub fn record_slots(&mut self, engine_id: u64, occupied: u64) {
+        if let Some(entry) = self.engines.get_mut(&engine_id) {
+            entry.slots = Some(occupied);
+        }
+    }
+
+    /// Records one request's gaps between output tokens (ns), in the series
+    /// its [`record`](Self::record) went to (call that first).
+    pub fn record_gaps(&mut self, engine_id: u64, record: &RequestRecord, gaps: &[u64]) {
+        let key = series_key(record);
+        if let Some(series) = self
+            .engines
+            .get_mut(&engine_id)
+            .and_then(|e| e.series.get_mut(&key))
+        {
+            for &gap in gaps {
+                series.inter_token.record(ns(gap));
+            }
+        }
+    }
+
     /// Records one request.
     pub fn record(&mut self, engine: &Arc<EngineHandle>, model: &str, record: &RequestRecord) {
         let entry = self
@@ -277,20 +362,11 @@ impl Metrics {
             .or_insert_with(|| EngineSeries {
                 engine: Arc::clone(engine),
                 series: BTreeMap::new(),
+                steps: None,
+                slots: None,
                 let_go_unix_ns: None,
             });
-        let key = SeriesKey {
-            model_index: record.model_index,
-            operation: record.operation as u8,
-            error_type: record.error_type as u8,
-            // With a class the label is the class: the status would only
-            // split one label into several series.
-            error_status: if record.error_type.as_str().is_some() {
-                0
-            } else {
-                status_key(record.http_status)
-            },
-        };
+        let key = series_key(record);
         let series = entry
             .series
             .entry(key)
@@ -342,6 +418,7 @@ impl Metrics {
             let mut phases: [Vec<HistogramDataPoint>; 3] = Default::default();
             let mut ttft = Vec::new();
             let mut tpot = Vec::new();
+            let mut inter_token = Vec::new();
             let mut tokens = Vec::new();
             for s in engine.series.values() {
                 let mut attrs = vec![
@@ -367,6 +444,9 @@ impl Metrics {
                 }
                 if s.tpot.count() > 0 {
                     tpot.push(s.tpot.point(attrs.clone(), start, now_unix_ns));
+                }
+                if s.inter_token.count() > 0 {
+                    inter_token.push(s.inter_token.point(attrs.clone(), start, now_unix_ns));
                 }
                 for (kind, hist) in [("input", &s.input_tokens), ("output", &s.output_tokens)] {
                     let mut a = attrs.clone();
@@ -437,6 +517,56 @@ impl Metrics {
                     "s",
                     "Time per output token generated after the first token for successful responses.",
                     tpot,
+                ));
+            }
+            if !inter_token.is_empty() {
+                // Not a semconv metric: v1.41 defines only the client's
+                // `gen_ai.client.operation.time_per_output_chunk`.
+                metrics.push(hist(
+                    "ringside.server.inter_token.duration",
+                    "s",
+                    "Time between two consecutive output tokens of a request, every gap (from the engine's steps).",
+                    inter_token,
+                ));
+            }
+            if let Some(steps) = &engine.steps {
+                metrics.push(hist(
+                    "ringside.server.step.duration",
+                    "s",
+                    "Duration of one engine step (its decode calls and prompt chunks).",
+                    vec![steps.duration.point(Vec::new(), start, now_unix_ns)],
+                ));
+                metrics.push(hist(
+                    "ringside.server.step.batch_size",
+                    "{sequence}",
+                    "Sequences one engine step decoded or prefilled.",
+                    vec![steps.batch_size.point(Vec::new(), start, now_unix_ns)],
+                ));
+                if steps.kv_cells_total > 0 {
+                    metrics.push(ratio_gauge(
+                        "ringside.server.kv_cache.usage",
+                        "Fraction of KV cache cells holding tokens, at the start of the engine's most recent step.",
+                        f64::from(steps.kv_cells_used) / f64::from(steps.kv_cells_total),
+                        now_unix_ns,
+                    ));
+                }
+            }
+            if let Some(occupied) = engine.slots {
+                metrics.push(gauge(
+                    "ringside.server.slots.occupied",
+                    "{sequence}",
+                    "Sequence slots holding a request (prefilling or decoding), from the in-flight table.",
+                    occupied,
+                    now_unix_ns,
+                ));
+            }
+            if let Some(total) = engine.steps.as_ref().map(|s| s.slots_total) {
+                metrics.push(gauge(
+                    "ringside.server.slots.total",
+                    "{sequence}",
+                    "Sequence slots of the engine (its --parallel), from its steps.",
+                    u64::from(total),
+                    now_unix_ns,
                 ));
             }
             metrics.extend(health_metrics(&engine.engine, start, now_unix_ns));
@@ -541,6 +671,22 @@ fn sum(
     }
 }
 
+fn ratio_gauge(name: &str, description: &str, value: f64, now: u64) -> Metric {
+    Metric {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        unit: "1".to_owned(),
+        data: Some(metric::Data::Gauge(Gauge {
+            data_points: vec![NumberDataPoint {
+                time_unix_nano: now,
+                value: Some(number_data_point::Value::AsDouble(value)),
+                ..NumberDataPoint::default()
+            }],
+        })),
+        ..Metric::default()
+    }
+}
+
 fn gauge(name: &str, unit: &str, description: &str, value: u64, now: u64) -> Metric {
     Metric {
         name: name.to_owned(),
@@ -604,6 +750,36 @@ fn health_metrics(engine: &EngineHandle, start: u64, now: u64) -> Vec<Metric> {
             "ringside.agent.requests.crashed",
             "Requests the engine held when it died (from its in-flight table), exported as engine_crashed spans.",
             vec![(vec![], s.crashed_in_flight)],
+            start,
+            now,
+        ),
+        sum(
+            "ringside.agent.steps.read",
+            "Step records read from the engine's step ring.",
+            vec![(vec![], engine.stats.steps_read.load(Ordering::Relaxed))],
+            start,
+            now,
+        ),
+        sum(
+            "ringside.agent.steps.lost",
+            "Step records lost, by cause (inter-token statistics need every step of a request).",
+            vec![
+                (
+                    cause("overwritten"),
+                    engine.stats.steps_lost.load(Ordering::Relaxed),
+                ),
+                (
+                    cause("invalid"),
+                    engine.stats.steps_invalid.load(Ordering::Relaxed),
+                ),
+            ],
+            start,
+            now,
+        ),
+        sum(
+            "ringside.agent.requests.unjoined",
+            "Requests exported without inter-token statistics because some of their steps were not in the window.",
+            vec![(vec![], engine.stats.steps_unjoined.load(Ordering::Relaxed))],
             start,
             now,
         ),
@@ -748,6 +924,81 @@ mod tests {
                 .all(|m| m.name != "gen_ai.server.token.usage"),
             "semconv defines no server token usage metric"
         );
+    }
+
+    #[test]
+    fn steps_become_gap_step_and_batch_histograms_and_kv_and_slot_gauges() {
+        let engine = engine(7, "e");
+        let mut m = Metrics::new(1);
+        let record = raw_record(1).decode(1).unwrap();
+        m.record(&engine, "gemma", &record);
+        m.record_gaps(7, &record, &[20_000_000, 30_000_000, 900_000_000]);
+        let mut step = ringside_shm_protocol::Step {
+            step: 1,
+            t_start_ns: 1_000,
+            t_decode_end_ns: 2_000_000,
+            t_end_ns: 4_001_000,
+            decode_rows: 4,
+            decode_calls: 1,
+            prefill_calls: 1,
+            prefill_tokens: 64,
+            slots_total: 4,
+            kv_cells_used: 300,
+            kv_cells_total: 1200,
+            ..Default::default()
+        };
+        step.decode_slots.insert(0);
+        step.decode_slots.insert(1);
+        step.prefill_slots.insert(2);
+        m.record_step(7, &step);
+        m.record_slots(7, 3);
+        let req = m.to_request(2, 0, &ExportCounters::default());
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        let find = |name: &str| {
+            metrics
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name}"))
+        };
+        let hist = |name: &str| match &find(name).data {
+            Some(metric::Data::Histogram(h)) => h.data_points[0].clone(),
+            other => panic!("{other:?}"),
+        };
+        let gauge = |name: &str| match &find(name).data {
+            Some(metric::Data::Gauge(g)) => g.data_points[0].value,
+            other => panic!("{other:?}"),
+        };
+        let gaps = hist("ringside.server.inter_token.duration");
+        assert_eq!(gaps.count, 3);
+        assert!((gaps.sum.unwrap() - 0.95).abs() < 1e-9);
+        assert_eq!(gaps.explicit_bounds, GAP_BOUNDS);
+        assert_eq!(find("ringside.server.inter_token.duration").unit, "s");
+        let duration = hist("ringside.server.step.duration");
+        assert_eq!((duration.count, duration.sum), (1, Some(0.004)));
+        let batch = hist("ringside.server.step.batch_size");
+        assert_eq!((batch.count, batch.sum), (1, Some(3.0)));
+        assert_eq!(
+            gauge("ringside.server.kv_cache.usage"),
+            Some(number_data_point::Value::AsDouble(0.25))
+        );
+        assert_eq!(
+            gauge("ringside.server.slots.occupied"),
+            Some(number_data_point::Value::AsInt(3))
+        );
+        assert_eq!(
+            gauge("ringside.server.slots.total"),
+            Some(number_data_point::Value::AsInt(4))
+        );
+        let text = crate::control::prometheus::render(&req);
+        for name in [
+            "ringside_server_inter_token_duration_seconds_bucket",
+            "ringside_server_step_duration_seconds_count",
+            "ringside_server_step_batch_size_bucket",
+            "ringside_server_kv_cache_usage",
+            "ringside_server_slots_occupied",
+        ] {
+            assert!(text.contains(name), "{name} in\n{text}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! From the engines' rings to validated, sampled records on the export
 //! queue: [`attach`] (discovery and the reader thread), [`spans`] (record →
-//! spans), [`metrics`], [`sampling`], [`resource`], per-engine
+//! spans), [`steps`] (engine steps joined to requests), [`metrics`],
+//! [`sampling`], [`resource`], per-engine
 //! [`accounting`] and [`throttle`]d warnings. Settings come in as plain values
 //! ([`attach::ReaderSettings`]).
 
@@ -12,4 +13,5 @@ pub mod resource;
 pub mod sampling;
 pub mod spans;
 pub mod stalls;
+pub mod steps;
 pub mod throttle;

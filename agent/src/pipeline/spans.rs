@@ -17,6 +17,7 @@
 use crate::export::wire;
 use crate::pipeline::sampling::{FLAG_SAMPLED, SpanSampling};
 use crate::pipeline::stalls::Stall;
+use crate::pipeline::steps::RequestSteps;
 use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span, span, status};
 use prost::Message as _;
 use ringside_shm_protocol::{ClockPair, Detail, Operation, RequestRecord};
@@ -420,15 +421,86 @@ fn span(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
 /// Encodes one record's spans (request span first) onto `out`, each as a
 /// `ScopeSpans.spans` field (so `out` may be the body of a `ScopeSpans`
 /// being written); returns how many ([`span_count`]). The spans carry no
-/// sampling marks but the sampled flag ([`encode_with_stalls`] has them).
+/// sampling marks but the sampled flag ([`encode_with`] has them).
 pub fn encode(
     ctx: &SpanContext,
     record: &RequestRecord,
     detail: Detail,
     out: &mut Vec<u8>,
 ) -> usize {
-    encode_with_stalls(ctx, record, detail, &[], &SpanSampling::default(), out)
+    encode_with(ctx, record, detail, &SpanExtras::default(), out)
 }
+
+/// What the agent learnt about a request besides its record, for its spans.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpanExtras<'a> {
+    /// Stalls seen in the in-flight table: `ringside.stalled` events.
+    pub stalls: &'a [Stall],
+    /// The sampling decision's marks.
+    pub sampling: SpanSampling,
+    /// Inter-token gaps and batch context from the engine's steps.
+    pub steps: Option<&'a RequestSteps>,
+    /// Why an incident capture exported it (`ringside.capture.reason`).
+    pub capture_reason: Option<&'a str>,
+}
+
+/// `ringside.inter_token.max`: the request's largest gap between two output
+/// tokens (seconds); with `.p50` and `.p99` (nearest rank).
+pub const INTER_TOKEN_MAX: &str = "ringside.inter_token.max";
+/// See [`INTER_TOKEN_MAX`].
+pub const INTER_TOKEN_P50: &str = "ringside.inter_token.p50";
+/// See [`INTER_TOKEN_MAX`].
+pub const INTER_TOKEN_P99: &str = "ringside.inter_token.p99";
+/// Steps that decoded one of the request's tokens and also computed other
+/// requests' prompt tokens.
+pub const BATCH_PREFILL_STEPS: &str = "ringside.batch.prefill_steps";
+/// The prompt tokens those steps computed.
+pub const BATCH_PREFILL_TOKENS: &str = "ringside.batch.prefill_tokens";
+/// The span event at the moment the request got its sequence slot.
+pub const SCHEDULED_EVENT: &str = "scheduled";
+/// The span event at the moment its first output token was sampled.
+pub const FIRST_TOKEN_EVENT: &str = "first_token";
+
+fn write_step_attributes(steps: &RequestSteps, b: &mut Vec<u8>) {
+    for (key, ns) in [
+        (INTER_TOKEN_MAX, steps.gap_max_ns),
+        (INTER_TOKEN_P50, steps.gap_p50_ns),
+        (INTER_TOKEN_P99, steps.gap_p99_ns),
+    ] {
+        wire::key_value(b, field::ATTRIBUTES, key, wire::Value::Double(secs(ns)));
+    }
+    wire::key_value(
+        b,
+        field::ATTRIBUTES,
+        BATCH_PREFILL_STEPS,
+        wire::Value::Int(i64::from(steps.prefill_steps)),
+    );
+    wire::key_value(
+        b,
+        field::ATTRIBUTES,
+        BATCH_PREFILL_TOKENS,
+        wire::Value::Int(i64::try_from(steps.prefill_tokens).unwrap_or(i64::MAX)),
+    );
+}
+
+fn write_phase_events(ctx: &SpanContext, record: &RequestRecord, b: &mut Vec<u8>) {
+    let t = &record.timestamps;
+    for (name, stamp) in [
+        (SCHEDULED_EVENT, t.scheduled_ns),
+        (FIRST_TOKEN_EVENT, t.first_token_ns),
+    ] {
+        if let Some(ns) = stamp {
+            wire::message(b, field::EVENTS, |e| {
+                wire::fixed64_field(e, field::EVENT_TIME, ctx.clock.to_unix_ns(ns));
+                wire::bytes_field(e, field::EVENT_NAME, name.as_bytes());
+            });
+        }
+    }
+}
+
+/// `ringside.capture.reason`: the span was exported by an incident capture
+/// (`manual`, `engine_crashed`, `error_burst`, `ttft_p99`, `signal`).
+pub const CAPTURE_REASON: &str = "ringside.capture.reason";
 
 /// The `ringside.stalled` span event: when the stall began and how long it
 /// lasted (`ringside.stall.duration`, seconds).
@@ -449,16 +521,18 @@ fn write_stall_events(ctx: &SpanContext, stalls: &[Stall], b: &mut Vec<u8>) {
     }
 }
 
-/// [`encode`], with a `ringside.stalled` event on the request span for each
-/// stall the agent saw in the in-flight table, and the sampling marks.
-pub fn encode_with_stalls(
+/// [`encode`], with what the agent adds ([`SpanExtras`]): a
+/// `ringside.stalled` event on the request span for each stall, the
+/// inter-token and batch attributes, the capture reason and the sampling
+/// marks.
+pub fn encode_with(
     ctx: &SpanContext,
     record: &RequestRecord,
     detail: Detail,
-    stalls: &[Stall],
-    sampling: &SpanSampling,
+    extras: &SpanExtras<'_>,
     out: &mut Vec<u8>,
 ) -> usize {
+    let sampling = &extras.sampling;
     let t = &record.timestamps;
     // Exported means sampled; the caller's other flags (random) go on.
     let trace_flags = u32::from(record.trace_flags | FLAG_SAMPLED);
@@ -489,8 +563,20 @@ pub fn encode_with_stalls(
             ctx.clock.to_unix_ns(t.finished_ns),
         );
         write_request_attributes(ctx, record, b);
+        if let Some(steps) = extras.steps {
+            write_step_attributes(steps, b);
+        }
+        if let Some(reason) = extras.capture_reason {
+            wire::key_value(
+                b,
+                field::ATTRIBUTES,
+                CAPTURE_REASON,
+                wire::Value::Str(reason),
+            );
+        }
         priority(b);
-        write_stall_events(ctx, stalls, b);
+        write_phase_events(ctx, record, b);
+        write_stall_events(ctx, extras.stalls, b);
         if let Some(class) = record.error_type.as_str() {
             span_status(b, class, status::StatusCode::Error);
         } else if let Some(code) = status_code_text(record) {
@@ -520,6 +606,14 @@ pub fn encode_with_stalls(
                 ctx.clock.to_unix_ns(start),
                 ctx.clock.to_unix_ns(end),
             );
+            if let Some(reason) = extras.capture_reason {
+                wire::key_value(
+                    b,
+                    field::ATTRIBUTES,
+                    CAPTURE_REASON,
+                    wire::Value::Str(reason),
+                );
+            }
             priority(b);
             span_status(b, "", status::StatusCode::Unset);
             wire::fixed32_field(b, field::FLAGS, trace_flags | FLAG_HAS_IS_REMOTE);
@@ -934,7 +1028,16 @@ pub(crate) mod tests {
                     if sampling.priority {
                         record.ot.randomness = Some(0x6e_6d1a_7583_2a2f);
                     }
-                    written += encode_with_stalls(c, &record, detail, &[], sampling, &mut out);
+                    written += encode_with(
+                        c,
+                        &record,
+                        detail,
+                        &SpanExtras {
+                            sampling: *sampling,
+                            ..SpanExtras::default()
+                        },
+                        &mut out,
+                    );
                     counted += span_count(&record, detail);
                 }
                 let spans = ScopeSpans::decode(out.as_slice()).unwrap().spans;
@@ -969,7 +1072,16 @@ pub(crate) mod tests {
         record.ot.randomness = Some(0x6e_6d1a_7583_2a2f);
         let c = ctx(AttributeSet::Both);
         let mut out = Vec::new();
-        encode_with_stalls(&c, &record, Detail::Phases, &[], &marked(), &mut out);
+        encode_with(
+            &c,
+            &record,
+            Detail::Phases,
+            &SpanExtras {
+                sampling: marked(),
+                ..SpanExtras::default()
+            },
+            &mut out,
+        );
         let spans = ScopeSpans::decode(out.as_slice()).unwrap().spans;
         assert_eq!(spans.len(), 4);
         for span in &spans {
@@ -999,7 +1111,16 @@ pub(crate) mod tests {
             ..SpanSampling::default()
         };
         let mut out = Vec::new();
-        encode_with_stalls(&c, &record, Detail::Request, &[], &kept_all, &mut out);
+        encode_with(
+            &c,
+            &record,
+            Detail::Request,
+            &SpanExtras {
+                sampling: kept_all,
+                ..SpanExtras::default()
+            },
+            &mut out,
+        );
         let span = &ScopeSpans::decode(out.as_slice()).unwrap().spans[0];
         assert_eq!(span.trace_state, "ot=th:0");
         assert!(span.attributes.iter().all(|kv| kv.key != SAMPLING_PRIORITY));

@@ -267,16 +267,6 @@ impl Telemetry {
         }
     }
 
-    /// Whether tracing is on now (one load): the inference thread skips assembling a step
-    /// record when it is off.
-    #[inline]
-    #[must_use]
-    pub fn tracing_enabled(&self) -> bool {
-        self.shared
-            .as_ref()
-            .is_some_and(|s| s.current.load().producer.tracing_enabled())
-    }
-
     /// The in-flight table's writer for the HTTP layer and the inference thread. It follows
     /// the segment when the heartbeat replaces it.
     #[must_use]
