@@ -294,7 +294,10 @@ fn main() {
     let Some(step_ring) = main_engine.segment.steps() else {
         stop(&mut main_engine.child);
         stop(&mut no_steps.child);
-        fail("the engine under test has no step ring (ABI 1.4 and the default capacity expected)".into())
+        fail(
+            "the engine under test has no step ring (ABI 1.4 and the default capacity expected)"
+                .into(),
+        )
     };
     if no_steps.segment.steps().is_some() {
         stop(&mut main_engine.child);
@@ -486,7 +489,11 @@ fn main() {
             row("on ÷ off", Mode::On, Mode::Off),
             row("on + agent ÷ off", Mode::OnAgent, Mode::Off),
             row("on ÷ on, no step ring", Mode::On, Mode::OnNoSteps),
-            row("on, no step ring ÷ off (two processes)", Mode::OnNoSteps, Mode::Off),
+            row(
+                "on, no step ring ÷ off (two processes)",
+                Mode::OnNoSteps,
+                Mode::Off,
+            ),
         ],
     );
     report.line(&format!(

@@ -28,8 +28,7 @@
 use ringside_perf::alloc::{Counting, thread_counts};
 use ringside_perf::{Report, engine_like_record, env_usize, fmt_summary};
 use ringside_shm_protocol::{
-    ControlDefaults, Producer, Record, Ring, Step, StepProducer, StepRecord, StepRing,
-    monotonic_ns,
+    ControlDefaults, Producer, Record, Ring, Step, StepProducer, StepRecord, StepRing, monotonic_ns,
 };
 use std::hint::black_box;
 use std::time::Instant;
@@ -216,10 +215,7 @@ fn main() {
             current: Step::default(),
         },
     };
-    assert!(
-        bench.requests.tracing_enabled(),
-        "tracing is on by default"
-    );
+    assert!(bench.requests.tracing_enabled(), "tracing is on by default");
 
     // Warm up (page faults over both rings, caches).
     for subject in SUBJECTS {
