@@ -30,7 +30,7 @@ while (($#)); do
         --quick) mode=quick; shift ;;
         --full) mode=full; shift ;;
         --output) output="${2:?--output needs a file}"; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (usage: scripts/bench.sh [--quick|--full] [--output FILE])" >&2; exit 2 ;;
     esac
 done
