@@ -10,13 +10,16 @@
 #   --full   real numbers: longer runs, repeats, and engine vs llama.cpp
 #
 # Parts: hot path (ringside push vs an in-process OpenTelemetry span),
-# engine tracing on/off (+ agent), the in-flight table's update and read, agent throughput/cost/freshness/overload,
+# engine tracing on/off (+ agent, + without the step ring), the in-flight table's update and read,
+# the step record push (ABI 1.4) against the request record push, agent throughput/cost/freshness/overload,
+# the agent's CPU for steps (1 000 and 10 000 steps/s, joined to requests),
 # engine vs llama.cpp (full only). A part whose harness breaks is reported
 # as failed in the results and makes the script exit non-zero at the end;
 # no figure ever fails it (these machines are noisy; benchmarks measure).
 #
 # Environment: CARGO_TARGET_DIR is honoured; BENCH_SKIP="hot_path agent ..."
-# skips parts by name (hot_path, engine_tracing, inflight, agent, agent_pinned, llamacpp).
+# skips parts by name (hot_path, engine_tracing, inflight, steps, agent, agent_pinned, agent_steps,
+# llamacpp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +30,7 @@ while (($#)); do
         --quick) mode=quick; shift ;;
         --full) mode=full; shift ;;
         --output) output="${2:?--output needs a file}"; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (usage: scripts/bench.sh [--quick|--full] [--output FILE])" >&2; exit 2 ;;
     esac
 done
@@ -74,10 +77,13 @@ if [[ $mode == quick ]]; then
         cargo bench -p ringside-perf --locked --bench hot_path
     part agent "$target/release/agent_load" --seconds 3 --repeats 1 \
         --rates 2500,10000,100000,0 --freshness-rates 10000
+    part agent_steps "$target/release/agent_load" --step-rates 1000,10000 --seconds 3 --repeats 1
     part engine_tracing env ENGINE_BENCH_CLIENTS=2 ENGINE_BENCH_BLOCKS=4 ENGINE_BENCH_REQUESTS=2 \
         ENGINE_BENCH_MAX_TOKENS=32 cargo bench -p ringside-perf --locked --bench engine_tracing
     part inflight env INFLIGHT_ROUNDS=4 INFLIGHT_CALLS=100000 \
         cargo bench -p ringside-perf --locked --bench inflight
+    part steps env STEPS_ROUNDS=4 STEPS_CALLS=100000 \
+        cargo bench -p ringside-perf --locked --bench steps
     # shellcheck disable=SC2016 # the backquotes are markdown, not expansions
     printf '## Engine vs llama.cpp\n\nNot run in quick mode (building llama-server takes ~10 min on 2 cores): `scripts/bench.sh --full` or `scripts/bench-llamacpp.sh`. Earlier figures and the investigation: [ENGINE_VS_LLAMACPP.md](ENGINE_VS_LLAMACPP.md).\n' \
         >"$report_dir/llamacpp.md"
@@ -90,10 +96,13 @@ else
     # the ring's contention from the agent preempting the producer.
     part agent_pinned "$target/release/agent_load" --pin --seconds 10 --repeats 3 \
         --rates 0 --freshness-rates none
-    part engine_tracing env ENGINE_BENCH_CLIENTS=4 ENGINE_BENCH_BLOCKS=8 ENGINE_BENCH_REQUESTS=2 \
+    part agent_steps "$target/release/agent_load" --step-rates 1000,10000 --seconds 10 --repeats 3
+    part engine_tracing env ENGINE_BENCH_CLIENTS=4 ENGINE_BENCH_BLOCKS=16 ENGINE_BENCH_REQUESTS=2 \
         ENGINE_BENCH_MAX_TOKENS=64 cargo bench -p ringside-perf --locked --bench engine_tracing
     part inflight env INFLIGHT_ROUNDS=12 INFLIGHT_CALLS=500000 \
         cargo bench -p ringside-perf --locked --bench inflight
+    part steps env STEPS_ROUNDS=12 STEPS_CALLS=500000 \
+        cargo bench -p ringside-perf --locked --bench steps
     part llamacpp scripts/bench-llamacpp.sh --rounds 8 --clients 4 --max-tokens 128
 fi
 
@@ -120,7 +129,7 @@ git diff --quiet HEAD 2>/dev/null || rev+=" (with uncommitted changes)"
     echo "ratio is against a baseline measured in the same run, interleaved with it. The machine may be"
     echo "shared: read the load average above before reading any figure."
     echo
-    for name in hot_path engine_tracing inflight agent agent_pinned llamacpp; do
+    for name in hot_path engine_tracing inflight steps agent agent_pinned agent_steps llamacpp; do
         if [[ -f "$report_dir/$name.md" ]]; then
             # Each part prints its own machine line; the header has it.
             cat "$report_dir/$name.md"

@@ -4,14 +4,23 @@
 //! temperature 0), so throughput (tokens/s, requests/s) and latency (time to
 //! first token, end to end) are measured on the same requests.
 //!
-//! Three modes on one engine process, in interleaved blocks whose order
-//! rotates per round, so all modes see the same model, threads, warm caches
-//! and machine noise:
+//! Four modes, in interleaved blocks whose order rotates per round (and is
+//! reversed every other cycle), so all modes see the same model, threads,
+//! warm caches and machine noise:
 //! - `off`: the tracing word cleared (the engine writes nothing);
-//! - `on`: tracing on, no agent reading (the agent process is SIGSTOPped);
-//! - `on+agent`: tracing on, a `ringside-agent` attached and exporting to
-//!   rotel over OTLP/gRPC (SIGCONTed), competing for the same cores as a
-//!   real deployment's agent would.
+//! - `on`: tracing on — request records and one step record per scheduler
+//!   step (ABI 1.4, default `--step-ring-capacity`) — no agent reading (the
+//!   agent process is SIGSTOPped);
+//! - `on, no step ring`: tracing on in a second engine process started with
+//!   `--step-ring-capacity 0` (request records only), idle while the others
+//!   run: what recording steps adds is `on` against it;
+//! - `on+agent`: tracing on (steps too), a `ringside-agent` attached and
+//!   exporting to rotel over OTLP/gRPC (SIGCONTed), competing for the same
+//!   cores as a real deployment's agent would.
+//!
+//! Besides wall-clock throughput, the serving engine's CPU time (utime +
+//! stime from `/proc`) per 1000 output tokens: less sensitive than
+//! throughput to other processes taking the cores.
 //!
 //! `cargo bench -p ringside-perf --bench engine_tracing` (needs a release
 //! build of `ringside-engine` and `ringside-agent`, the default model and
@@ -22,11 +31,14 @@
 
 #![forbid(unsafe_code)]
 
-use ringside_perf::{Report, Rotel, env_usize, fmt_summary, machine_line, workspace_bin};
+use ringside_perf::{
+    Report, Rotel, env_usize, fmt_summary, machine_line, proc_sample, workspace_bin,
+};
 use ringside_shm_protocol::{AttachedSegment, OpenOptions};
 use rustix::process::{Pid, Signal, kill_process};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,14 +53,18 @@ const PROMPTS: [&str; 4] = [
 enum Mode {
     Off,
     On,
+    OnNoSteps,
     OnAgent,
 }
+
+const MODES: [Mode; 4] = [Mode::Off, Mode::On, Mode::OnNoSteps, Mode::OnAgent];
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Off => "tracing off",
-            Mode::On => "tracing on, no agent",
+            Mode::On => "tracing on (steps recorded), no agent",
+            Mode::OnNoSteps => "tracing on, no step ring, no agent",
             Mode::OnAgent => "tracing on + agent → rotel",
         }
     }
@@ -194,6 +210,58 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// A started engine: its process, port, instance name and attached segment.
+struct Engine {
+    child: Child,
+    port: u16,
+    instance: String,
+    segment: AttachedSegment,
+}
+
+/// Starts `ringside-engine serve` with `extra` flags and waits until its
+/// segment exists and `/health` answers 200.
+fn start_engine(
+    bin: &Path,
+    instance: &str,
+    clients: usize,
+    extra: &[&str],
+) -> Result<Engine, String> {
+    let port = ringside_perf::free_port();
+    let log = std::env::temp_dir().join(format!("{instance}.engine.log"));
+    let mut child = Command::new(bin)
+        .args(["serve", "--port", &port.to_string(), "--instance", instance])
+        .args(["--served-model-name", "bench"])
+        .args(["--parallel", &clients.to_string()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(&log)
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        )
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok(segment) = AttachedSegment::open(instance, &OpenOptions::default())
+            && health_ok(port)
+        {
+            return Ok(Engine {
+                child,
+                port,
+                instance: instance.into(),
+                segment,
+            });
+        }
+        if Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
+            stop(&mut child);
+            return Err(format!("the engine did not start; log {}", log.display()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn main() {
     let fail = |e: String| -> ! {
         eprintln!("engine_tracing: {e}");
@@ -207,46 +275,37 @@ fn main() {
     let max_tokens = env_usize("ENGINE_BENCH_MAX_TOKENS", 32).max(1);
 
     let rotel = Rotel::start().unwrap_or_else(|e| fail(e));
-    let port = ringside_perf::free_port();
-    let instance = format!("perf-engine-{}", std::process::id());
-    let dir = std::env::temp_dir();
-    let engine_log = dir.join(format!("{instance}.engine.log"));
-    let mut engine = Command::new(&engine_bin)
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--instance",
-            &instance,
-        ])
-        .args(["--served-model-name", "bench"])
-        .args(["--parallel", &clients.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::File::create(&engine_log)
-                .map(Stdio::from)
-                .unwrap_or_else(|_| Stdio::null()),
-        )
-        .spawn()
-        .unwrap_or_else(|e| fail(format!("starting {}: {e}", engine_bin.display())));
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let segment = loop {
-        if let Ok(segment) = AttachedSegment::open(&instance, &OpenOptions::default())
-            && health_ok(port)
-        {
-            break segment;
+    let pid = std::process::id();
+    // The engine under test (default step ring) and its twin without one.
+    let mut main_engine = start_engine(&engine_bin, &format!("perf-engine-{pid}"), clients, &[])
+        .unwrap_or_else(|e| fail(e));
+    let mut no_steps = match start_engine(
+        &engine_bin,
+        &format!("perf-engine-nosteps-{pid}"),
+        clients,
+        &["--step-ring-capacity", "0"],
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            stop(&mut main_engine.child);
+            fail(e)
         }
-        if Instant::now() > deadline || !matches!(engine.try_wait(), Ok(None)) {
-            stop(&mut engine);
-            fail(format!(
-                "the engine did not start; log {}",
-                engine_log.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
     };
-    let state_file = dir.join(format!("{instance}.agent.json"));
+    let Some(step_ring) = main_engine.segment.steps() else {
+        stop(&mut main_engine.child);
+        stop(&mut no_steps.child);
+        fail(
+            "the engine under test has no step ring (ABI 1.4 and the default capacity expected)"
+                .into(),
+        )
+    };
+    if no_steps.segment.steps().is_some() {
+        stop(&mut main_engine.child);
+        stop(&mut no_steps.child);
+        fail("--step-ring-capacity 0 still made a step ring".into());
+    }
+    let instance = main_engine.instance.clone();
+    let state_file = std::env::temp_dir().join(format!("{instance}.agent.json"));
     let mut agent = Command::new(&agent_bin)
         .args(["run", "--engine", &instance, "--exporter", "otlp"])
         .args([
@@ -261,38 +320,45 @@ fn main() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| fail(format!("starting {}: {e}", agent_bin.display())));
+    let segment = &main_engine.segment;
     let deadline = Instant::now() + Duration::from_secs(15);
     while segment.ring().control().agent().0 != agent.id() {
         if Instant::now() > deadline {
             stop(&mut agent);
-            stop(&mut engine);
+            stop(&mut main_engine.child);
+            stop(&mut no_steps.child);
             fail("the agent did not attach in 15 s".into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Warm up with tracing off (the first requests page the model in).
+    // Warm up both engines (the first requests page the model in); the twin
+    // only ever serves with tracing on.
     segment.ring().control().set_tracing_enabled(false);
+    no_steps.segment.ring().control().set_tracing_enabled(true);
     signal(&agent, Signal::STOP);
-    block(port, clients, 1, max_tokens);
+    block(main_engine.port, clients, 1, max_tokens);
+    block(no_steps.port, clients, 1, max_tokens);
 
-    let modes = [Mode::Off, Mode::On, Mode::OnAgent];
-    // Per mode: per-block tokens/s and requests/s, and every request.
-    let mut tps: [Vec<f64>; 3] = Default::default();
-    let mut rps: [Vec<f64>; 3] = Default::default();
-    let mut reqs: [Vec<Request>; 3] = Default::default();
+    let n = MODES.len();
+    // Per mode: per-block tokens/s, requests/s and engine CPU ms per 1000
+    // tokens, and every request.
+    let mut tps: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut rps: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut reqs: Vec<Vec<Request>> = vec![Vec::new(); n];
     let mut sent_while_on = 0u64;
+    let mut steps_while_on = 0u64;
+    let mut steps_while_off = 0u64;
+    let mut tokens_while_on = 0u64;
+    let mut wall_while_on = 0.0f64;
     for round in 0..rounds {
-        // All six orders in turn: over every 6 rounds each mode is first,
-        // middle and last equally often, and follows each other mode.
-        const ORDERS: [[usize; 3]; 6] = [
-            [0, 1, 2],
-            [1, 2, 0],
-            [2, 0, 1],
-            [2, 1, 0],
-            [0, 2, 1],
-            [1, 0, 2],
-        ];
-        let order = ORDERS[round % ORDERS.len()].map(|i| modes[i]);
+        // Rotated each round, reversed every other cycle: each mode takes
+        // each position equally often and follows and precedes the others.
+        let mut order = MODES;
+        order.rotate_left(round % n);
+        if (round / n) % 2 == 1 {
+            order.reverse();
+        }
         for mode in order {
             // The engine writes a request's record just after its response:
             // let the previous block's last records land before switching.
@@ -300,7 +366,7 @@ fn main() {
             segment
                 .ring()
                 .control()
-                .set_tracing_enabled(mode != Mode::Off);
+                .set_tracing_enabled(matches!(mode, Mode::On | Mode::OnAgent));
             signal(
                 &agent,
                 if mode == Mode::OnAgent {
@@ -309,19 +375,37 @@ fn main() {
                     Signal::STOP
                 },
             );
-            let (wall, requests) = block(port, clients, per_client, max_tokens);
+            let serving = if mode == Mode::OnNoSteps {
+                &no_steps
+            } else {
+                &main_engine
+            };
+            let steps_before = step_ring.counters().head;
+            let cpu_before = proc_sample(serving.child.id()).map(|s| s.cpu);
+            let (wall, requests) = block(serving.port, clients, per_client, max_tokens);
+            let cpu_after = proc_sample(serving.child.id()).map(|s| s.cpu);
             let tokens: u64 = requests.iter().map(|r| r.tokens).sum();
             let i = mode as usize;
             tps[i].push(tokens as f64 / wall);
             rps[i].push(requests.len() as f64 / wall);
-            if mode != Mode::Off {
+            if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+                cpu[i].push(b.saturating_sub(a).as_secs_f64() * 1e6 / tokens.max(1) as f64);
+            }
+            if mode == Mode::Off {
+                steps_while_off += step_ring.counters().head - steps_before;
+            }
+            if matches!(mode, Mode::On | Mode::OnAgent) {
                 sent_while_on += requests.len() as u64;
+                steps_while_on += step_ring.counters().head - steps_before;
+                tokens_while_on += tokens;
+                wall_while_on += wall;
             }
             reqs[i].extend(requests);
         }
     }
     std::thread::sleep(Duration::from_millis(300));
     let written = segment.ring().counters().head;
+    let steps_total = step_ring.counters().head;
     // Let the agent export the rest and account for it.
     signal(&agent, Signal::CONT);
     std::thread::sleep(Duration::from_millis(1500));
@@ -338,19 +422,23 @@ fn main() {
                 .and_then(|e| e["stats"]["exported"].as_u64())
         });
     let _ = std::fs::remove_file(&state_file);
-    stop(&mut engine);
+    stop(&mut main_engine.child);
+    stop(&mut no_steps.child);
     drop(rotel);
 
     let mut report = Report::new("engine_tracing", "Engine: tracing on vs off");
     report.line(&format!(
-        "`--bench engine_tracing`: one engine process, default model and threads, `--parallel {clients}`; \
+        "`--bench engine_tracing`: engine processes with the default model and threads, `--parallel {clients}`; \
          {clients} closed-loop clients, each sending {per_client} streamed `/v1/completions` per block \
          ({max_tokens} tokens max, temperature 0, fixed prompts); {rounds} rounds of one block per mode, \
-         the six orders in turn. In `on` the agent process is SIGSTOPped; in `on + agent` it runs and exports to rotel \
-         over OTLP/gRPC on the same cores. tokens/s and requests/s per block: median (min–max) over blocks; \
-         TTFT and end-to-end over all requests of a mode.\n",
+         the order rotated per round and reversed every other cycle. `on` records requests and steps \
+         (ABI 1.4, the default `--step-ring-capacity`); `on, no step ring` is a second engine process started \
+         with `--step-ring-capacity 0`, idle while the other modes run. In the `on` modes without agent the agent \
+         process is SIGSTOPped; in `on + agent` it runs and exports to rotel over OTLP/gRPC on the same cores. \
+         tokens/s, requests/s and the serving engine's CPU time (utime + stime, `/proc`, 10 ms ticks) per 1000 \
+         output tokens per block: median (min–max) over blocks; TTFT and end-to-end over all requests of a mode.\n",
     ));
-    let rows: Vec<Vec<String>> = modes
+    let rows: Vec<Vec<String>> = MODES
         .iter()
         .map(|&m| {
             let i = m as usize;
@@ -360,6 +448,7 @@ fn main() {
                 m.name().into(),
                 fmt_summary(&tps[i], 2),
                 fmt_summary(&rps[i], 3),
+                fmt_summary(&cpu[i], 0),
                 format!("{:.0}", percentile(&ttft, 0.5)),
                 format!("{:.0}", percentile(&ttft, 0.99)),
                 format!("{:.0}", percentile(&e2e, 0.5)),
@@ -373,6 +462,7 @@ fn main() {
             "mode",
             "tokens/s",
             "requests/s",
+            "engine CPU ms / 1000 tokens",
             "TTFT p50 ms",
             "TTFT p99 ms",
             "e2e p50 ms",
@@ -383,29 +473,42 @@ fn main() {
     );
     let ratio =
         |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let row = |name: &str, a: Mode, b: Mode| -> Vec<String> {
+        let (a, b) = (a as usize, b as usize);
+        vec![
+            name.into(),
+            fmt_summary(&ratio(&tps[a], &tps[b]), 3),
+            fmt_summary(&ratio(&rps[a], &rps[b]), 3),
+            fmt_summary(&ratio(&cpu[a], &cpu[b]), 3),
+        ]
+    };
     report.table(
         &[
             "ratio (same round, median (min–max))",
             "tokens/s",
             "requests/s",
+            "engine CPU per token",
         ],
         &[
-            vec![
-                "on ÷ off".into(),
-                fmt_summary(&ratio(&tps[1], &tps[0]), 3),
-                fmt_summary(&ratio(&rps[1], &rps[0]), 3),
-            ],
-            vec![
-                "on + agent ÷ off".into(),
-                fmt_summary(&ratio(&tps[2], &tps[0]), 3),
-                fmt_summary(&ratio(&rps[2], &rps[0]), 3),
-            ],
+            row("on ÷ off", Mode::On, Mode::Off),
+            row("on + agent ÷ off", Mode::OnAgent, Mode::Off),
+            row("on ÷ on, no step ring", Mode::On, Mode::OnNoSteps),
+            row(
+                "on, no step ring ÷ off (two processes)",
+                Mode::OnNoSteps,
+                Mode::Off,
+            ),
         ],
     );
     report.line(&format!(
         "Records written while tracing was on: {written} (requests sent while on: {sent_while_on}); \
-         exported by the agent: {}. Target (issue 7): on ÷ off ≥ 0.995 for throughput.\n",
-        exported.map_or_else(|| "unknown (no state file)".into(), |n| n.to_string())
+         exported by the agent: {}. Step records written during the blocks with tracing on: {steps_while_on} \
+         ({:.1} steps/s, {:.2} output tokens per step); during the blocks with tracing off: {steps_while_off}; \
+         {steps_total} in all (a block's last step can be pushed just after its last response: it lands between \
+         blocks). Target (issue 7, issue 14 with steps): on ÷ off ≥ 0.995 for throughput.\n",
+        exported.map_or_else(|| "unknown (no state file)".into(), |n| n.to_string()),
+        steps_while_on as f64 / wall_while_on.max(f64::MIN_POSITIVE),
+        tokens_while_on as f64 / steps_while_on.max(1) as f64,
     ));
     report.line(&format!(
         "Run finished; machine at the end: {}.\n",

@@ -19,9 +19,20 @@
 //! agent drains (the ring overwrites, as the engine's default mode does);
 //! its push latency is compared with a run with no agent at all.
 //!
+//! Steps (ABI 1.4), with `--step-rates`: instead of the above, the synthetic
+//! engine runs a scheduler of 4 slots at a fixed step rate, every step
+//! decoding every busy slot and prefilling the free ones, writing one step
+//! record per step and one request record per request of
+//! `--tokens-per-request` tokens as it ends (after its last step, as the
+//! engine does), so the agent joins every request to its steps. Each step
+//! rate runs twice, interleaved: with the step records, and the same
+//! requests with none (the step ring stays empty), so the agent's CPU for
+//! steps is the difference.
+//!
 //! ```text
 //! agent_load [--rates 2500,10000,100000,0] [--seconds 5] [--repeats 3]
 //!            [--freshness-rates 2500,10000,100000] [--agent PATH] [--pin]
+//! agent_load --step-rates 1000,10000 [--tokens-per-request 16] [--seconds 5] [--repeats 3]
 //! ```
 
 #![forbid(unsafe_code)]
@@ -31,7 +42,10 @@ use ringside_perf::sink::TimingSink;
 use ringside_perf::{
     Report, Rotel, agent_record, fmt_summary, machine_line, proc_sample, workspace_bin,
 };
-use ringside_shm_protocol::{CreateOptions, EngineSegment, monotonic_ns};
+use ringside_shm_protocol::{
+    CreateOptions, EngineSegment, ErrorType, FinishReason, Operation, RecordKind, RequestRecord,
+    Sampling, SlotSet, Step, Timestamps, monotonic_ns,
+};
 use rustix::process::{Pid, Signal, kill_process};
 use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
 use rustix::time::{ClockId, clock_gettime};
@@ -57,13 +71,18 @@ struct Args {
     /// to the others, so that the agent cannot preempt the producer: what is
     /// left of a change in push latency is contention in the ring itself.
     pin: bool,
+    /// Steps/s of the step runs (none: the record runs instead).
+    step_rates: Vec<u64>,
+    /// Output tokens per request in the step runs.
+    tokens_per_request: u32,
 }
 
 fn usage(error: &str) -> ! {
     eprintln!(
         "agent_load: {error}\n\
          usage: agent_load [--rates R,R,...] [--freshness-rates R,...] [--seconds S] [--repeats N] [--agent PATH] [--pin]\n\
-         rates are records/s; 0 means flat out"
+         \x20      agent_load --step-rates S,S,... [--tokens-per-request N] [--seconds S] [--repeats N] [--agent PATH]\n\
+         rates are records/s; 0 means flat out; step rates are steps/s"
     );
     std::process::exit(2)
 }
@@ -76,6 +95,8 @@ fn parse_args() -> Args {
         repeats: 3,
         agent: PathBuf::new(),
         pin: false,
+        step_rates: vec![],
+        tokens_per_request: 16,
     };
     let mut agent = None;
     let mut it = std::env::args().skip(1);
@@ -112,6 +133,19 @@ fn parse_args() -> Args {
             }
             "--agent" => agent = it.next().map(PathBuf::from),
             "--pin" => args.pin = true,
+            "--step-rates" => {
+                args.step_rates = rates(it.next(), "--step-rates");
+                if args.step_rates.contains(&0) {
+                    usage("--step-rates: a step rate must be above 0");
+                }
+            }
+            "--tokens-per-request" => {
+                args.tokens_per_request = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| *n >= 2)
+                    .unwrap_or_else(|| usage("--tokens-per-request needs a whole number ≥ 2"))
+            }
             "-h" | "--help" => usage("help"),
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -193,6 +227,18 @@ struct Agent {
 
 impl Agent {
     fn start(binary: &Path, instance: &str, port: u16, dir: &Path) -> Result<Agent, String> {
+        Self::start_with_admin(binary, instance, port, dir, None)
+    }
+
+    /// With `admin`: the admin API (and its Prometheus `/metrics`) on that
+    /// loopback port.
+    fn start_with_admin(
+        binary: &Path,
+        instance: &str,
+        port: u16,
+        dir: &Path,
+        admin: Option<u16>,
+    ) -> Result<Agent, String> {
         let state_file = dir.join(format!("agent-{instance}.json"));
         let log = dir.join(format!("agent-{instance}.log"));
         let log_file =
@@ -208,7 +254,8 @@ impl Agent {
         let child = cmd
             .args(["run", "--engine", instance, "--exporter", "otlp"])
             .args(["--endpoint", &format!("http://127.0.0.1:{port}")])
-            .args(["--protocol", "grpc", "--admin-listen", "off"])
+            .args(["--protocol", "grpc", "--admin-listen"])
+            .arg(admin.map_or_else(|| "off".into(), |p| format!("127.0.0.1:{p}")))
             .arg("--state-file")
             .arg(&state_file)
             .stdin(Stdio::null())
@@ -619,6 +666,10 @@ fn rate_label(rate: u64) -> String {
 
 fn main() {
     let args = parse_args();
+    if !args.step_rates.is_empty() {
+        steps_main(&args);
+        return;
+    }
     let mut report = if args.pin {
         Report::new(
             "agent_pinned",
@@ -926,4 +977,453 @@ fn main() {
         eprintln!("agent_load: {failures} run(s) failed (see above)");
         std::process::exit(1);
     }
+}
+
+/// Slots of the synthetic scheduler (the engine's default `--parallel`).
+const STEP_SLOTS: usize = 4;
+/// Prompt tokens of a synthetic request (one prefill chunk).
+const STEP_PROMPT: u32 = 12;
+
+/// A request finished by the synthetic scheduler, as the engine records it:
+/// its slot, and first/last token stamps that bracket its decode steps.
+fn stepped_record(
+    seq: u64,
+    slot: usize,
+    stamps: [u64; 5],
+    tokens: u32,
+) -> ringside_shm_protocol::Record {
+    let [arrival, scheduled, first, last, finished] = stamps;
+    let mut trace_id = [0; 16];
+    trace_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
+    trace_id[8] = 2;
+    RequestRecord {
+        kind: RecordKind::RequestFinished,
+        operation: Operation::Chat,
+        request_id: u128::from(seq + 1).to_be_bytes(),
+        trace_id,
+        parent_span_id: Some([0x11; 8]),
+        span_id: (seq + 1).to_be_bytes(),
+        trace_flags: 1,
+        ot: Default::default(),
+        timestamps: Timestamps {
+            arrival_ns: arrival,
+            scheduled_ns: Some(scheduled),
+            first_token_ns: Some(first),
+            last_token_ns: Some(last),
+            finished_ns: finished,
+        },
+        prompt_tokens: STEP_PROMPT,
+        completion_tokens: tokens,
+        cached_prompt_tokens: 0,
+        sampling: Sampling {
+            max_tokens: tokens,
+            temperature: 0.7,
+            top_p: 0.95,
+            ..Sampling::default()
+        },
+        params_set: 0,
+        stream: true,
+        finish_reason: FinishReason::Length,
+        http_status: 200,
+        error_type: ErrorType::None,
+        model_index: 0,
+        queue_depth: 0,
+        running: u16::try_from(STEP_SLOTS).unwrap_or(u16::MAX),
+        sequence_slot: u16::try_from(slot).ok(),
+    }
+    .encode()
+}
+
+/// One request in a slot of the synthetic scheduler.
+#[derive(Clone, Copy)]
+struct Running {
+    arrival: u64,
+    scheduled: u64,
+    first: u64,
+    last: u64,
+    tokens: u32,
+}
+
+/// Runs the synthetic scheduler for `seconds` at `step_rate` steps/s: each
+/// step prefills every free slot (its first token at the step's end) and
+/// decodes one token of every other; a request ends with its
+/// `tokens`-th token, its record pushed after the step's. Without
+/// `push_steps` the same requests are recorded and the step ring stays
+/// empty. Returns (records, steps) written.
+fn produce_steps(
+    segment: &EngineSegment,
+    step_rate: u64,
+    tokens: u32,
+    seconds: f64,
+    push_steps: bool,
+) -> (u64, u64) {
+    let records = segment.ring().producer();
+    let step_ring = segment.steps().expect("the segment has a step ring");
+    let steps = step_ring.producer();
+    let mut slots: [Option<Running>; STEP_SLOTS] = [None; STEP_SLOTS];
+    let mut ended: Vec<(usize, Running)> = Vec::with_capacity(STEP_SLOTS);
+    let start = Instant::now();
+    let window = Duration::from_secs_f64(seconds);
+    let (mut n_steps, mut n_records, mut seq) = (0u64, 0u64, 1u64 << 41);
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= window {
+            break;
+        }
+        let target = (step_rate as f64 * elapsed.as_secs_f64()) as u64;
+        while n_steps < target {
+            let t_start = monotonic_ns();
+            let mut decode_slots = SlotSet::EMPTY;
+            let mut prefill_slots = SlotSet::EMPTY;
+            for (i, slot) in slots.iter().enumerate() {
+                if slot.is_some() {
+                    decode_slots.insert(i);
+                } else {
+                    prefill_slots.insert(i);
+                }
+            }
+            let t_decode_end = monotonic_ns();
+            let t_end = monotonic_ns();
+            let mut kv = 0u32;
+            for (i, slot) in slots.iter_mut().enumerate() {
+                match slot {
+                    Some(r) => {
+                        r.tokens += 1;
+                        r.last = t_decode_end;
+                        kv += STEP_PROMPT + r.tokens;
+                        if r.tokens == tokens {
+                            ended.push((i, *r));
+                            *slot = None;
+                        }
+                    }
+                    None => {
+                        *slot = Some(Running {
+                            arrival: t_start.saturating_sub(1_000),
+                            scheduled: t_start,
+                            first: t_end,
+                            last: t_end,
+                            tokens: 1,
+                        });
+                        kv += STEP_PROMPT + 1;
+                    }
+                }
+            }
+            n_steps += 1;
+            let prefills = u16::try_from(prefill_slots.len()).unwrap_or(u16::MAX);
+            let decoding = !decode_slots.is_empty();
+            if push_steps {
+                let step = Step {
+                    step: n_steps,
+                    t_start_ns: t_start,
+                    t_decode_end_ns: t_decode_end,
+                    t_end_ns: t_end,
+                    decode_slots,
+                    prefill_slots,
+                    prefill_tokens: u32::from(prefills) * STEP_PROMPT,
+                    decode_rows: if decoding { STEP_SLOTS as u16 } else { 0 },
+                    decode_calls: u16::from(decoding),
+                    prefill_calls: prefills,
+                    slots_occupied: STEP_SLOTS as u16,
+                    slots_total: STEP_SLOTS as u16,
+                    kv_cells_used: kv,
+                    kv_cells_total: 4096 * STEP_SLOTS as u32,
+                    queue_depth: 0,
+                    failed: false,
+                };
+                let _ = steps.push(&step.encode());
+            }
+            for (i, r) in ended.drain(..) {
+                let finished = monotonic_ns();
+                let record = stepped_record(
+                    seq,
+                    i,
+                    [r.arrival, r.scheduled, r.first, r.last, finished],
+                    r.tokens,
+                );
+                let _ = records.push(&record);
+                seq += 1;
+                n_records += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    (n_records, n_steps)
+}
+
+/// One step run's figures.
+#[derive(Debug, Default, Clone)]
+struct StepRun {
+    records_per_s: f64,
+    steps_per_s: f64,
+    agent_cores: f64,
+    rss_peak_mib: f64,
+    exported: u64,
+    steps_read: u64,
+    /// Overwritten and invalid.
+    steps_lost: u64,
+    unjoined: u64,
+    /// Gaps in the inter-token histogram.
+    gaps: u64,
+    accounting_exact: bool,
+}
+
+fn run_steps(args: &Args, step_rate: u64, push_steps: bool) -> Result<StepRun, String> {
+    let n = RUN.fetch_add(1, Ordering::Relaxed);
+    let instance = format!("perf-agent-steps-{}-{n}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("ringside-agent-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut options = CreateOptions::new(instance.clone(), vec!["bench-model".into()]);
+    options.capacity = RING_CAPACITY;
+    let segment = EngineSegment::create(&options).map_err(|e| format!("segment: {e}"))?;
+    let rotel = Rotel::start()?;
+    let admin = ringside_perf::free_port();
+    let mut agent =
+        Agent::start_with_admin(&args.agent, &instance, rotel.grpc_port, &dir, Some(admin))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while segment.ring().control().agent().0 != agent.pid() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the agent did not attach in 15 s; log:\n{}",
+                agent.log_tail()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = sampler(
+        agent.pid(),
+        agent.state_file.clone(),
+        instance.clone(),
+        Arc::clone(&stop),
+    );
+    let cpu0 = proc_sample(agent.pid()).ok_or("the agent died")?;
+    let wall0 = Instant::now();
+    let (records, steps) = produce_steps(
+        &segment,
+        step_rate,
+        args.tokens_per_request,
+        args.seconds,
+        push_steps,
+    );
+    let wall = wall0.elapsed().as_secs_f64();
+    let cpu1 = proc_sample(agent.pid()).ok_or("the agent died")?;
+    let head = segment.ring().counters().head;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let c = read_state(&agent.state_file, &instance).unwrap_or_default();
+        let settled = c.engine_written == head
+            && c.lag == 0
+            && c.read == c.invalid + c.sampled_out + c.queue_dropped + c.exported + c.export_failed;
+        if settled || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The step counters are in the agent's metrics, not its state file:
+    // read them from its Prometheus endpoint once everything is settled.
+    let token =
+        std::fs::read_to_string(agent.state_file.with_extension("admin-token")).unwrap_or_default();
+    let metrics = scrape_metrics(admin, token.trim()).unwrap_or_else(|e| {
+        eprintln!("[agent_load] the agent's /metrics: {e}");
+        String::new()
+    });
+    let metric = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let steps_read = metric("ringside_agent_steps_read");
+    let steps_lost = metric("ringside_agent_steps_lost");
+    let unjoined = metric("ringside_agent_requests_unjoined");
+    let gaps = metric("ringside_server_inter_token_duration_seconds_count");
+    agent.stop()?;
+    stop.store(true, Ordering::Relaxed);
+    let samples = samples.join().unwrap_or_default();
+    let c = read_state(&agent.state_file, &instance)
+        .ok_or_else(|| format!("no final state in {}", agent.state_file.display()))?;
+    let lost = c.lost_overwritten
+        + c.lost_abandoned
+        + c.invalid
+        + c.queue_dropped
+        + c.export_failed
+        + c.skipped_at_attach;
+    drop(rotel);
+    Ok(StepRun {
+        records_per_s: records as f64 / wall,
+        steps_per_s: steps as f64 / wall,
+        agent_cores: cpu1.cpu.saturating_sub(cpu0.cpu).as_secs_f64() / wall,
+        rss_peak_mib: samples.peak_rss_kib as f64 / 1024.0,
+        exported: c.exported,
+        steps_read,
+        steps_lost,
+        unjoined,
+        gaps,
+        accounting_exact: records == head && head == c.exported + c.sampled_out + lost,
+    })
+}
+
+fn steps_main(args: &Args) {
+    let mut report = Report::new("agent_steps", "Agent with steps (ABI 1.4)");
+    let tokens = args.tokens_per_request;
+    report.line(&format!(
+        "`agent_load --step-rates`: a synthetic engine (`perf/src/bin/agent_load.rs`) runs a scheduler of \
+         {STEP_SLOTS} slots at a fixed step rate: every step decodes one token of each busy slot and prefills the free \
+         ones, one step record per step into the segment's step ring (4096, the default) and one request record \
+         per {tokens}-token request as it ends (after its last step's record, as the engine writes them), so \
+         records/s = steps/s × {STEP_SLOTS} ÷ {tokens} and every request joins {} steps. Each step rate runs with the \
+         step records and with the same requests and no step records (step ring empty), interleaved, the order \
+         alternating per repeat; {} s per run, {} repeat(s). A `ringside-agent run --exporter otlp --protocol grpc` \
+         (default batching, `--detail phases`) exports to rotel `--exporter blackhole` on loopback; producer, agent \
+         and rotel share this machine's cores. Agent CPU = utime+stime from /proc over the production window ÷ wall \
+         time. Steps read, lost and requests unjoined from the agent's \
+         Prometheus `/metrics` (`ringside.agent.steps.*`, `ringside.agent.requests.unjoined`) after the run; joined = \
+         exported − unjoined; gaps = the count of `ringside.server.inter_token.duration` (exported requests × {} \
+         when every request joins; the run without step records has none).\n",
+        tokens - 1,
+        args.seconds,
+        args.repeats,
+        tokens - 1,
+    ));
+    let mut with: Vec<Vec<StepRun>> = vec![vec![]; args.step_rates.len()];
+    let mut without: Vec<Vec<StepRun>> = vec![vec![]; args.step_rates.len()];
+    let mut failures = 0usize;
+    for repeat in 0..args.repeats {
+        for (i, &rate) in args.step_rates.iter().enumerate() {
+            let order = if repeat % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for push in order {
+                match run_steps(args, rate, push) {
+                    Ok(r) => {
+                        eprintln!(
+                            "[agent_load] {rate} steps/s, steps {}: {:.0} steps/s, {:.0} records/s, agent {:.3} cores, steps read {} lost+invalid {}, unjoined {}, gaps {}, exported {}, exact {}",
+                            if push { "on" } else { "off" },
+                            r.steps_per_s,
+                            r.records_per_s,
+                            r.agent_cores,
+                            r.steps_read,
+                            r.steps_lost,
+                            r.unjoined,
+                            r.gaps,
+                            r.exported,
+                            r.accounting_exact
+                        );
+                        (if push { &mut with } else { &mut without })[i].push(r);
+                    }
+                    Err(e) => {
+                        eprintln!("[agent_load] {rate} steps/s: {e}");
+                        failures += 1;
+                    }
+                }
+            }
+        }
+    }
+    let f = |rs: &[StepRun], g: fn(&StepRun) -> f64, d: usize| {
+        fmt_summary(&rs.iter().map(g).collect::<Vec<_>>(), d)
+    };
+    let mut rows = vec![];
+    for (i, &rate) in args.step_rates.iter().enumerate() {
+        for (label, rs) in [
+            ("with step records", &with[i]),
+            ("no step records", &without[i]),
+        ] {
+            if rs.is_empty() {
+                continue;
+            }
+            rows.push(vec![
+                format!("{rate}/s, {label}"),
+                f(rs, |r| r.steps_per_s, 0),
+                f(rs, |r| r.records_per_s, 0),
+                f(rs, |r| r.agent_cores * 100.0, 2),
+                f(rs, |r| r.rss_peak_mib, 1),
+                f(rs, |r| r.steps_read as f64, 0),
+                f(rs, |r| r.steps_lost as f64, 0),
+                f(rs, |r| r.exported.saturating_sub(r.unjoined) as f64, 0),
+                f(rs, |r| r.gaps as f64, 0),
+                f(rs, |r| r.exported as f64, 0),
+                format!(
+                    "{}/{}",
+                    rs.iter().filter(|r| r.accounting_exact).count(),
+                    rs.len()
+                ),
+            ]);
+        }
+    }
+    report.line("**Agent CPU with steps** (median (min–max) over runs)\n");
+    report.table(
+        &[
+            "step rate, run",
+            "steps/s written",
+            "records/s written",
+            "agent CPU % of a core",
+            "agent RSS MiB (peak)",
+            "steps read by the agent",
+            "steps lost + invalid",
+            "requests joined",
+            "gaps in the inter-token histogram",
+            "requests exported",
+            "record accounting exact",
+        ],
+        &rows,
+    );
+    let mut diff_rows = vec![];
+    for (i, &rate) in args.step_rates.iter().enumerate() {
+        // Same repeat, same rate: with − without.
+        let diffs: Vec<f64> = with[i]
+            .iter()
+            .zip(&without[i])
+            .map(|(a, b)| (a.agent_cores - b.agent_cores) * 100.0)
+            .collect();
+        let per_step: Vec<f64> = with[i]
+            .iter()
+            .zip(&without[i])
+            .map(|(a, b)| (a.agent_cores - b.agent_cores) * 1e9 / a.steps_per_s.max(1.0))
+            .collect();
+        diff_rows.push(vec![
+            format!("{rate}/s"),
+            fmt_summary(&diffs, 2),
+            fmt_summary(&per_step, 0),
+        ]);
+    }
+    report.table(
+        &[
+            "step rate",
+            "agent CPU for steps, % of a core (with − without, same repeat)",
+            "agent CPU ns per step",
+        ],
+        &diff_rows,
+    );
+    report.finish();
+    if failures > 0 {
+        eprintln!("agent_load: {failures} run(s) failed");
+        std::process::exit(1);
+    }
+}
+
+/// `GET /metrics` of the agent's admin API on loopback `port`, with its
+/// bearer token.
+fn scrape_metrics(port: u16, token: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.0\r\nhost: 127.0.0.1:{port}\r\nauthorization: Bearer {token}\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if !text.starts_with("HTTP/1.0 200") && !text.starts_with("HTTP/1.1 200") {
+        return Err(text.lines().next().unwrap_or("no answer").to_owned());
+    }
+    Ok(text)
 }
