@@ -4,6 +4,7 @@
 //! trace 4bf92f3577b34da6a3ce929d0e0e4736  engine gemma-1 (pid 4242)
 //! └─ chat gemma-3-270m  SERVER  1.234 s  OK
 //!    │  in 12 tok (4 cached) → out 11 tok  finish length  ttft 0.500 s  queue 0.250 s
+//!    │  gaps max 0.412 s  p50 0.041  p99 0.412  (2 steps carried 512 prefill tokens of others)
 //!    ├─ queue    0.250 s  +0.000
 //!    ├─ prefill  0.250 s  +0.250
 //!    └─ decode   1.000 s  +0.500
@@ -107,9 +108,26 @@ pub fn render(items: &[Item]) -> String {
         if let Some(Value::DoubleValue(t)) = attr(root, "gen_ai.request.temperature") {
             let _ = write!(line, "  temperature {t}");
         }
+        let bar = if children.is_empty() { " " } else { "│" };
         if !line.is_empty() {
-            let bar = if children.is_empty() { " " } else { "│" };
             let _ = writeln!(out, "   {bar}  {}", line.trim_start());
+        }
+        if let Some(steps) = &item.steps {
+            let _ = write!(
+                out,
+                "   {bar}  gaps max {:.3} s  p50 {:.3}  p99 {:.3}",
+                secs(steps.gap_max_ns),
+                secs(steps.gap_p50_ns),
+                secs(steps.gap_p99_ns)
+            );
+            if steps.prefill_steps > 0 {
+                let _ = write!(
+                    out,
+                    "  ({} steps carried {} prefill tokens of others)",
+                    steps.prefill_steps, steps.prefill_tokens
+                );
+            }
+            out.push('\n');
         }
         for (i, child) in children.iter().enumerate() {
             let branch = if i + 1 == children.len() {
@@ -232,5 +250,39 @@ mod tests {
         assert_eq!(lines[3], "   ├─ queue    0.250 s  +0.000");
         assert_eq!(lines[4], "   ├─ prefill  0.250 s  +0.250");
         assert_eq!(lines[5], "   └─ decode   1.000 s  +0.500");
+    }
+
+    #[test]
+    fn a_request_joined_to_its_steps_shows_its_gaps_and_the_prefill_behind_them() {
+        let record = raw_record(1).decode(1).unwrap();
+        let engine = Arc::new(EngineHandle {
+            id: 0,
+            instance: "eng".into(),
+            pid: 42,
+            resource: Resource::default(),
+            stats: EngineStats::default(),
+            capture: Default::default(),
+        });
+        let mut item = Item::new(
+            engine,
+            Arc::new(ctx(AttributeSet::Both)),
+            record,
+            Detail::Phases,
+        );
+        item.steps = Some(crate::pipeline::steps::RequestSteps {
+            gaps: 10,
+            gap_max_ns: 412_000_000,
+            gap_p50_ns: 41_000_000,
+            gap_p99_ns: 412_000_000,
+            prefill_steps: 2,
+            prefill_tokens: 512,
+        });
+        let text = render(&[item]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[3],
+            "   │  gaps max 0.412 s  p50 0.041  p99 0.412  (2 steps carried 512 prefill tokens of others)"
+        );
+        assert_eq!(lines[4], "   ├─ queue    0.250 s  +0.000");
     }
 }
