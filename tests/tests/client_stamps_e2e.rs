@@ -5,11 +5,10 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Agent, Collector, Engine, e2e_enabled, hex, records, server_span, span_double,
+    Agent, Collector, Engine, e2e_enabled, hex, records, send_raw_chat, server_span, span_double,
     timed_traced_chat, wait_for_records,
 };
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -143,16 +142,9 @@ fn a_crash_span_s_partial_timings_match_what_the_client_had_received() {
         "max_tokens": 900,
         "temperature": 0,
         "stream": true,
-    })
-    .to_string();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         traceparent: 00-{trace_id}-00000000000000bb-01\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut socket = TcpStream::connect(("127.0.0.1", engine.port)).expect("connect");
-    socket.set_nodelay(true).expect("nodelay");
-    socket.write_all(request.as_bytes()).expect("send");
+    });
+    let traceparent = format!("00-{trace_id}-00000000000000bb-01");
+    let mut socket = send_raw_chat(engine.port, &body, &traceparent);
     let start = Instant::now();
     // Read content chunks as they come; kill the engine after 20.
     let mut seen = String::new();

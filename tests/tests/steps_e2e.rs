@@ -6,10 +6,10 @@
 #![forbid(unsafe_code)]
 
 use ringside_tests::harness::{
-    Agent, Collector, Engine, e2e_enabled, http, post_chat, server_span, span_double, span_int,
+    Agent, Collector, Engine, e2e_enabled, http, post_chat, send_raw_chat, server_span,
+    span_double, span_int,
 };
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -33,16 +33,9 @@ fn stream_and_time(
         "max_tokens": 90,
         "temperature": 0,
         "stream": true,
-    })
-    .to_string();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         traceparent: 00-{trace_id}-00000000000000aa-01\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut socket = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    socket.set_nodelay(true).expect("nodelay");
-    socket.write_all(request.as_bytes()).expect("send");
+    });
+    let traceparent = format!("00-{trace_id}-00000000000000aa-01");
+    let mut socket = send_raw_chat(port, &body, &traceparent);
     let mut all = Vec::new();
     let mut buf = [0u8; 8192];
     let mut arrivals = Vec::new();

@@ -147,6 +147,22 @@ impl ClientView {
     }
 }
 
+/// Writes a chat request with `traceparent` on a fresh loopback socket (no
+/// Nagle delay, `Connection: close`) and returns the socket to read the
+/// response from, as a client timing it would.
+pub fn send_raw_chat(port: u16, body: &serde_json::Value, traceparent: &str) -> TcpStream {
+    let body = body.to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         traceparent: {traceparent}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut socket = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    socket.set_nodelay(true).expect("nodelay");
+    socket.write_all(request.as_bytes()).expect("send");
+    socket
+}
+
 /// Sends a chat request over a raw socket with its own trace id (parent span
 /// `aa`), the way a client measures it, timed from right after the request
 /// bytes were written.
@@ -157,16 +173,9 @@ pub fn timed_traced_chat(engine: &Engine, trace_id: &str, stream: bool) -> Clien
         "max_tokens": 32,
         "temperature": 0,
         "stream": stream,
-    })
-    .to_string();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         traceparent: 00-{trace_id}-00000000000000aa-01\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut socket = TcpStream::connect(("127.0.0.1", engine.port)).expect("connect");
-    socket.set_nodelay(true).expect("nodelay");
-    socket.write_all(request.as_bytes()).expect("send");
+    });
+    let traceparent = format!("00-{trace_id}-00000000000000aa-01");
+    let mut socket = send_raw_chat(engine.port, &body, &traceparent);
     let start = Instant::now();
     let sent_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -14,7 +14,7 @@ pub use collector::{
     span_double, span_field, span_int,
 };
 pub use engine::{Engine, records, wait_for_records};
-pub use http::{ClientView, HttpResponse, http, post_chat, timed_traced_chat};
+pub use http::{ClientView, HttpResponse, http, post_chat, send_raw_chat, timed_traced_chat};
 
 use std::net::TcpListener;
 use std::path::PathBuf;
