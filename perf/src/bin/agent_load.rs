@@ -43,8 +43,7 @@ use ringside_perf::{
     Report, Rotel, agent_record, fmt_summary, machine_line, proc_sample, workspace_bin,
 };
 use ringside_shm_protocol::{
-    CreateOptions, EngineSegment, ErrorType, FinishReason, Operation, RecordKind, RequestRecord,
-    Sampling, SlotSet, Step, Timestamps, monotonic_ns,
+    CreateOptions, EngineSegment, FinishReason, SlotSet, Step, Timestamps, monotonic_ns,
 };
 use rustix::process::{Pid, Signal, kill_process};
 use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
@@ -993,45 +992,24 @@ fn stepped_record(
     tokens: u32,
 ) -> ringside_shm_protocol::Record {
     let [arrival, scheduled, first, last, finished] = stamps;
-    let mut trace_id = [0; 16];
-    trace_id[0..8].copy_from_slice(&(seq + 1).to_be_bytes());
-    trace_id[8] = 2;
-    RequestRecord {
-        kind: RecordKind::RequestFinished,
-        operation: Operation::Chat,
-        request_id: u128::from(seq + 1).to_be_bytes(),
-        trace_id,
-        parent_span_id: Some([0x11; 8]),
-        span_id: (seq + 1).to_be_bytes(),
-        trace_flags: 1,
-        ot: Default::default(),
-        timestamps: Timestamps {
-            arrival_ns: arrival,
-            scheduled_ns: Some(scheduled),
-            first_token_ns: Some(first),
-            last_token_ns: Some(last),
-            finished_ns: finished,
-        },
-        prompt_tokens: STEP_PROMPT,
-        completion_tokens: tokens,
-        cached_prompt_tokens: 0,
-        sampling: Sampling {
-            max_tokens: tokens,
-            temperature: 0.7,
-            top_p: 0.95,
-            ..Sampling::default()
-        },
-        params_set: 0,
-        stream: true,
-        finish_reason: FinishReason::Length,
-        http_status: 200,
-        error_type: ErrorType::None,
-        model_index: 0,
-        queue_depth: 0,
-        running: u16::try_from(STEP_SLOTS).unwrap_or(u16::MAX),
-        sequence_slot: u16::try_from(slot).ok(),
-    }
-    .encode()
+    let mut raw = ringside_tests::finished_chat_record(seq, arrival);
+    raw.trace_id[8] = 2;
+    let mut r = raw.decode(1).expect("the tests' record is valid");
+    r.timestamps = Timestamps {
+        arrival_ns: arrival,
+        scheduled_ns: Some(scheduled),
+        first_token_ns: Some(first),
+        last_token_ns: Some(last),
+        finished_ns: finished,
+    };
+    r.prompt_tokens = STEP_PROMPT;
+    r.completion_tokens = tokens;
+    r.sampling.max_tokens = tokens;
+    r.stream = true;
+    r.finish_reason = FinishReason::Length;
+    r.running = u16::try_from(STEP_SLOTS).unwrap_or(u16::MAX);
+    r.sequence_slot = u16::try_from(slot).ok();
+    r.encode()
 }
 
 /// One request in a slot of the synthetic scheduler.
