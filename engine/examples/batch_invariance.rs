@@ -51,6 +51,19 @@ fn clear(ctx: &mut LlamaContext<'_>) {
     ctx.clear_kv_cache();
 }
 
+/// Decodes `tokens` of one sequence at `pos`; the logits of its last token.
+fn decode_one(ctx: &mut LlamaContext<'_>, seq: i32, pos: i32, tokens: &[LlamaToken]) -> Vec<f32> {
+    decode(ctx, &[Part { seq, pos, tokens }]).remove(0)
+}
+
+/// A fresh KV with the prompt's first `kept` tokens decoded in one call and
+/// the rest in a second: what a reused prefix of `kept` tokens gives.
+fn prefix_then_rest(ctx: &mut LlamaContext<'_>, prompt: &[LlamaToken], kept: usize) -> Vec<f32> {
+    clear(ctx);
+    decode_one(ctx, 0, 0, &prompt[..kept]);
+    decode_one(ctx, 0, to_i32(kept), &prompt[kept..])
+}
+
 fn argmax(l: &[f32]) -> usize {
     l.iter()
         .enumerate()
@@ -160,79 +173,23 @@ fn main() -> ExitCode {
 
     // A: fresh, alone (what a request gets with --no-prompt-cache on an idle engine).
     clear(&mut ctx);
-    let a = decode(
-        &mut ctx,
-        &[Part {
-            seq: 0,
-            pos: 0,
-            tokens: &p,
-        }],
-    )
-    .remove(0);
+    let a = decode_one(&mut ctx, 0, 0, &p);
 
     let mut all_same = true;
     // B: the prompt cache today: prefix kept, the last token decoded alone (1 row).
-    clear(&mut ctx);
-    decode(
-        &mut ctx,
-        &[Part {
-            seq: 0,
-            pos: 0,
-            tokens: &p[..n - 1],
-        }],
-    );
-    let b = decode(
-        &mut ctx,
-        &[Part {
-            seq: 0,
-            pos: to_i32(n - 1),
-            tokens: &p[n - 1..],
-        }],
-    )
-    .remove(0);
+    let b = prefix_then_rest(&mut ctx, &p, n - 1);
     all_same &= compare("B reuse n-1, last token alone (1 row)", &a, &b);
 
     // F: re-decode the last two tokens (2 rows, one sequence).
-    clear(&mut ctx);
-    decode(
-        &mut ctx,
-        &[Part {
-            seq: 0,
-            pos: 0,
-            tokens: &p[..n - 2],
-        }],
-    );
-    let f = decode(
-        &mut ctx,
-        &[Part {
-            seq: 0,
-            pos: to_i32(n - 2),
-            tokens: &p[n - 2..],
-        }],
-    )
-    .remove(0);
+    let f = prefix_then_rest(&mut ctx, &p, n - 2);
     all_same &= compare("F reuse n-2, last two tokens (2 rows)", &a, &f);
 
     // C/D/E: last token together with k other sequences' decode tokens (k+1 rows).
     for k in [1usize, 2, 3, 4, 5] {
         clear(&mut ctx);
-        decode(
-            &mut ctx,
-            &[Part {
-                seq: 0,
-                pos: 0,
-                tokens: &p[..n - 1],
-            }],
-        );
+        decode_one(&mut ctx, 0, 0, &p[..n - 1]);
         for s in 1..=k {
-            decode(
-                &mut ctx,
-                &[Part {
-                    seq: to_i32(s),
-                    pos: 0,
-                    tokens: &q,
-                }],
-            );
+            decode_one(&mut ctx, to_i32(s), 0, &q);
         }
         let qn = to_i32(q.len());
         let extra: Vec<[LlamaToken; 1]> = (0..k).map(|_| [q[1]]).collect();
@@ -261,14 +218,7 @@ fn main() -> ExitCode {
 
     // G: fresh, with another sequence's decode token in the same call (seq 1, consecutive).
     clear(&mut ctx);
-    decode(
-        &mut ctx,
-        &[Part {
-            seq: 1,
-            pos: 0,
-            tokens: &q,
-        }],
-    );
+    decode_one(&mut ctx, 1, 0, &q);
     let qn = to_i32(q.len());
     let g = decode(
         &mut ctx,
@@ -292,27 +242,11 @@ fn main() -> ExitCode {
     let steps = 24;
     let run = |ctx: &mut LlamaContext<'_>, k: usize| {
         clear(ctx);
-        let l0 = decode(
-            ctx,
-            &[Part {
-                seq: 0,
-                pos: 0,
-                tokens: &p,
-            }],
-        )
-        .remove(0);
+        let l0 = decode_one(ctx, 0, 0, &p);
         let mut comps = Vec::new();
         for s in 1..=k {
             let s = to_i32(s);
-            let l = decode(
-                ctx,
-                &[Part {
-                    seq: s,
-                    pos: 0,
-                    tokens: &q,
-                }],
-            )
-            .remove(0);
+            let l = decode_one(ctx, s, 0, &q);
             comps.push((s, to_i32(q.len()), l));
         }
         greedy(ctx, 0, to_i32(n), l0, &mut comps, steps)
@@ -421,15 +355,7 @@ fn main() -> ExitCode {
         .expect("trim");
     let mut reused = Vec::new();
     for (k, c) in long[256..290].chunks(32).enumerate() {
-        reused = decode(
-            &mut ctx,
-            &[Part {
-                seq: 0,
-                pos: to_i32(256 + k * 32),
-                tokens: c,
-            }],
-        )
-        .remove(0);
+        reused = decode_one(&mut ctx, 0, to_i32(256 + k * 32), c);
     }
     compare(
         "290-token prompt: fresh vs 256 reused from another prompt",
