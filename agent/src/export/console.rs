@@ -215,17 +215,21 @@ mod tests {
     use ringside_shm_protocol::Detail;
     use std::sync::Arc;
 
-    #[test]
-    fn a_request_renders_as_a_tree_with_its_phases() {
-        let record = raw_record(1).decode(1).unwrap();
-        let engine = Arc::new(EngineHandle {
+    fn engine() -> Arc<EngineHandle> {
+        Arc::new(EngineHandle {
             id: 0,
             instance: "eng".into(),
             pid: 42,
             resource: Resource::default(),
             stats: EngineStats::default(),
             capture: Default::default(),
-        });
+        })
+    }
+
+    #[test]
+    fn a_request_renders_as_a_tree_with_its_phases() {
+        let record = raw_record(1).decode(1).unwrap();
+        let engine = engine();
         let text = render(&[Item::new(
             engine,
             Arc::new(ctx(AttributeSet::Both)),
@@ -255,14 +259,7 @@ mod tests {
     #[test]
     fn a_request_joined_to_its_steps_shows_its_gaps_and_the_prefill_behind_them() {
         let record = raw_record(1).decode(1).unwrap();
-        let engine = Arc::new(EngineHandle {
-            id: 0,
-            instance: "eng".into(),
-            pid: 42,
-            resource: Resource::default(),
-            stats: EngineStats::default(),
-            capture: Default::default(),
-        });
+        let engine = engine();
         let mut item = Item::new(
             engine,
             Arc::new(ctx(AttributeSet::Both)),

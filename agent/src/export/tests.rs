@@ -396,28 +396,34 @@ async fn a_bad_request_is_not_retried() {
     }
 }
 
-#[tokio::test]
-async fn a_dead_collector_exhausts_the_budget_and_counts_every_request_failed() {
-    // Nothing listens on port 9 of loopback (discard, normally closed).
+/// An exporter to a collector that is not there (nothing listens on port 9
+/// of loopback: discard, normally closed), retrying for `budget`.
+fn dead_collector(compression: Compression, budget: Duration) -> (Arc<ExportQueue>, Exporter) {
     let target = ExportTarget::Otlp(OtlpSettings {
         protocol: Protocol::HttpProtobuf,
         traces_endpoint: "http://127.0.0.1:9/v1/traces".into(),
         metrics_endpoint: "http://127.0.0.1:9/v1/metrics".into(),
         headers: vec![],
-        compression: Compression::Gzip,
+        compression,
         timeout: Duration::from_millis(200),
     });
     let queue = Arc::new(ExportQueue::new(100, 1 << 20, 512));
-    let mut exporter = Exporter::new(
+    let exporter = Exporter::new(
         Transport::new(&target).unwrap(),
         Arc::clone(&queue),
         Arc::new(Mutex::new(Metrics::new(0))),
         Arc::new(ExportCounters::default()),
         512,
         Duration::from_millis(10),
-        Duration::from_millis(700),
+        budget,
         Duration::from_secs(60),
     );
+    (queue, exporter)
+}
+
+#[tokio::test]
+async fn a_dead_collector_exhausts_the_budget_and_counts_every_request_failed() {
+    let (queue, mut exporter) = dead_collector(Compression::Gzip, Duration::from_millis(700));
     let a = item(1, 1);
     let engine = Arc::clone(&a.engine);
     queue.push(a);
@@ -517,25 +523,7 @@ async fn a_captures_steps_are_retried_like_a_batch_and_counted_exported_apart_fr
 #[tokio::test]
 async fn captured_steps_a_dead_collector_refuses_are_counted_failed_not_as_records() {
     use crate::pipeline::capture::steps::tests::{engine, part};
-    let target = ExportTarget::Otlp(OtlpSettings {
-        protocol: Protocol::HttpProtobuf,
-        traces_endpoint: "http://127.0.0.1:9/v1/traces".into(),
-        metrics_endpoint: "http://127.0.0.1:9/v1/metrics".into(),
-        headers: vec![],
-        compression: Compression::None,
-        timeout: Duration::from_millis(200),
-    });
-    let queue = Arc::new(ExportQueue::new(100, 1 << 20, 512));
-    let mut exporter = Exporter::new(
-        Transport::new(&target).unwrap(),
-        Arc::clone(&queue),
-        Arc::new(Mutex::new(Metrics::new(0))),
-        Arc::new(ExportCounters::default()),
-        512,
-        Duration::from_millis(10),
-        Duration::from_millis(500),
-        Duration::from_secs(60),
-    );
+    let (queue, mut exporter) = dead_collector(Compression::None, Duration::from_millis(500));
     let e = engine("e");
     queue.push_steps(part(&e, 7, Some(7)));
     let report = exporter

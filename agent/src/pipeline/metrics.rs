@@ -859,6 +859,14 @@ mod tests {
     use crate::pipeline::spans::tests::raw_record;
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
+    /// The metric called `name` (the test fails without it).
+    fn named<'a>(metrics: &'a [Metric], name: &str) -> &'a Metric {
+        metrics
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name}"))
+    }
+
     fn engine(id: u64, instance: &str) -> Arc<EngineHandle> {
         Arc::new(EngineHandle {
             id,
@@ -894,12 +902,7 @@ mod tests {
         assert_eq!(m.requests(7), 2);
         let req = m.to_request(2, 0, &ExportCounters::default());
         let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
-        let find = |name: &str| {
-            metrics
-                .iter()
-                .find(|m| m.name == name)
-                .unwrap_or_else(|| panic!("{name}"))
-        };
+        let find = |name: &str| named(metrics, name);
         let points = |name: &str| match &find(name).data {
             Some(metric::Data::Histogram(h)) => h.data_points.clone(),
             other => panic!("{other:?}"),
@@ -1007,12 +1010,7 @@ mod tests {
         m.record_slots(7, 3);
         let req = m.to_request(2, 0, &ExportCounters::default());
         let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
-        let find = |name: &str| {
-            metrics
-                .iter()
-                .find(|m| m.name == name)
-                .unwrap_or_else(|| panic!("{name}"))
-        };
+        let find = |name: &str| named(metrics, name);
         let hist = |name: &str| match &find(name).data {
             Some(metric::Data::Histogram(h)) => h.data_points[0].clone(),
             other => panic!("{other:?}"),
