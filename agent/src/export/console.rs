@@ -267,7 +267,6 @@ mod tests {
             Detail::Phases,
         );
         item.steps = Some(crate::pipeline::steps::RequestSteps {
-            gaps: 10,
             gap_max_ns: 412_000_000,
             gap_p50_ns: 41_000_000,
             gap_p99_ns: 412_000_000,

@@ -155,8 +155,7 @@ impl TtftP99 {
         }
         self.scratch.clear();
         self.scratch.extend(self.samples.iter().map(|&(_, t)| t));
-        // Nearest rank: the ceil(0.99 n)-th smallest.
-        let rank = (self.scratch.len() * 99).div_ceil(100).max(1) - 1;
+        let rank = crate::pipeline::steps::nearest_rank_index(self.scratch.len(), 99);
         Some(*self.scratch.select_nth_unstable(rank).1)
     }
 
