@@ -667,12 +667,15 @@ impl<'m> Engine<'m> {
     /// While tracing is on, the step is recorded in the step ring (one push, no allocation).
     fn step(&mut self) {
         let t_step = now_ns();
-        self.begin_step_record(t_step);
+        // Decided once per step: with tracing off the step's record is numbered and counted
+        // but neither assembled (no slot walk, no extra clock read) nor pushed.
+        let recording = self.telemetry.records_steps();
+        self.begin_step_record(t_step, recording);
         let mut rows = 0;
         for g in 0..self.groups.len() {
             rows += self.decode_group(g);
         }
-        self.current.t_decode_end_ns = if self.current.decode_calls > 0 {
+        self.current.t_decode_end_ns = if recording && self.current.decode_calls > 0 {
             now_ns()
         } else {
             t_step
@@ -697,7 +700,7 @@ impl<'m> Engine<'m> {
         }
         self.prefill_order = prefilling;
         let t_end = now_ns();
-        if self.current.decode_calls > 0 || self.current.prefill_calls > 0 {
+        if recording && (self.current.decode_calls > 0 || self.current.prefill_calls > 0) {
             self.current.t_end_ns = t_end.max(self.current.t_decode_end_ns);
             self.telemetry.record_step(&self.current);
         }
@@ -716,9 +719,18 @@ impl<'m> Engine<'m> {
         );
     }
 
-    /// Starts the current step's record: its number and start, and the slots, KV cells and
-    /// queue as the step finds them. Counts are filled in as the step runs.
-    fn begin_step_record(&mut self, t_start: u64) {
+    /// Starts the current step's record: its number and start, and (when `recording`) the
+    /// slots, KV cells and queue as the step finds them. Counts are filled in as it runs.
+    fn begin_step_record(&mut self, t_start: u64, recording: bool) {
+        let number = self.current.step.wrapping_add(1).max(1);
+        if !recording {
+            self.current = shm::Step {
+                step: number,
+                t_start_ns: t_start,
+                ..shm::Step::default()
+            };
+            return;
+        }
         let mut occupied = 0;
         let mut kv_used = 0usize;
         for (slot, kept) in self.slots.iter().zip(&self.kept) {
@@ -730,7 +742,6 @@ impl<'m> Engine<'m> {
                 None => kv_used += kept.len(),
             }
         }
-        let number = self.current.step.wrapping_add(1).max(1);
         self.current = shm::Step {
             step: number,
             t_start_ns: t_start,

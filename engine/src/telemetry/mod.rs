@@ -253,6 +253,17 @@ impl Telemetry {
         }
     }
 
+    /// Whether steps are recorded now: the segment has a step ring and tracing is on (one
+    /// load of the current segment, one relaxed load). The inference thread asks once per step.
+    #[inline]
+    #[must_use]
+    pub fn records_steps(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| {
+            let inner = s.current.load();
+            inner.steps.is_some() && inner.producer.tracing_enabled()
+        })
+    }
+
     /// Records one engine step when tracing is on; wait-free like [`Self::record`]. Called by
     /// the inference thread once per scheduler step.
     #[inline]
